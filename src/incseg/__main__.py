@@ -1,0 +1,7 @@
+"""``python -m incseg`` runs the ``incseg`` command line."""
+
+import sys
+
+from incseg.cli import main
+
+sys.exit(main())

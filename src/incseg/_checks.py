@@ -1,0 +1,115 @@
+"""Input validation shared by every public entry point.
+
+All checks raise :class:`ValueError` (or :class:`TypeError` for wrong dtypes) with a message that names the
+argument, the expected form and what was received. They only look at shapes and dtypes, never at values,
+so they cause no host-device synchronisation; value checks (labels in range) are in :func:`check_labels`
+and are opt-out on the hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_feature_map",
+    "set_validate_values",
+    "validate_values",
+    "check_labels",
+    "check_logits",
+    "check_same_shape",
+]
+
+
+_VALIDATE_VALUES: bool | None = None
+
+
+def set_validate_values(enabled: bool | None) -> None:
+    """Turn value checks (labels in range) on or off for all losses and metrics.
+
+    ``None`` (the default) checks values of CPU tensors only: on an accelerator a value check needs a
+    device-to-host synchronisation, which incseg never does on the hot path unless asked to.
+    """
+    global _VALIDATE_VALUES
+    _VALIDATE_VALUES = enabled
+
+
+def validate_values(x: Tensor) -> bool:
+    """Whether value checks should run for tensor ``x`` under the current setting."""
+    if _VALIDATE_VALUES is None:
+        return x.device.type == "cpu"
+    return _VALIDATE_VALUES
+
+
+def check_feature_map(x: object, name: str, *, channels: int | None = None) -> Tensor:
+    """Check that ``x`` is a floating tensor of shape ``(B, C, H, W)`` (optionally with ``C == channels``)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"{name} must have shape (B, C, H, W) (4 dims), got {x.ndim} dims with shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{name} must have {channels} channels, got shape {tuple(x.shape)} with {x.shape[1]} channels")
+    return x
+
+
+def check_logits(x: object, name: str = "logits", *, min_classes: int = 1) -> Tensor:
+    """Check that ``x`` is a floating tensor of logits of shape ``(B, K, H, W)`` with ``K >= min_classes``."""
+    x = check_feature_map(x, name)
+    if x.shape[1] < min_classes:
+        raise ValueError(f"{name} must have at least {min_classes} classes (dim 1), got shape {tuple(x.shape)}")
+    return x
+
+
+def check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
+    """Check that two tensors have identical shapes."""
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def check_labels(
+    labels: object,
+    num_classes: int,
+    *,
+    ignore_index: int | None = 255,
+    name: str = "labels",
+    batch_shape: Sequence[int] | None = None,
+    check_values: bool | None = None,
+) -> Tensor:
+    """Check integer labels of shape ``(B, H, W)`` with values in ``[0, num_classes)`` or ``ignore_index``.
+
+    Args:
+        labels: the label tensor.
+        num_classes: number of valid classes ``K``.
+        ignore_index: value that marks ignored pixels (``None``: no ignored value).
+        name: argument name used in error messages.
+        batch_shape: when given, the leading (batch) size that ``labels`` must have.
+        check_values: whether to check the values (costs one device-to-host synchronisation on GPU);
+            ``None`` follows :func:`set_validate_values`.
+
+    Raises:
+        TypeError: labels are not an integer tensor.
+        ValueError: wrong rank, wrong batch size, or values outside ``[0, K) ∪ {ignore_index}``.
+    """
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, H, W), got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (int64 class indices), got dtype {labels.dtype}")
+    if labels.ndim != 3:
+        raise ValueError(f"{name} must have shape (B, H, W) (3 dims), got shape {tuple(labels.shape)}")
+    if batch_shape is not None and labels.shape[0] != batch_shape[0]:
+        raise ValueError(f"{name} has batch size {labels.shape[0]}, expected {batch_shape[0]}")
+    if check_values is None:
+        check_values = validate_values(labels)
+    if check_values and labels.numel() > 0:
+        valid = (labels >= 0) & (labels < num_classes)
+        if ignore_index is not None:
+            valid |= labels == ignore_index
+        if not bool(valid.all()):
+            bad = torch.unique(labels[~valid])[:8].tolist()
+            allowed = f"[0, {num_classes})" + (f" or ignore_index={ignore_index}" if ignore_index is not None else "")
+            raise ValueError(f"{name} contains values {bad} outside {allowed}")
+    return labels

@@ -1,0 +1,306 @@
+"""Command line: ``incseg demo`` (built-in benchmark, CPU, minutes) and ``incseg train`` (VOC / ADE20K).
+
+Both run under ``torchrun`` for multi-process training (DDP); only rank 0 prints and writes files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from incseg import distributed as D
+from incseg._version import __version__
+from incseg.data import ADE20K, IncrementalSegmentation, PascalVOC, SyntheticScenes, TestTransform, TrainTransform
+from incseg.engine import TrainConfig, evaluate, train_scenario
+from incseg.learner import METHODS, IncrementalLearner
+from incseg.metrics import IoUResult
+from incseg.models import IncrementalSegmenter, deeplabv3_resnet101, small_segmenter
+from incseg.scenarios import Scenario, get_scenario
+
+__all__ = ["main"]
+
+DEMO_METHODS = ("ft", "mib", "caf", "joint")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, help="output folder (results, checkpoints, pictures)")
+    p.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")
+    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--nan-policy", choices=["stop", "skip"], default="stop", help="what to do on a NaN/Inf loss")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``incseg`` argument parser (sub-commands ``demo`` and ``train``)."""
+    parser = argparse.ArgumentParser(prog="incseg", description="Class-incremental semantic segmentation (CAF).")
+    parser.add_argument("--version", action="version", version=f"incseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="incremental learning on the built-in synthetic benchmark (CPU, minutes)")
+    demo.add_argument("--task", default="15-5", help="task, e.g. 15-5, 15-1, 19-1 (default 15-5)")
+    demo.add_argument("--mode", choices=["disjoint", "overlapped"], default="disjoint")
+    demo.add_argument("--methods", default=",".join(DEMO_METHODS), help="comma-separated: " + ", ".join(METHODS))
+    demo.add_argument("--epochs", type=_positive_int, default=6, help="epochs per step")
+    demo.add_argument("--batch-size", type=_positive_int, default=16)
+    demo.add_argument("--lr", type=float, default=0.05, help="learning rate of step 0")
+    demo.add_argument("--lr-next", type=float, default=0.01, help="learning rate of later steps")
+    demo.add_argument("--train-images", type=_positive_int, default=1200)
+    demo.add_argument("--val-images", type=_positive_int, default=300)
+    demo.add_argument("--size", type=_positive_int, default=64, help="image side in pixels")
+    demo.add_argument("--width", type=_positive_int, default=32, help="width of the small network")
+    demo.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
+    _common(demo)
+
+    train = sub.add_parser("train", help="train one method on a registered scenario (VOC, ADE20K, synthetic)")
+    train.add_argument("--dataset", choices=["voc", "ade20k", "synthetic"], required=True)
+    train.add_argument("--root", type=Path, help="dataset root (VOCdevkit/.. or ADEChallengeData2016/..)")
+    train.add_argument("--task", required=True, help="e.g. 15-5, 15-1, 19-1 (VOC); 100-50, 100-10, 50-50 (ADE20K)")
+    train.add_argument("--mode", choices=["disjoint", "overlapped"], default="disjoint")
+    train.add_argument("--method", default="caf", help="one of: " + ", ".join(METHODS))
+    train.add_argument("--model", choices=["deeplabv3_resnet101", "small"], default="deeplabv3_resnet101")
+    train.add_argument("--backbone-weights", type=Path, help="local ImageNet ResNet-101 state dict (.pth)")
+    train.add_argument("--output-stride", type=int, choices=[8, 16], default=16)
+    train.add_argument("--epochs", type=_positive_int, help="epochs per step (default 30 VOC, 60 ADE20K)")
+    train.add_argument("--batch-size", type=_positive_int, default=24, help="global batch size")
+    train.add_argument("--lr", type=float, default=1e-2, help="learning rate of step 0")
+    train.add_argument("--lr-next", type=float, help="learning rate of later steps (default 1e-3 VOC, 1e-2 ADE)")
+    train.add_argument("--crop-size", type=_positive_int, default=512)
+    train.add_argument("--lambda-d", type=float, help="weight of the knowledge distillation (default 10)")
+    train.add_argument("--lambda-ad", type=float, help="weight of the attentive distillation (default 1000)")
+    train.add_argument("--test-strategy", choices=["skip", "zero_pad", "concat"], help="CAF at test time")
+    train.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP")
+    train.add_argument("--max-iters-per-epoch", type=_positive_int, help="cap iterations (quick checks)")
+    _common(train)
+    return parser
+
+
+def _datasets(
+    train_source: Any, test_source: Any, scenario: Scenario, train_tf: Any, test_tf: Any, cache_dir: Path | None
+) -> Callable[[int], tuple[IncrementalSegmentation, IncrementalSegmentation]]:
+    def make(step: int) -> tuple[IncrementalSegmentation, IncrementalSegmentation]:
+        return (
+            IncrementalSegmentation(train_source, scenario, step, train=True, transform=train_tf, cache_dir=cache_dir),
+            IncrementalSegmentation(test_source, scenario, step, train=False, transform=test_tf, cache_dir=cache_dir),
+        )
+
+    return make
+
+
+def _row(method: str, result: IoUResult) -> dict[str, Any]:
+    g = result.groups
+    return {"method": method, **{k: round(100 * v, 2) for k, v in g.items()}}
+
+
+def _print_table(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
+    header = f"{'method':<8}" + "".join(f"{k:>10}" for k in keys)
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['method']:<8}" + "".join(f"{r.get(k, float('nan')):>10.1f}" for k in keys))
+    return "\n".join(lines)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """``incseg demo``: FT, MiB, CAF and joint training side by side on the synthetic benchmark."""
+    device = D.init_from_env(args.device or "cpu")
+    out = args.out or Path("incseg-demo")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"incseg demo: unknown method {m!r}; known: {', '.join(METHODS)}")
+    if args.quick:
+        args.epochs, args.train_images, args.val_images = min(args.epochs, 2), min(args.train_images, 240), 60
+    scenario = get_scenario("synthetic", args.task, mode=args.mode)
+    train_src = SyntheticScenes("train", num_images=args.train_images, size=args.size, seed=args.seed)
+    test_src = SyntheticScenes("val", num_images=args.val_images, size=args.size, seed=args.seed)
+    train_tf = TrainTransform(crop_size=args.size, scale=(0.75, 1.25), hflip=True)
+    test_tf = TestTransform(size=None)
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_next=args.lr_next, amp=args.amp,
+        num_workers=args.workers, seed=args.seed, nan_policy=args.nan_policy, progress=not args.no_progress,
+        weight_decay=1e-4,
+    )
+    main = D.is_main_process()
+    last = scenario.num_steps - 1
+    final: dict[str, IoUResult] = {}
+    learners: dict[str, IncrementalLearner] = {}
+    t_start = time.monotonic()
+    for method in methods:
+        scn = scenario.joint() if method == "joint" else scenario
+        torch.manual_seed(args.seed)
+        model = small_segmenter(scn.num_classes_at(0), width=args.width).to(device)
+        learner = IncrementalLearner(model, scn, "ft" if method == "joint" else method)
+        if main:
+            print(f"\n=== {method} ({'one step, all classes' if method == 'joint' else scenario.name}) ===")
+        train_scenario(
+            learner, _datasets(train_src, test_src, scn, train_tf, test_tf, out / "cache"), config,
+            device=device, checkpoint_dir=out / method / "checkpoints", resume=not args.no_resume,
+        )
+        # Score every method on the same final test set with the incremental scenario's old/new split.
+        final_test = IncrementalSegmentation(test_src, scenario, last, train=False, transform=test_tf)
+        final[method] = evaluate(
+            learner, final_test, device=device, batch_size=config.batch_size,
+            num_old_classes=scenario.num_old_classes(last),
+        )
+        learners[method] = learner
+    if main:
+        _report(out, scenario, final, learners, test_src, test_tf, time.monotonic() - t_start)
+    D.cleanup()
+    return 0
+
+
+def _report(
+    out: Path,
+    scenario: Scenario,
+    final: dict[str, IoUResult],
+    learners: dict[str, IncrementalLearner],
+    test_src: Any,
+    test_tf: Any,
+    seconds: float,
+) -> None:
+    rows = [_row(m, r) for m, r in final.items()]
+    keys = ["old", "new", "all", "all_bg"]
+    last = scenario.num_steps - 1
+    print(f"\nFinal mIoU (%) after step {last} of {scenario.name} (old = classes of step 0, background excluded;"
+          f" all_bg includes it), {seconds / 60:.1f} min:")
+    print(_print_table(rows, keys))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(
+        json.dumps({"scenario": scenario.to_dict(), "final": {m: r.to_dict() for m, r in final.items()}}, indent=2)
+    )
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["method", *sorted({k for r in rows for k in r if k != "method"})])
+        writer.writeheader()
+        writer.writerows(rows)
+    picture = _demo_picture(out / "predictions.png", scenario, learners, test_src, test_tf)
+    print(f"wrote {out / 'results.json'}, {out / 'results.csv'}, {picture}")
+
+
+@torch.no_grad()
+def _demo_picture(
+    path: Path, scenario: Scenario, learners: dict[str, IncrementalLearner], test_src: Any, test_tf: Any
+) -> Path:
+    from incseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from incseg.visualize import attention_heatmap, colorize, denormalize, save_grid
+
+    last = scenario.num_steps - 1
+    dataset = IncrementalSegmentation(test_src, scenario, last, train=False, transform=test_tf)
+    idx = list(range(0, len(dataset), max(1, len(dataset) // 6)))[:6]
+    images = torch.stack([dataset[i][0] for i in idx])
+    targets = [dataset[i][1] for i in idx]
+    rows: list[dict[str, Any]] = [{"image": denormalize(im, IMAGENET_MEAN, IMAGENET_STD)} for im in images]
+    for row, t in zip(rows, targets):
+        row["truth"] = colorize(t)
+    for method, learner in learners.items():
+        device = next(learner.model.parameters()).device
+        pred = learner.predict(images.to(device)).argmax(1).cpu()
+        for row, p in zip(rows, pred):
+            row[method] = colorize(p)
+        fusion = learner.model.fusion
+        if fusion is not None:
+            learner.model.eval()
+            z = learner.model.encoder(images.to(device))
+            _, maps = fusion(z, return_maps=True)
+            for row, a in zip(rows, maps.spatial[:, 0]):
+                row[f"{method} A_SP"] = attention_heatmap(a, tuple(images.shape[-2:]))
+    return save_grid(path, rows, scale=3)
+
+
+def _build_model(args: argparse.Namespace, num_classes: int) -> IncrementalSegmenter:
+    if args.model == "small":
+        return small_segmenter(num_classes)
+    return deeplabv3_resnet101(
+        num_classes, output_stride=args.output_stride, backbone_weights=args.backbone_weights
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """``incseg train``: one method on one registered scenario, with checkpoints and evaluation per step."""
+    device = D.init_from_env(args.device)
+    is_voc = args.dataset in ("voc", "synthetic")
+    if args.dataset != "synthetic" and args.root is None:
+        raise SystemExit(f"incseg train: --root is required for --dataset {args.dataset}")
+    scenario = get_scenario(args.dataset, args.task, mode=args.mode)
+    if args.dataset == "voc":
+        train_src: Any = PascalVOC(args.root, "train")
+        test_src: Any = PascalVOC(args.root, "val")
+    elif args.dataset == "ade20k":
+        train_src, test_src = ADE20K(args.root, "training"), ADE20K(args.root, "validation")
+    else:
+        train_src, test_src = SyntheticScenes("train", seed=args.seed), SyntheticScenes("val", seed=args.seed)
+    crop = args.crop_size if args.dataset != "synthetic" else train_src.size
+    train_tf = TrainTransform(crop_size=crop, scale=(0.5, 2.0), hflip=True)
+    test_tf = TestTransform(size=crop if args.dataset != "synthetic" else None)
+    overrides = {
+        k: v
+        for k, v in {"lambda_d": args.lambda_d, "lambda_ad": args.lambda_ad, "test_strategy": args.test_strategy}.items()
+        if v is not None
+    }
+    method = "ft" if args.method == "joint" else args.method
+    scn = scenario.joint() if args.method == "joint" else scenario
+    torch.manual_seed(args.seed)
+    model = _build_model(args, scn.num_classes_at(0))
+    if args.sync_bn and D.is_distributed():
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[assignment]
+    model = model.to(device)
+    learner = IncrementalLearner(model, scn, method, **overrides)
+    config = TrainConfig(
+        epochs=args.epochs or (30 if is_voc else 60),
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_next=args.lr_next if args.lr_next is not None else (1e-3 if is_voc else 1e-2),
+        amp=args.amp,
+        num_workers=args.workers,
+        seed=args.seed,
+        nan_policy=args.nan_policy,
+        progress=not args.no_progress,
+        max_iters_per_epoch=args.max_iters_per_epoch,
+    )
+    out = args.out or Path("runs") / f"{args.dataset}-{args.task}-{args.mode}-{args.method}"
+    history = train_scenario(
+        learner, _datasets(train_src, test_src, scn, train_tf, test_tf, out / "cache"), config,
+        device=device, checkpoint_dir=out / "checkpoints", resume=not args.no_resume,
+    )
+    if D.is_main_process():
+        print(history.table())
+        history.to_json(out / "history.json")
+        history.to_csv(out / "history.csv")
+        (out / "config.json").write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "train": config.to_dict()}, indent=2)
+        )
+        print(f"wrote {out / 'history.json'} and {out / 'history.csv'}")
+    D.cleanup()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``incseg`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            return run_demo(args)
+        return run_train(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"incseg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""A reference training loop around :class:`~incseg.learner.IncrementalLearner`.
+
+The learner is not a trainer; this module is the plain PyTorch loop that ``incseg demo`` and ``incseg train``
+use, and a template for your own: SGD with a poly schedule, optional DDP (under ``torchrun``), automatic mixed
+precision (bf16 or fp16 with a gradient scaler), non-finite loss guards, rank-0 progress output, a checkpoint
+after every epoch and every step (resumable, bit-identical on the CPU with the same seed), and evaluation with
+a dataset-level mIoU after every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
+
+from incseg import distributed as D
+from incseg._progress import Progress
+from incseg.learner import IncrementalLearner
+from incseg.metrics import IoUResult, MeanIoU, StepHistory
+
+__all__ = [
+    "NonFiniteLossError",
+    "TrainConfig",
+    "evaluate",
+    "train_scenario",
+]
+
+AmpMode = Literal["none", "bf16", "fp16"]
+DatasetFactory = Callable[[int], "tuple[Dataset[Any], Dataset[Any]]"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a training loss is NaN or infinite and ``nan_policy="stop"``."""
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of :func:`train_scenario` (defaults: the paper's VOC setting).
+
+    Attributes:
+        epochs: epochs per step (paper: 30 on VOC, 60 on ADE20K).
+        batch_size: global batch size, split evenly over the processes (paper: 24).
+        lr: learning rate of step 0 (paper: 1e-2).
+        lr_next: learning rate of the later steps (paper: 1e-3 on VOC, 1e-2 on ADE20K); ``None`` keeps ``lr``.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        poly_power: exponent of the poly schedule ``lr * (1 - it / max_it) ** power``.
+        amp: ``"none"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast with a gradient scaler).
+        num_workers: DataLoader workers per process.
+        seed: seed of everything random (initialisation of new heads, shuffling, augmentation).
+        nan_policy: on a NaN/Inf loss, ``"stop"`` raises :class:`NonFiniteLossError` with the step and batch
+            index, ``"skip"`` drops the batch (reported) and goes on. The weights are never updated with it.
+        eval_batch_size: batch size for evaluation (default: ``batch_size``).
+        progress: print a progress bar on rank 0.
+        max_iters_per_epoch: cap on iterations per epoch (for quick runs); ``None`` for full epochs.
+    """
+
+    epochs: int = 30
+    batch_size: int = 24
+    lr: float = 1e-2
+    lr_next: float | None = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    amp: AmpMode = "none"
+    num_workers: int = 0
+    seed: int = 0
+    nan_policy: Literal["stop", "skip"] = "stop"
+    eval_batch_size: int | None = None
+    progress: bool = True
+    max_iters_per_epoch: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ValueError(f"amp must be one of 'none', 'bf16', 'fp16', got {self.amp!r}")
+        if self.nan_policy not in ("stop", "skip"):
+            raise ValueError(f"nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
+        if self.lr <= 0 or (self.lr_next is not None and self.lr_next <= 0):
+            raise ValueError("learning rates must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-python view (for logs and checkpoints)."""
+        return asdict(self)
+
+
+def autocast_context(device: torch.device, amp: AmpMode) -> contextlib.AbstractContextManager[Any]:
+    """The autocast context for ``amp`` on ``device`` (a null context for ``"none"``)."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _seed_for(seed: int, step: int, epoch: int = -1) -> int:
+    return seed * 1_000_003 + step * 1009 + (epoch + 1)
+
+
+def _loader(
+    dataset: Dataset[Any], batch_size: int, *, shuffle: bool, seed: int, num_workers: int, drop_last: bool
+) -> DataLoader[Any]:
+    world = D.get_world_size()
+    per_rank = max(1, batch_size // world)
+    if shuffle:
+        if D.is_distributed():
+            sampler: Any = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=drop_last)
+        else:
+            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    else:
+        if D.is_distributed():  # shard without padding so no image is counted twice
+            dataset = Subset(dataset, list(range(D.get_rank(), len(dataset), world)))  # type: ignore[arg-type]
+        sampler = None
+    return DataLoader(
+        dataset,
+        batch_size=per_rank,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=drop_last and shuffle,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    learner: IncrementalLearner,
+    dataset: Dataset[Any],
+    *,
+    device: torch.device,
+    batch_size: int = 8,
+    amp: AmpMode = "none",
+    num_workers: int = 0,
+    strategy: str | None = None,
+    progress: bool = False,
+    num_old_classes: int | None = None,
+) -> IoUResult:
+    """Dataset-level mIoU of the learner's current model on ``dataset`` (all ranks take part).
+
+    Args:
+        learner: the learner (its current step sets the number of classes and the old/new split).
+        dataset: yields ``(image (3,H,W), target (H,W))`` in incremental indices (future classes = 255).
+        device: where to run.
+        batch_size: images per batch (per process).
+        amp: autocast mode for the forward pass.
+        num_workers: DataLoader workers.
+        strategy: CAF test strategy override (``None``: the learner's).
+        progress: show a progress bar on rank 0.
+        num_old_classes: override of the old/new split (default: the scenario's at the learner's step), e.g.
+            to score the joint model with the incremental scenario's split.
+
+    Returns:
+        The :class:`~incseg.metrics.IoUResult` of the whole dataset (synchronised over processes).
+    """
+    step = learner.step
+    scenario = learner.scenario
+    metric = MeanIoU(
+        scenario.num_classes_at(step),
+        num_old_classes=scenario.num_old_classes(step) if num_old_classes is None else num_old_classes,
+        class_names=scenario.class_names_at(step),
+        device=device,
+    )
+    loader = _loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers, drop_last=False)
+    bar = Progress(loader, desc=f"  eval step {step}", enabled=progress and D.is_main_process())
+    for images, targets in bar:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with autocast_context(device, amp):
+            logits = learner.predict(images, strategy=strategy)
+        metric.update(logits.argmax(1), targets)
+    metric.sync()
+    return metric.compute()
+
+
+def _optimizer(learner: IncrementalLearner, lr: float, config: TrainConfig) -> torch.optim.Optimizer:
+    groups = learner.param_groups(lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=False)
+
+
+def _set_poly_lr(optimizer: torch.optim.Optimizer, it: int, max_it: int, power: float) -> None:
+    factor = (1.0 - it / max_it) ** power if max_it > 0 else 1.0
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+        group["lr"] = group["initial_lr"] * factor
+
+
+def _all_finite(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every process (one host sync per iteration, outside the loss)."""
+    flag = torch.isfinite(loss.detach()).to(torch.float32)
+    if D.is_distributed():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag)
+
+
+def train_scenario(
+    learner: IncrementalLearner,
+    datasets: DatasetFactory,
+    config: TrainConfig,
+    *,
+    device: torch.device,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = True,
+    steps: range | None = None,
+    log: Callable[[str], None] | None = None,
+    on_step_end: Callable[[int, IoUResult], None] | None = None,
+) -> StepHistory:
+    """Train ``learner`` over every step of its scenario, evaluating after each step.
+
+    Args:
+        learner: the learner (its model on ``device``). Under ``torchrun`` its training module is wrapped in
+            :class:`~torch.nn.parallel.DistributedDataParallel` per step; the teacher never is.
+        datasets: ``datasets(step) -> (train_dataset, test_dataset)`` for that step.
+        config: hyper-parameters.
+        device: where to train.
+        checkpoint_dir: where ``last.pt`` (after every epoch) and ``step{t}.pt`` (after every step) go; rank 0
+            writes them. ``None``: no checkpoints.
+        resume: continue from ``checkpoint_dir/last.pt`` when it exists.
+        steps: which steps to run (default: all of the scenario).
+        log: where status lines go (default: ``print`` on rank 0).
+        on_step_end: called with ``(step, result)`` after each step's evaluation.
+
+    Returns:
+        The per-step history of results (per-class IoU, old/new/all, forgetting).
+
+    Raises:
+        NonFiniteLossError: a NaN/Inf loss with ``nan_policy="stop"``.
+    """
+    main = D.is_main_process()
+    say = log if log is not None else (print if main else (lambda _msg: None))
+    scenario = learner.scenario
+    steps = steps if steps is not None else range(scenario.num_steps)
+    history = StepHistory(class_names=list(scenario.class_names_at(scenario.num_steps - 1)))
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    last_path = ckpt_dir / "last.pt" if ckpt_dir is not None else None
+
+    start_step, start_epoch, resume_state = steps.start, 0, None
+    if resume and last_path is not None and last_path.exists():
+        extra = learner.load(last_path, map_location=device)
+        history = StepHistory.from_dict(extra["history"])
+        if extra.get("step_finished", False):
+            start_step, start_epoch = learner.step + 1, 0
+        else:
+            start_step, start_epoch = learner.step, int(extra["epoch"])
+            resume_state = torch.load(last_path, map_location=device, weights_only=True)
+        say(f"resumed from {last_path}: step {start_step}, epoch {start_epoch}")
+
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    for step in steps:
+        if step < start_step:
+            continue
+        train_set, test_set = datasets(step)
+        if len(train_set) == 0:  # type: ignore[arg-type]
+            raise ValueError(f"step {step} has no training images: check the dataset and the scenario's rules")
+        first_epoch = start_epoch if step == start_step else 0
+        if resume_state is None or step != start_step:
+            torch.manual_seed(_seed_for(config.seed, step))
+            learner.begin_step(step)
+        learner.model.to(device)
+        learner.module.to(device)
+        lr = config.lr if step == 0 or config.lr_next is None else config.lr_next
+        optimizer = _optimizer(learner, lr, config)
+        if resume_state is not None and step == start_step:
+            if resume_state.get("optimizer") is not None:
+                optimizer.load_state_dict(resume_state["optimizer"])
+            if "scaler" in resume_state.get("extra", {}):
+                scaler.load_state_dict(resume_state["extra"]["scaler"])
+        module: nn.Module = learner.module
+        if D.is_distributed():
+            module = DistributedDataParallel(
+                learner.module, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        iters_per_epoch = len(_loader(train_set, config.batch_size, shuffle=True, seed=0, num_workers=0,
+                                      drop_last=True))
+        if config.max_iters_per_epoch is not None:
+            iters_per_epoch = min(iters_per_epoch, config.max_iters_per_epoch)
+        max_it = config.epochs * iters_per_epoch
+        say(
+            f"step {step}/{scenario.num_steps - 1}: classes {list(scenario.classes_at(step))}, "
+            f"{len(train_set)} train / {len(test_set)} test images, method {learner.config.name}, lr {lr:g}"  # type: ignore[arg-type]
+        )
+        t0 = time.monotonic()
+        for epoch in range(first_epoch, config.epochs):
+            torch.manual_seed(_seed_for(config.seed, step, epoch))
+            loader = _loader(
+                train_set, config.batch_size, shuffle=True, seed=_seed_for(config.seed, step),
+                num_workers=config.num_workers, drop_last=True,
+            )
+            if isinstance(loader.sampler, DistributedSampler):
+                loader.sampler.set_epoch(epoch)
+            learner.module.train()
+            bar = Progress(
+                _take(loader, iters_per_epoch), total=iters_per_epoch,
+                desc=f"step {step} epoch {epoch + 1}/{config.epochs}", enabled=config.progress and main,
+            )
+            running = 0.0
+            for i, (images, labels) in enumerate(bar):
+                it = epoch * iters_per_epoch + i
+                _set_poly_lr(optimizer, it, max_it, config.poly_power)
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                with autocast_context(device, config.amp):
+                    out = learner.training_step(images, labels, module=module)
+                if not _all_finite(out.loss):
+                    msg = f"non-finite loss at step {step}, epoch {epoch}, batch {i}: " + ", ".join(
+                        f"{k}={float(v):.4g}" for k, v in out.terms.items()
+                    )
+                    if config.nan_policy == "stop":
+                        raise NonFiniteLossError(msg + " (use nan_policy='skip' to drop such batches)")
+                    say(msg + " -> batch skipped")
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(out.loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                value = float(out.loss.detach())
+                running = value if i == 0 else 0.9 * running + 0.1 * value
+                bar.set_postfix(f"loss={running:.4f}")
+            if last_path is not None:
+                _save(learner, last_path, optimizer, scaler, history, epoch=epoch + 1, finished=False)
+        learner.end_step()
+        say(f"step {step} trained in {time.monotonic() - t0:.1f}s")
+        result = evaluate(
+            learner, test_set, device=device, batch_size=config.eval_batch_size or config.batch_size,
+            amp=config.amp, num_workers=config.num_workers, progress=config.progress,
+        )
+        history.add(step, result, new_classes=len(scenario.classes_at(step)))
+        say(f"step {step} result: " + _summary(result))
+        if on_step_end is not None:
+            on_step_end(step, result)
+        if ckpt_dir is not None and last_path is not None:
+            _save(learner, ckpt_dir / f"step{step}.pt", None, scaler, history, epoch=config.epochs, finished=True)
+            _save(learner, last_path, None, scaler, history, epoch=config.epochs, finished=True)
+        resume_state = None
+    return history
+
+
+def _take(loader: DataLoader[Any], n: int) -> Iterator[Any]:
+    for i, batch in enumerate(loader):
+        if i >= n:
+            break
+        yield batch
+
+
+def _summary(result: IoUResult) -> str:
+    g = result.groups
+    parts = [f"{k}={100 * v:.1f}" for k, v in g.items() if not math.isnan(v)]
+    return " ".join(parts)
+
+
+def _save(
+    learner: IncrementalLearner,
+    path: Path,
+    optimizer: torch.optim.Optimizer | None,
+    scaler: torch.amp.GradScaler,
+    history: StepHistory,
+    *,
+    epoch: int,
+    finished: bool,
+) -> None:
+    if D.is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        extra = {
+            "epoch": epoch,
+            "step_finished": finished,
+            "history": history.to_dict(),
+            "scaler": scaler.state_dict(),
+        }
+        learner.save(path, optimizer=optimizer, extra=extra)
+    D.barrier()
