@@ -1,11 +1,26 @@
-"""Reference networks for incremental segmentation: the encoder-refiner-classifier segmenter and its parts."""
+"""Reference networks for incremental segmentation: the encoder-refiner-classifier segmenter and its parts.
 
+- :class:`IncrementalSegmenter`: ``encoder -> [fusion] -> refiner -> classifier`` with ``forward_features``.
+- :class:`IncrementalClassifier`: one 1x1 head per step, MiB initialisation of new classes.
+- :func:`small_segmenter`: a small CPU network for the demo and tests.
+- :func:`deeplabv3_resnet101` / :func:`deeplabv3_resnet50`: DeepLabV3 of the paper; :class:`ASPP`.
+- Adapters: :func:`from_torchvision_deeplabv3`, :func:`from_named_submodules`, :func:`classifier_from_conv`.
+"""
+
+from incseg.models.adapters import classifier_from_conv, from_named_submodules, from_torchvision_deeplabv3
 from incseg.models.classifier import IncrementalClassifier
+from incseg.models.deeplab import ASPP, deeplabv3_resnet50, deeplabv3_resnet101
 from incseg.models.segmenter import IncrementalSegmenter
 from incseg.models.small import small_segmenter
 
 __all__ = [
+    "ASPP",
     "IncrementalClassifier",
     "IncrementalSegmenter",
+    "classifier_from_conv",
+    "deeplabv3_resnet50",
+    "deeplabv3_resnet101",
+    "from_named_submodules",
+    "from_torchvision_deeplabv3",
     "small_segmenter",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +49,7 @@ class IncrementalClassifier(nn.Module):
         ValueError: ``in_channels < 1``, empty ``classes_per_step`` or a count ``< 1``.
 
     Example:
+        >>> import torch
         >>> clf = IncrementalClassifier(8, [16])
         >>> new_params = clf.add_classes(5)
         >>> clf(torch.randn(2, 8, 4, 4)).shape
@@ -61,9 +62,7 @@ class IncrementalClassifier(nn.Module):
         super().__init__()
         self.in_channels = _check_count(in_channels, "in_channels")
         if isinstance(classes_per_step, (str, bytes)) or not isinstance(classes_per_step, Sequence):
-            raise TypeError(
-                f"classes_per_step must be a sequence of ints, got {type(classes_per_step).__name__}"
-            )
+            raise TypeError(f"classes_per_step must be a sequence of ints, got {type(classes_per_step).__name__}")
         if len(classes_per_step) == 0:
             raise ValueError("classes_per_step must list at least one step (step 0 includes the background)")
         counts = [_check_count(n, f"classes_per_step[{i}]") for i, n in enumerate(classes_per_step)]
@@ -72,7 +71,7 @@ class IncrementalClassifier(nn.Module):
     @property
     def classes_per_step(self) -> list[int]:
         """Number of classes added at each step (a fresh list)."""
-        return [self._head(i).out_channels for i in range(len(self.heads))]
+        return [self.head(i).out_channels for i in range(len(self.heads))]
 
     @property
     def num_classes(self) -> int:
@@ -84,10 +83,19 @@ class IncrementalClassifier(nn.Module):
         """Number of heads, i.e. learning steps seen so far."""
         return len(self.heads)
 
-    def _head(self, i: int) -> nn.Conv2d:
-        head = self.heads[i]
-        assert isinstance(head, nn.Conv2d)  # internal invariant, not user input
-        return head
+    def head(self, step: int) -> nn.Conv2d:
+        """The 1x1 convolution of learning step ``step`` (``self.heads[step]``, typed).
+
+        Args:
+            step: index of the step (negative indices count from the last step).
+
+        Returns:
+            The head's ``nn.Conv2d``; its output channels are the classes added at that step.
+
+        Raises:
+            IndexError: no such step.
+        """
+        return cast(nn.Conv2d, self.heads[step])
 
     def forward(self, h: Tensor) -> Tensor:
         """Compute the logits of all classes seen so far.
@@ -128,7 +136,7 @@ class IncrementalClassifier(nn.Module):
         n = _check_count(n, "n")
         if init not in ("mib", "random"):
             raise ValueError(f"init must be 'mib' or 'random', got {init!r}")
-        bg = self._head(0)
+        bg = self.head(0)
         head = nn.Conv2d(self.in_channels, n, kernel_size=1, bias=True).to(
             device=bg.weight.device, dtype=bg.weight.dtype
         )

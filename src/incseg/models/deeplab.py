@@ -121,7 +121,10 @@ def _load_backbone_weights(backbone: nn.Module, file: Path) -> None:
     if not isinstance(state, dict):
         raise ValueError(f"backbone_weights {str(file)!r} does not hold a state dict, got {type(state).__name__}")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    result = backbone.load_state_dict(state, strict=False)
+    try:
+        result = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"backbone_weights {str(file)!r} does not match a torchvision ResNet: {err}") from None
     missing = [k for k in result.missing_keys if not k.startswith("fc.")]
     unexpected = [k for k in result.unexpected_keys if not k.startswith("fc.")]
     if missing or unexpected:

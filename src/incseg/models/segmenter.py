@@ -48,6 +48,8 @@ class IncrementalSegmenter(nn.Module):
         ValueError: a channel count is ``< 1`` or ``h_channels != classifier.in_channels``.
 
     Example:
+        >>> import torch
+        >>> from torch import nn
         >>> enc = nn.Conv2d(3, 8, 3, stride=2, padding=1)
         >>> ref = nn.Conv2d(8, 4, 1)
         >>> model = IncrementalSegmenter(enc, ref, IncrementalClassifier(4, [3]), z_channels=8, h_channels=4)
