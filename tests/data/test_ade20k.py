@@ -1,0 +1,107 @@
+"""Tests of incseg.data.ade20k on tiny fake ADEChallengeData2016 trees built in tmp_path."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from incseg.data import ADE20K, ADE20KIncremental, SegmentationSource
+from incseg.scenarios import get_scenario
+
+SIZE = 16
+TRAINING = {"ADE_train_00000001": [1, 120], "ADE_train_00000002": [3], "ADE_train_00000003": [101, 150]}
+VALIDATION = {"ADE_val_00000001": [7, 140], "ADE_val_00000002": []}
+
+
+def _mask(classes: list[int]) -> np.ndarray:
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)  # 0: unlabelled ("other"), the background
+    for k, c in enumerate(classes):
+        mask[1 + 7 * k : 7 + 7 * k, 2:14] = c
+    return mask
+
+
+def make_ade(root: Path) -> Path:
+    """Write ``root/ADEChallengeData2016`` with grayscale annotations; return its path."""
+    base = root / "ADEChallengeData2016"
+    for split, items in (("training", TRAINING), ("validation", VALIDATION)):
+        (base / "images" / split).mkdir(parents=True)
+        (base / "annotations" / split).mkdir(parents=True)
+        for k, (name, classes) in enumerate(items.items()):
+            rgb = np.random.default_rng(k).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+            Image.fromarray(rgb).save(base / "images" / split / f"{name}.jpg")
+            Image.fromarray(_mask(classes), mode="L").save(base / "annotations" / split / f"{name}.png")
+    return base
+
+
+@pytest.fixture
+def ade_root(tmp_path: Path) -> Path:
+    make_ade(tmp_path)
+    return tmp_path
+
+
+def test_load_and_labels(ade_root: Path) -> None:
+    ade = ADE20K(ade_root, "training")
+    assert isinstance(ade, SegmentationSource)
+    assert len(ade) == 3 and ade.names == tuple(TRAINING) and ade.num_classes == 151
+    assert ade.class_names[0] == "background" and ade.class_names[150] == "flag"
+    image, mask = ade.load(2)
+    assert image.dtype == torch.uint8 and image.shape == (3, SIZE, SIZE)
+    assert torch.equal(mask, torch.from_numpy(_mask([101, 150])).long())  # 0 stays 0, classes 1..150 as stored
+    assert ade.labels_present(0) == frozenset({0, 1, 120})
+    assert "images=3" in repr(ade)
+
+
+@pytest.mark.parametrize(
+    ("split", "expected"), [("validation", "validation"), ("val", "validation"), ("train", "training")]
+)
+def test_split_aliases_and_roots(ade_root: Path, split: str, expected: str) -> None:
+    for root in (ade_root, ade_root / "ADEChallengeData2016"):
+        assert ADE20K(root, split).split == expected  # type: ignore[arg-type]
+
+
+def test_fingerprint(ade_root: Path) -> None:
+    a = ADE20K(ade_root, "validation")
+    assert a.fingerprint() == ADE20K(ade_root, "val").fingerprint() != ADE20K(ade_root, "training").fingerprint()
+    ann = ade_root / "ADEChallengeData2016" / "annotations" / "validation" / "ADE_val_00000002.png"
+    Image.fromarray(_mask([9, 9]), mode="L").save(ann)
+    Image.fromarray(np.pad(_mask([9]), 1), mode="L").save(ann)  # other size, other file
+    assert ADE20K(ade_root, "validation").fingerprint() != a.fingerprint()
+
+
+def test_incremental_ade(ade_root: Path, tmp_path: Path) -> None:
+    scenario = get_scenario("ade20k", "100-50")
+    step0 = ADE20KIncremental(ade_root, scenario, 0, train=True, cache_dir=tmp_path / "c")
+    assert step0.indices == (1,)  # image 0 shows the future class 120 (disjoint), image 2 only future classes
+    step1 = ADE20KIncremental(ade_root, "100-50", 1, train=True, mode="overlapped")
+    assert step1.indices == (0, 2)
+    _, target = step1[1]
+    assert set(target.unique().tolist()) == {0, 101, 150}  # incremental index = dataset id in index order
+    test = ADE20KIncremental(ade_root, "50-50", 0, train=False)
+    assert test.indices == (0,)  # class 7 seen; the second image is background only
+    _, target = test[0]
+    assert set(target.unique().tolist()) == {0, 7, 255}  # class 140 is future at step 0
+
+
+def test_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"does not exist.*expected layout"):
+        ADE20K(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match=r"no images/ and annotations/"):
+        ADE20K(tmp_path)
+    base = make_ade(tmp_path)
+    with pytest.raises(ValueError, match="split"):
+        ADE20K(tmp_path, "test")  # type: ignore[arg-type]
+    (base / "annotations" / "training" / "ADE_train_00000002.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 annotations .* missing, e\.g\. .*ADE_train_00000002\.png"):
+        ADE20K(tmp_path, "training")
+    for f in (base / "images" / "validation").iterdir():
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match=r"no \.jpg images"):
+        ADE20K(tmp_path, "validation")
+    shutil.rmtree(base / "annotations" / "validation")
+    with pytest.raises(FileNotFoundError, match=r"annotations/validation is missing"):
+        ADE20K(tmp_path, "validation")
