@@ -336,7 +336,7 @@ def train_scenario(
             learner, test_set, device=device, batch_size=config.eval_batch_size or config.batch_size,
             amp=config.amp, num_workers=config.num_workers, progress=config.progress,
         )
-        history.add(step, result, new_classes=len(scenario.classes_at(step)))
+        history.add(step, result)
         say(f"step {step} result: " + _summary(result))
         if on_step_end is not None:
             on_step_end(step, result)

@@ -1,0 +1,26 @@
+"""Incremental learning without a trainer: step lifecycle, frozen teacher, training module, checkpoints.
+
+- :class:`IncrementalLearner`: ``begin_step`` / ``training_step`` / ``param_groups`` / ``end_step`` /
+  ``predict`` / ``save`` / ``load`` around an :class:`~incseg.models.IncrementalSegmenter`.
+- :class:`MethodConfig` and :data:`METHODS`: the methods (``ft``, ``lwf``, ``mib``, ``caf``, ``joint``, ablations).
+- :class:`TrainingModule`: student + criterion, the module to wrap in ``DistributedDataParallel``.
+- :func:`freeze`, :func:`unwrap_module`, :class:`CheckpointError`.
+"""
+
+from incseg.learner.checkpoint import FORMAT_VERSION, CheckpointError
+from incseg.learner.config import METHODS, MethodConfig
+from incseg.learner.freeze import freeze, is_frozen
+from incseg.learner.learner import IncrementalLearner, unwrap_module
+from incseg.learner.module import TrainingModule
+
+__all__ = [
+    "FORMAT_VERSION",
+    "METHODS",
+    "CheckpointError",
+    "IncrementalLearner",
+    "MethodConfig",
+    "TrainingModule",
+    "freeze",
+    "is_frozen",
+    "unwrap_module",
+]

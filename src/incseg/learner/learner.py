@@ -1,0 +1,829 @@
+"""The incremental learner: step lifecycle, frozen teacher, training module, parameter groups, checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from incseg._checks import check_feature_map
+from incseg._version import __version__
+from incseg.learner.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, check_plain, read_checkpoint
+from incseg.learner.config import MethodConfig, TestStrategy
+from incseg.learner.freeze import freeze
+from incseg.learner.module import TrainingModule
+from incseg.losses import CAFLoss, LossOutput
+from incseg.models import IncrementalClassifier, IncrementalSegmenter
+from incseg.nn.caf import ContinualAttentiveFusion
+from incseg.scenarios import Scenario
+
+__all__ = ["IncrementalLearner", "unwrap_module"]
+
+_STRATEGIES = ("skip", "zero_pad", "concat")
+_GROUPS = ("backbone", "head", "caf", "criterion")
+
+
+def unwrap_module(module: nn.Module) -> nn.Module:
+    """Strip wrappers that hold the real module: ``DistributedDataParallel``/``DataParallel`` (``.module``) and
+    ``torch.compile`` (``._orig_mod``), nested in any order.
+
+    Args:
+        module: a module, possibly wrapped.
+
+    Returns:
+        The innermost module.
+
+    Example:
+        >>> lin = nn.Linear(2, 2)
+        >>> unwrap_module(nn.DataParallel(lin)) is lin
+        True
+    """
+    while True:
+        if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            module = module.module
+        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):
+            module = module._orig_mod  # type: ignore[assignment]
+        else:
+            return module
+
+
+def _device_of(module: nn.Module) -> tuple[torch.device, torch.dtype] | None:
+    for p in module.parameters():
+        return p.device, p.dtype
+    return None
+
+
+@contextlib.contextmanager
+def _rng_preserved(module: nn.Module) -> Iterator[None]:
+    """Leave the global RNG (CPU and the module's CUDA device) as it was: rebuilding a structure to load
+    weights into must not change what random numbers training draws next."""
+    found = _device_of(module)
+    devices = []
+    if found is not None and found[0].type == "cuda":
+        devices = [found[0].index if found[0].index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def _check_positive(value: object, name: str, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return float(value)
+
+
+class IncrementalLearner:
+    """Class-incremental learning of a segmenter over the steps of a scenario, with any method of the paper.
+
+    The learner is not a trainer: it owns no loop, optimizer or DDP wrapper, so it fits a plain PyTorch loop,
+    Lightning or Accelerate. It keeps the state that incremental learning adds to ordinary training:
+
+    - the step lifecycle (:meth:`begin_step`, :meth:`end_step`): at each step ``t > 0`` the current model is
+      snapshot as the frozen teacher (the model of step ``t-1`` in Fig. 2), the classifier grows by
+      ``|U_t|`` outputs (MiB or random initialisation) and, for methods with ``caf``, the continual attentive
+      fusion (eq. 1-4) is inserted between encoder and refiner at step 1 (and trained in all later steps);
+    - the *training module* :attr:`module`, holding the student :attr:`model` and the :attr:`criterion`
+      (:class:`~incseg.losses.CAFLoss`, eq. 13): ``module(images, labels, teacher_out)`` returns the loss. It
+      is what you wrap in ``DistributedDataParallel``; the teacher is never part of it;
+    - :meth:`training_step`: teacher forward pass under ``no_grad`` and the training module;
+    - :meth:`param_groups`: every trained parameter once (backbone, classifier head, CAF module, the
+      criterion's SE blocks; the paper's public release forgot the CAF parameters, PROTOCOL.md);
+    - :meth:`predict` with the CAF test strategies (``skip``, ``zero_pad``, ``concat``);
+    - checkpoints (:meth:`save`, :meth:`load`, :meth:`from_checkpoint`) as plain dictionaries of tensors
+      loadable with ``torch.load(weights_only=True)``, written atomically, validated before any change.
+
+    Args:
+        model: the :class:`~incseg.models.IncrementalSegmenter` (its classifier with the
+            ``scenario.num_classes_at(0)`` outputs of step 0, no fusion module). A DDP/``torch.compile``
+            wrapper is unwrapped.
+        scenario: the :class:`~incseg.scenarios.Scenario` to learn.
+        method: a preset name of :data:`~incseg.learner.METHODS` (``"ft"``, ``"lwf"``, ``"mib"``, ``"caf"``,
+            ``"joint"``, ablations) or a :class:`~incseg.learner.MethodConfig`.
+        **overrides: fields of :class:`~incseg.learner.MethodConfig` to change, e.g. ``lambda_ad=100.0``.
+
+    Attributes:
+        step: the current step (``-1`` before :meth:`begin_step(0) <begin_step>`).
+        model: the student network (unwrapped).
+        teacher: the frozen model of the previous step, or ``None`` at step 0.
+        criterion: the loss of the method.
+        module: the training module (model + criterion).
+        scenario: the scenario.
+        config: the :class:`~incseg.learner.MethodConfig`.
+
+    Raises:
+        TypeError: ``model`` is not an ``IncrementalSegmenter`` or ``scenario`` not a ``Scenario``.
+        ValueError: unknown method or invalid override (the message lists the valid ones).
+
+    Example:
+        >>> import torch
+        >>> from incseg.models import small_segmenter
+        >>> from incseg.scenarios import Scenario
+        >>> scenario = Scenario([[1, 2], [3]])
+        >>> learner = IncrementalLearner(small_segmenter(3, width=8), scenario, "caf")
+        >>> images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2, 32, 32))
+        >>> for step in range(scenario.num_steps):
+        ...     learner.begin_step(step)
+        ...     optimizer = torch.optim.SGD(learner.param_groups(0.01), lr=0.01)
+        ...     out = learner.training_step(images, labels.clamp(max=scenario.num_classes_at(step) - 1))
+        ...     optimizer.zero_grad(); out.loss.backward(); optimizer.step()
+        ...     learner.end_step()
+        >>> learner.predict(images).shape
+        torch.Size([2, 4, 32, 32])
+    """
+
+    def __init__(
+        self, model: IncrementalSegmenter, scenario: Scenario, method: str | MethodConfig = "caf", **overrides: Any
+    ) -> None:
+        unwrapped = unwrap_module(model)
+        if not isinstance(unwrapped, IncrementalSegmenter):
+            raise TypeError(
+                "model must be an incseg.models.IncrementalSegmenter (see incseg.models.from_named_submodules to "
+                f"adapt a network), got {type(model).__name__}"
+            )
+        if not isinstance(scenario, Scenario):
+            raise TypeError(f"scenario must be an incseg.scenarios.Scenario, got {type(scenario).__name__}")
+        if isinstance(method, MethodConfig):
+            config = method.replace(**overrides) if overrides else method
+        elif isinstance(method, str):
+            config = MethodConfig.preset(method, **overrides)
+        else:
+            raise TypeError(f"method must be a method name or a MethodConfig, got {type(method).__name__}")
+        criterion = CAFLoss(
+            unwrapped.z_channels,
+            unwrapped.h_channels,
+            ce=config.ce,
+            kd=config.kd,
+            ad=config.ad,
+            lambda_d=config.lambda_d,
+            lambda_ad=config.lambda_ad,
+            class_reduction=config.class_reduction,
+        )
+        found = _device_of(unwrapped)
+        if found is not None:
+            criterion.to(device=found[0])
+        criterion.requires_grad_(False)  # the SE blocks only train once there is a teacher (step > 0)
+        self._scenario = scenario
+        self._config = config
+        self._module = TrainingModule(unwrapped, criterion, num_old_classes=0)
+        self._teacher: IncrementalSegmenter | None = None
+        self._step = -1
+        self._step_finished = False
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def step(self) -> int:
+        """The current step (``-1`` before the first :meth:`begin_step`)."""
+        return self._step
+
+    @property
+    def step_finished(self) -> bool:
+        """Whether :meth:`end_step` was called for the current step."""
+        return self._step_finished
+
+    @property
+    def scenario(self) -> Scenario:
+        """The scenario being learnt."""
+        return self._scenario
+
+    @property
+    def config(self) -> MethodConfig:
+        """The method configuration."""
+        return self._config
+
+    @property
+    def model(self) -> IncrementalSegmenter:
+        """The student network (the one being trained; never a DDP wrapper)."""
+        return self._module.model
+
+    @property
+    def teacher(self) -> IncrementalSegmenter | None:
+        """The frozen model of the previous step (evaluation mode, no gradients), ``None`` at step 0."""
+        return self._teacher
+
+    @property
+    def criterion(self) -> CAFLoss:
+        """The loss of the method (eq. 13), built for the model's ``z``/``h`` channels."""
+        return self._module.criterion
+
+    @property
+    def module(self) -> TrainingModule:
+        """The training module (model + criterion): wrap this one in DDP, rebuild the wrapper every step."""
+        return self._module
+
+    @property
+    def num_old_classes(self) -> int:
+        """``|S_{t-1}|`` at the current step (0 at step 0 and before it)."""
+        return self._module.num_old_classes
+
+    def __repr__(self) -> str:
+        return (
+            f"IncrementalLearner(method={self._config.name!r}, scenario={self._scenario!r}, step={self._step}, "
+            f"finished={self._step_finished}, num_classes={self.model.num_classes}, "
+            f"fusion={self.model.fusion is not None})"
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    def begin_step(self, step: int) -> None:
+        """Start learning step ``step``; steps go in order ``0, 1, ...`` (or resume with :meth:`load`).
+
+        At step 0 the model's classifier must already have the ``scenario.num_classes_at(0)`` outputs of the
+        first step. At a step ``t > 0``: the teacher becomes a frozen copy of the current model (evaluation
+        mode kept across ``.train()``, no gradients; its CAF module, if any, uses the ``skip`` strategy since
+        no older features exist), the classifier grows by ``len(scenario.classes_at(t))`` outputs with the
+        configured initialisation, and with ``caf`` the CAF module is inserted at step 1 (a new
+        :class:`~incseg.nn.caf.ContinualAttentiveFusion` on ``z_channels``, on the model's device). The
+        criterion's SE blocks start training at step 1.
+
+        The set of trained parameters changes: rebuild the optimizer from :meth:`param_groups` (and any DDP
+        wrapper of :attr:`module`) after this call.
+
+        Args:
+            step: the step to begin, ``learner.step + 1``.
+
+        Raises:
+            TypeError: ``step`` is not an int.
+            ValueError: ``step`` out of the scenario's range or out of order; at step 0 a classifier whose
+                size is not ``scenario.num_classes_at(0)`` or a model that already has a fusion module.
+            RuntimeError: the previous step was not ended with :meth:`end_step`, or the model's classifier
+                no longer matches the scenario (changed outside the learner).
+        """
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"step must be an int, got {type(step).__name__}")
+        num_steps = self._scenario.num_steps
+        if not 0 <= step < num_steps:
+            raise ValueError(f"step must be in [0, {num_steps}) for this scenario, got {step}")
+        if step != self._step + 1:
+            where = "before the first step" if self._step < 0 else f"at step {self._step}"
+            raise ValueError(
+                f"steps must be begun in order: the learner is {where}, so the next is begin_step({self._step + 1}), "
+                f"got begin_step({step}) (use load() to resume from a checkpoint)"
+            )
+        if self._step >= 0 and not self._step_finished:
+            raise RuntimeError(f"step {self._step} is not finished: call end_step() before begin_step({step})")
+        model = self.model
+        expected = list(self._scenario.classes_per_step[:step])
+        got = model.classifier.classes_per_step
+        if step == 0:
+            k0 = self._scenario.num_classes_at(0)
+            if got != [k0]:
+                raise ValueError(
+                    f"at step 0 the model's classifier must have scenario.num_classes_at(0)={k0} outputs in one "
+                    f"head, got classes_per_step={got}; build the model for {k0} classes (background included)"
+                )
+            if model.fusion is not None:
+                raise ValueError(
+                    "the model already has a fusion module at step 0; the learner inserts CAF itself at step 1"
+                )
+        else:
+            if got != expected:
+                raise RuntimeError(
+                    f"the model's classifier has classes_per_step={got} but step {step - 1} of the scenario "
+                    f"needs {expected}: it was changed outside the learner"
+                )
+            teacher = freeze(copy.deepcopy(model))
+            if isinstance(teacher.fusion, ContinualAttentiveFusion):
+                teacher.fusion.test_strategy = "skip"
+            model.classifier.add_classes(len(self._scenario.classes_at(step)), init=self._config.init)
+            if self._config.caf and model.fusion is None:
+                model.fusion = self._new_fusion(model)
+            self._teacher = teacher
+        self._step = step
+        self._step_finished = False
+        self._module.num_old_classes = self._scenario.num_old_classes(step)
+        self.criterion.requires_grad_(step > 0)
+
+    def end_step(self) -> None:
+        """Mark the current step as finished (saved in checkpoints; :meth:`begin_step` of the next needs it).
+
+        Raises:
+            RuntimeError: no step in progress.
+        """
+        if self._step < 0 or self._step_finished:
+            raise RuntimeError("end_step() needs a step in progress: call begin_step() first")
+        self._step_finished = True
+
+    def _new_fusion(self, model: IncrementalSegmenter) -> ContinualAttentiveFusion:
+        fusion = ContinualAttentiveFusion(model.z_channels, test_strategy=self._config.test_strategy)
+        found = _device_of(model)
+        if found is not None:
+            fusion.to(device=found[0], dtype=found[1])
+        if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+            fusion = nn.SyncBatchNorm.convert_sync_batchnorm(fusion)
+        return fusion
+
+    # ------------------------------------------------------------------ training
+    def _needs_teacher(self) -> bool:
+        return self._teacher is not None and (
+            self._config.kd is not None or self._config.ad is not None or self.model.fusion is not None
+        )
+
+    def teacher_forward(self, images: Tensor) -> dict[str, Tensor] | None:
+        """Run the frozen teacher under ``torch.no_grad()``: its ``forward_features`` (eq. 1-4 features, logits).
+
+        The teacher stays in evaluation mode (its CAF module, if any, uses ``skip``); it is moved to the
+        device of ``images`` on first use if the student was moved after :meth:`begin_step`.
+
+        Args:
+            images: input images ``(B, C, H, W)``.
+
+        Returns:
+            ``{"z", "z_bar", "h", "logits"}`` of the teacher, or ``None`` at step 0.
+        """
+        teacher = self._teacher
+        if teacher is None:
+            return None
+        found = _device_of(teacher)
+        if found is not None and isinstance(images, Tensor) and found[0] != images.device:
+            teacher.to(images.device)
+        with torch.no_grad():
+            return teacher.forward_features(images)
+
+    def training_step(self, images: Tensor, labels: Tensor, *, module: nn.Module | None = None) -> LossOutput:
+        """Loss of one batch: teacher forward (no grad), then the training module (student and criterion).
+
+        Args:
+            images: input images ``(B, C, H, W)``.
+            labels: labels ``(B, H, W)`` int64 in incremental indices of the current step (``255`` ignored).
+            module: the training module to call, e.g. its ``DistributedDataParallel`` or ``torch.compile``
+                wrapper (default :attr:`module`).
+
+        Returns:
+            :class:`~incseg.losses.LossOutput`: ``loss`` to back-propagate and detached ``terms`` for logs.
+
+        Raises:
+            RuntimeError: no step begun yet.
+            ValueError: ``module`` does not wrap this learner's :attr:`module`; bad shapes or labels (from the
+                model and the criterion).
+        """
+        if self._step < 0:
+            raise RuntimeError("call begin_step(0) before training_step()")
+        if module is None:
+            module = self._module
+        elif unwrap_module(module) is not self._module:
+            raise ValueError(
+                "module must be learner.module or a wrapper of it (DistributedDataParallel, torch.compile), "
+                f"got a {type(module).__name__} around another module"
+            )
+        teacher_out = self.teacher_forward(images) if self._needs_teacher() else None
+        out = module(images, labels, teacher_out)
+        return out  # type: ignore[no-any-return]
+
+    def param_groups(
+        self, lr: float, *, weight_decay: float = 1e-4, head_lr: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Optimizer parameter groups holding every trainable parameter of :attr:`module` exactly once.
+
+        Groups (empty ones left out): ``"backbone"`` (encoder and refiner), ``"head"`` (classifier, learning
+        rate ``head_lr``), ``"caf"`` (the CAF module: all its parameters are trained, PROTOCOL.md) and
+        ``"criterion"`` (the SE blocks of attentive distillation, eq. 5, from step 1 on). Parameters with
+        ``requires_grad=False`` are left out. Call it after every :meth:`begin_step`.
+
+        Args:
+            lr: learning rate of all groups but the head.
+            weight_decay: weight decay of all groups.
+            head_lr: learning rate of the classifier (default ``lr``).
+
+        Returns:
+            A list of dicts ``{"name", "params", "lr", "weight_decay"}`` for any ``torch.optim`` optimizer.
+
+        Raises:
+            TypeError, ValueError: a non-positive or non-finite learning rate, negative weight decay.
+
+        Example:
+            >>> from incseg.models import small_segmenter
+            >>> from incseg.scenarios import Scenario
+            >>> learner = IncrementalLearner(small_segmenter(3, width=8), Scenario([[1, 2], [3]]))
+            >>> [g["name"] for g in learner.param_groups(0.01)]
+            ['backbone', 'head']
+        """
+        lr = _check_positive(lr, "lr")
+        weight_decay = _check_positive(weight_decay, "weight_decay", allow_zero=True)
+        head = lr if head_lr is None else _check_positive(head_lr, "head_lr")
+        groups: dict[str, list[nn.Parameter]] = {name: [] for name in _GROUPS}
+        for name, param in self._module.named_parameters():  # named_parameters yields shared ones once
+            if not param.requires_grad:
+                continue
+            if name.startswith("model.classifier."):
+                groups["head"].append(param)
+            elif name.startswith("model.fusion."):
+                groups["caf"].append(param)
+            elif name.startswith("criterion."):
+                groups["criterion"].append(param)
+            else:
+                groups["backbone"].append(param)
+        return [
+            {"name": name, "params": params, "lr": head if name == "head" else lr, "weight_decay": weight_decay}
+            for name, params in groups.items()
+            if params
+        ]
+
+    # ------------------------------------------------------------------ inference
+    def predict(self, images: Tensor, *, strategy: TestStrategy | None = None) -> Tensor:
+        """Logits of the current model at image resolution (evaluation mode, no gradients).
+
+        The model runs in evaluation mode under ``torch.no_grad()`` and every submodule's train/eval mode is
+        restored afterwards. With a CAF module, ``strategy`` (default: the configured ``test_strategy``)
+        decides what stands in for the old features (paper Sec. IV, Fig. 5): ``"skip"`` uses the new
+        projection only (the teacher is not run), ``"zero_pad"`` fuses it with zeros, ``"concat"`` fuses it
+        with the teacher's features (runs the teacher). Without a CAF module ``strategy`` has no effect.
+
+        Args:
+            images: input images ``(B, C, H, W)``.
+            strategy: ``None``, ``"skip"``, ``"zero_pad"`` or ``"concat"``.
+
+        Returns:
+            float32 logits ``(B, K, H, W)``, bilinearly upsampled (``align_corners=False``) to the image size.
+
+        Raises:
+            ValueError: unknown ``strategy``; ``"concat"`` without a teacher; bad image shapes.
+            TypeError: ``images`` is not a floating tensor.
+        """
+        check_feature_map(images, "images")
+        if strategy is not None and strategy not in _STRATEGIES:
+            raise ValueError(f"strategy must be None or one of {list(_STRATEGIES)}, got {strategy!r}")
+        model = self.model
+        fusion = model.fusion
+        modes = [(m, m.training) for m in model.modules()]
+        saved_strategy = fusion.test_strategy if isinstance(fusion, ContinualAttentiveFusion) else None
+        try:
+            model.eval()
+            with torch.no_grad():
+                z_old = None
+                if isinstance(fusion, ContinualAttentiveFusion):
+                    effective = strategy if strategy is not None else fusion.test_strategy
+                    if effective == "concat":
+                        teacher_out = self.teacher_forward(images)
+                        if teacher_out is None:
+                            raise ValueError('strategy "concat" needs the teacher (old model), but there is none')
+                        z_old = teacher_out["z"]
+                    fusion.test_strategy = effective
+                logits = model.forward_features(images, z_old)["logits"]
+                with torch.autocast(device_type=logits.device.type, enabled=False):
+                    return F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        finally:
+            for m, training in modes:
+                m.training = training
+            if isinstance(fusion, ContinualAttentiveFusion) and saved_strategy is not None:
+                fusion.test_strategy = saved_strategy
+
+    def to(self, *args: Any, **kwargs: Any) -> IncrementalLearner:
+        """Move the training module (model, criterion) and the teacher, as ``nn.Module.to``; returns ``self``."""
+        self._module.to(*args, **kwargs)
+        if self._teacher is not None:
+            self._teacher.to(*args, **kwargs)
+        return self
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(
+        self, *, optimizer: torch.optim.Optimizer | None = None, extra: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The learner's complete state as a plain dictionary (what :meth:`save` writes).
+
+        Keys: ``format_version``, ``incseg_version``, ``scenario`` (``Scenario.to_dict()``), ``method``
+        (``MethodConfig.to_dict()``), ``step``, ``step_finished``, ``classes_per_step``, ``has_fusion``,
+        ``model``, ``teacher`` (or ``None``), ``criterion`` (state dicts), ``optimizer`` (its state dict or
+        ``None``) and ``extra``. Only tensors and plain python values: loadable with
+        ``torch.load(weights_only=True)`` and storable inside, e.g., a Lightning checkpoint.
+
+        Args:
+            optimizer: an optimizer whose state to include.
+            extra: user data of plain types (epoch, RNG states as tensors, scheduler state, ...).
+
+        Returns:
+            The state dictionary.
+
+        Raises:
+            RuntimeError: no step begun yet.
+            TypeError: ``extra`` holds something other than tensors and plain python data, or ``optimizer``
+                is not a ``torch.optim.Optimizer``.
+        """
+        if self._step < 0:
+            raise RuntimeError("nothing to save before begin_step(0)")
+        extra = {} if extra is None else extra
+        if not isinstance(extra, dict):
+            raise TypeError(f"extra must be a dict, got {type(extra).__name__}")
+        check_plain(extra, "extra")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        model = self.model
+        return {
+            "format_version": FORMAT_VERSION,
+            "incseg_version": __version__,
+            "scenario": self._scenario.to_dict(),
+            "method": self._config.to_dict(),
+            "step": self._step,
+            "step_finished": self._step_finished,
+            "classes_per_step": model.classifier.classes_per_step,
+            "has_fusion": model.fusion is not None,
+            "model": model.state_dict(),
+            "teacher": None if self._teacher is None else self._teacher.state_dict(),
+            "criterion": self.criterion.state_dict(),
+            "optimizer": None if optimizer is None else optimizer.state_dict(),
+            "extra": dict(extra),
+        }
+
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Write a checkpoint atomically (temporary file in the same folder, fsync, ``os.replace``).
+
+        The file holds :meth:`state_dict`: plain tensors and python values only, so it is read back with
+        ``torch.load(weights_only=True)``. On any error no partial file is left and an existing ``path`` is
+        untouched.
+
+        Args:
+            path: destination file (its folder must exist).
+            optimizer: include this optimizer's state (to resume in the middle of a step).
+            extra: user data of plain types, returned by :meth:`load`.
+
+        Raises:
+            RuntimeError: no step begun yet.
+            TypeError: ``extra`` is not plain data.
+            FileNotFoundError: the folder of ``path`` does not exist.
+        """
+        atomic_save(self.state_dict(optimizer=optimizer, extra=extra), path)
+
+    def load(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        map_location: Any = "cpu",
+    ) -> dict[str, Any]:
+        """Restore a checkpoint written by :meth:`save` (same scenario, method and network).
+
+        The learner's structure is rebuilt to the saved step (classifier heads per ``classes_per_step``, CAF
+        module if saved, teacher), then all weights, the step and its finished flag are restored. Everything is
+        validated on copies first: on any error the learner (and ``optimizer``) are left exactly as they were.
+
+        To restore an optimizer it must have been built from :meth:`param_groups` on the saved structure:
+        either load into a learner already at that step, or load once without it, build the optimizer, and
+        load again with it (see :meth:`from_checkpoint`).
+
+        Args:
+            path: the checkpoint file.
+            optimizer: an optimizer to restore (the checkpoint must hold optimizer state).
+            map_location: passed to ``torch.load`` (tensors are copied into the model's own device anyway).
+
+        Returns:
+            The ``extra`` dictionary given to :meth:`save`.
+
+        Raises:
+            FileNotFoundError: no such file.
+            CheckpointError: the file is corrupt or truncated, holds pickled objects, has another format
+                version, or was written for another scenario, method or network (mismatched keys or shapes),
+                or the optimizer does not match.
+
+        Example:
+            >>> import tempfile, torch
+            >>> from incseg.models import small_segmenter
+            >>> from incseg.scenarios import Scenario
+            >>> learner = IncrementalLearner(small_segmenter(3, width=8), Scenario([[1, 2], [3]]), "mib")
+            >>> learner.begin_step(0); learner.end_step(); learner.begin_step(1)
+            >>> path = tempfile.mkdtemp() + "/ckpt.pt"
+            >>> learner.save(path, extra={"epoch": 3})
+            >>> fresh = IncrementalLearner(small_segmenter(3, width=8), Scenario([[1, 2], [3]]), "mib")
+            >>> fresh.load(path), fresh.step, fresh.model.num_classes
+            ({'epoch': 3}, 1, 4)
+        """
+        return self.load_state_dict(read_checkpoint(path, map_location=map_location), optimizer=optimizer)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | os.PathLike[str], model: IncrementalSegmenter, *, map_location: Any = "cpu"
+    ) -> IncrementalLearner:
+        """Build a learner from a checkpoint: its scenario and method, ``model``'s architecture, saved weights.
+
+        Args:
+            path: the checkpoint file.
+            model: a fresh network of the same architecture, built for step 0 (e.g.
+                ``small_segmenter(scenario.num_classes_at(0))``); it becomes the learner's model.
+            map_location: passed to ``torch.load``.
+
+        Returns:
+            The learner at the saved step. The ``extra`` data is in ``learner.load(path)``'s return value.
+
+        Raises:
+            FileNotFoundError, CheckpointError: as :meth:`load`.
+
+        Example:
+            >>> # learner = IncrementalLearner.from_checkpoint("last.pt", small_segmenter(16))
+            >>> # optimizer = torch.optim.SGD(learner.param_groups(1e-3), lr=1e-3, momentum=0.9)
+            >>> # extra = learner.load("last.pt", optimizer=optimizer)  # optimizer state too
+        """
+        data = read_checkpoint(path, map_location=map_location)
+        scenario = _scenario_from(data)
+        config = _method_from(data)
+        learner = cls(model, scenario, config)
+        learner.load_state_dict(data)
+        return learner
+
+    def load_state_dict(
+        self, state: Mapping[str, Any], *, optimizer: torch.optim.Optimizer | None = None
+    ) -> dict[str, Any]:
+        """Restore a :meth:`state_dict` (what :meth:`load` does after reading the file).
+
+        Args:
+            state: a dictionary from :meth:`state_dict`.
+            optimizer: an optimizer to restore, built from :meth:`param_groups` on the saved structure.
+
+        Returns:
+            The ``extra`` dictionary.
+
+        Raises:
+            CheckpointError: see :meth:`load`; the learner is unchanged when it is raised.
+        """
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"a learner state must be a dict, got {type(state).__name__}")
+        if state.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"checkpoint has format_version {state.get('format_version')!r}; this incseg reads {FORMAT_VERSION}"
+            )
+        for key, types in _SCHEMA.items():
+            if key not in state:
+                raise CheckpointError(f"checkpoint is missing the key {key!r}")
+            if not isinstance(state[key], types) or (isinstance(state[key], bool) and bool not in types):
+                names = "/".join("None" if t is type(None) else t.__name__ for t in types)
+                raise CheckpointError(f"checkpoint entry {key!r} must be {names}, got {type(state[key]).__name__}")
+        scenario = _scenario_from(state)
+        if scenario != self._scenario:
+            raise CheckpointError(
+                f"checkpoint was written for another scenario: {scenario!r}, learner has {self._scenario!r}"
+            )
+        config = _method_from(state)
+        if config != self._config:
+            diff = {
+                k: (v, getattr(self._config, k)) for k, v in config.to_dict().items() if getattr(self._config, k) != v
+            }
+            raise CheckpointError(
+                f"checkpoint was written for another method configuration; differing fields "
+                f"(checkpoint, learner): {diff}"
+            )
+        step = state["step"]
+        if not 0 <= step < scenario.num_steps:
+            raise CheckpointError(f"checkpoint step {step} is outside [0, {scenario.num_steps})")
+        cps = list(scenario.classes_per_step[: step + 1])
+        if list(state["classes_per_step"]) != cps:
+            raise CheckpointError(
+                f"checkpoint classes_per_step {state['classes_per_step']} do not match the scenario at step {step} "
+                f"({cps})"
+            )
+        has_fusion = self._config.caf and step >= 1
+        if state["has_fusion"] != has_fusion:
+            raise CheckpointError(
+                f"checkpoint has_fusion={state['has_fusion']} but method {config.name!r} at step {step} "
+                f"has {has_fusion}"
+            )
+        if (state["teacher"] is None) != (step == 0):
+            raise CheckpointError(f"checkpoint at step {step} must {'not ' if step == 0 else ''}hold teacher weights")
+        extra = state["extra"]
+
+        # Build and fill copies: any mismatch surfaces here, before the learner changes.
+        with _rng_preserved(self.model):
+            student = self._build_structure(cps, has_fusion)
+            _load_into(student, state["model"], "model")
+            teacher = None
+            if state["teacher"] is not None:
+                teacher = self._build_structure(cps[:step], self._config.caf and step >= 2)
+                _load_into(teacher, state["teacher"], "teacher")
+            criterion = copy.deepcopy(self.criterion)
+            _load_into(criterion, state["criterion"], "criterion")
+
+        model = self.model
+        replace_classifier = model.classifier.classes_per_step != cps
+        replace_fusion = (model.fusion is not None) != has_fusion
+        if optimizer is not None:
+            self._check_optimizer(optimizer, state["optimizer"], replace_classifier or replace_fusion, step)
+            previous = copy.deepcopy(optimizer.state_dict())
+            try:
+                optimizer.load_state_dict(state["optimizer"])
+            except Exception as exc:
+                optimizer.load_state_dict(previous)
+                raise CheckpointError(
+                    f"the optimizer state of the checkpoint does not fit the optimizer: {exc}"
+                ) from exc
+
+        # Commit: nothing below can fail (same structures, validated weights).
+        if replace_classifier:
+            model.classifier = student.classifier
+        if replace_fusion:
+            model.fusion = student.fusion
+        model.load_state_dict(state["model"])
+        if isinstance(model.fusion, ContinualAttentiveFusion):
+            model.fusion.test_strategy = self._config.test_strategy
+        if teacher is not None:
+            freeze(teacher)
+            if isinstance(teacher.fusion, ContinualAttentiveFusion):
+                teacher.fusion.test_strategy = "skip"
+        self._teacher = teacher
+        self.criterion.load_state_dict(state["criterion"])
+        self._step = step
+        self._step_finished = state["step_finished"]
+        self._module.num_old_classes = scenario.num_old_classes(step)
+        self.criterion.requires_grad_(step > 0)
+        return dict(extra)
+
+    def _build_structure(self, classes_per_step: list[int], has_fusion: bool) -> IncrementalSegmenter:
+        """A copy of the model with the classifier heads ``classes_per_step`` and a fusion iff ``has_fusion``."""
+        model = copy.deepcopy(self.model)
+        current = model.classifier.classes_per_step
+        if current != classes_per_step:
+            if len(current) < len(classes_per_step) and classes_per_step[: len(current)] == current:
+                for n in classes_per_step[len(current) :]:
+                    model.classifier.add_classes(n, init="random")
+            else:
+                old = model.classifier
+                model.classifier = IncrementalClassifier(old.in_channels, classes_per_step)
+                found = _device_of(old)
+                if found is not None:
+                    model.classifier.to(device=found[0], dtype=found[1])
+        if has_fusion and model.fusion is None:
+            model.fusion = self._new_fusion(model)
+        elif not has_fusion:
+            model.fusion = None
+        return model
+
+    def _check_optimizer(
+        self, optimizer: torch.optim.Optimizer, saved: Any, structure_changes: bool, step: int
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if saved is None:
+            raise CheckpointError("checkpoint holds no optimizer state (it was saved without optimizer=)")
+        if structure_changes:
+            raise CheckpointError(
+                f"the checkpoint is at step {step} with another network structure than the learner's current one, "
+                "so the optimizer cannot have been built for it: load without optimizer first (or use "
+                "IncrementalLearner.from_checkpoint), build the optimizer from learner.param_groups(), then "
+                "load(path, optimizer=optimizer)"
+            )
+        own = {id(p) for p in self._module.parameters()}
+        if any(id(p) not in own for group in optimizer.param_groups for p in group["params"]):
+            raise CheckpointError(
+                "the optimizer holds parameters that are not this learner's; build it from param_groups()"
+            )
+        groups = saved.get("param_groups") if isinstance(saved, dict) else None
+        if not isinstance(groups, list) or not isinstance(saved.get("state"), dict):
+            raise CheckpointError("checkpoint optimizer state is malformed (no 'state'/'param_groups')")
+        saved_sizes = [len(g.get("params", ())) for g in groups]
+        sizes = [len(g["params"]) for g in optimizer.param_groups]
+        if saved_sizes != sizes:
+            raise CheckpointError(
+                f"the optimizer has parameter groups of sizes {sizes}, the checkpoint {saved_sizes}: build it from "
+                "learner.param_groups() after loading the structure"
+            )
+
+
+_SCHEMA: dict[str, tuple[type, ...]] = {
+    "scenario": (dict,),
+    "method": (dict,),
+    "step": (int,),
+    "step_finished": (bool,),
+    "classes_per_step": (list, tuple),
+    "has_fusion": (bool,),
+    "model": (dict,),
+    "teacher": (dict, type(None)),
+    "criterion": (dict,),
+    "optimizer": (dict, type(None)),
+    "extra": (dict,),
+}
+
+
+def _scenario_from(state: Mapping[str, Any]) -> Scenario:
+    try:
+        return Scenario.from_dict(state["scenario"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint scenario is invalid: {exc}") from exc
+
+
+def _method_from(state: Mapping[str, Any]) -> MethodConfig:
+    try:
+        return MethodConfig.from_dict(state["method"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint method configuration is invalid: {exc}") from exc
+
+
+def _load_into(module: nn.Module, weights: Mapping[str, Any], what: str) -> None:
+    bad = [k for k, v in weights.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if bad:
+        raise CheckpointError(f"checkpoint {what} weights must map names to tensors; bad entries {bad[:5]}")
+    try:
+        module.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"checkpoint {what} weights do not fit this learner's network (another architecture, width or "
+            f"method?): {' '.join(str(exc).split())[:1500]}"
+        ) from exc

@@ -1,0 +1,114 @@
+"""The training module: student network plus criterion, the part a user wraps in DistributedDataParallel."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor, nn
+
+from incseg.losses import CAFLoss, LossOutput
+from incseg.models import IncrementalSegmenter
+
+__all__ = ["TrainingModule"]
+
+_TEACHER_KEYS = ("z", "z_bar", "h", "logits")
+
+
+class TrainingModule(nn.Module):
+    """Student forward pass and loss (eq. 13) in one module, so that one DDP wrapper covers all trained weights.
+
+    ``forward(images, labels, teacher_out)`` runs ``model.forward_features(images, z_old)`` (with
+    ``z_old = teacher_out["z"]``, the old model's encoder features, when the model has a CAF module, eq. 1-4)
+    and then the criterion with the old logits (eq. 9-12) and the old ``{"z": z_bar, "h": h}`` features
+    (eq. 5-8) as the method needs them. Its parameters are exactly the trained ones: the model (CAF module
+    included) and the criterion's SE blocks. The frozen teacher is not part of it: compute ``teacher_out``
+    with :meth:`IncrementalLearner.teacher_forward` (under ``no_grad``) and pass it in, which is what
+    :meth:`IncrementalLearner.training_step` does.
+
+    The learner creates this module and updates :attr:`num_old_classes` in ``begin_step``; build a new DDP
+    wrapper after every ``begin_step`` (the set of parameters changes).
+
+    Args:
+        model: the student :class:`~incseg.models.IncrementalSegmenter`.
+        criterion: the :class:`~incseg.losses.CAFLoss` of the method.
+        num_old_classes: ``|S_{t-1}|`` of the current step (0 at step 0).
+
+    Shape:
+        - images: ``(B, C, H, W)``; labels: ``(B, H, W)`` int64 in incremental indices.
+        - teacher_out: ``{"z", "z_bar", "h", "logits"}`` of the teacher's ``forward_features``.
+
+    Example:
+        >>> import torch
+        >>> from incseg.models import small_segmenter
+        >>> module = TrainingModule(small_segmenter(3, width=8), CAFLoss(32, 16, kd=None, ad=None))
+        >>> out = module(torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32)))
+        >>> sorted(out.terms)
+        ['seg', 'total']
+    """
+
+    def __init__(self, model: IncrementalSegmenter, criterion: CAFLoss, *, num_old_classes: int = 0) -> None:
+        super().__init__()
+        if not isinstance(model, IncrementalSegmenter):
+            raise TypeError(f"model must be an IncrementalSegmenter, got {type(model).__name__}")
+        if not isinstance(criterion, CAFLoss):
+            raise TypeError(f"criterion must be a CAFLoss, got {type(criterion).__name__}")
+        self.model = model
+        self.criterion = criterion
+        self.num_old_classes = num_old_classes
+
+    def forward(self, images: Tensor, labels: Tensor, teacher_out: Mapping[str, Tensor] | None = None) -> LossOutput:
+        """Compute the training loss of one batch.
+
+        Args:
+            images: input images ``(B, C, H, W)``.
+            labels: labels ``(B, H, W)`` in incremental indices (``255`` ignored).
+            teacher_out: the teacher's ``forward_features`` output; required at steps > 0 when the method
+                distils or has a CAF module, ignored otherwise.
+
+        Returns:
+            :class:`~incseg.losses.LossOutput` ``(loss, terms)``.
+
+        Raises:
+            ValueError: ``teacher_out`` missing or lacking a key the method needs; errors of the model and
+                the criterion for bad shapes.
+        """
+        n_old = self.num_old_classes
+        criterion = self.criterion
+        needs_logits = n_old > 0 and criterion.kd is not None
+        needs_features = n_old > 0 and criterion.ad is not None
+        needs_z = n_old > 0 and self.model.fusion is not None
+        if needs_logits or needs_features or needs_z:
+            self._check_teacher_out(teacher_out)
+            assert teacher_out is not None
+        out = self.model.forward_features(images, teacher_out["z"] if needs_z and teacher_out is not None else None)
+        old_logits = teacher_out["logits"] if needs_logits and teacher_out is not None else None
+        features = old_features = None
+        if needs_features and teacher_out is not None:
+            features = {"z": out["z_bar"], "h": out["h"]}
+            old_features = {"z": teacher_out["z_bar"], "h": teacher_out["h"]}
+        return criterion(
+            out["logits"],
+            labels,
+            num_old_classes=n_old,
+            old_logits=old_logits,
+            features=features,
+            old_features=old_features,
+        )
+
+    def _check_teacher_out(self, teacher_out: Mapping[str, Tensor] | None) -> None:
+        if teacher_out is None:
+            raise ValueError(
+                f"teacher_out is required at steps > 0 (num_old_classes={self.num_old_classes}) for this method "
+                "(distillation or CAF): compute it with IncrementalLearner.teacher_forward(images) or call "
+                "IncrementalLearner.training_step"
+            )
+        if not isinstance(teacher_out, Mapping):
+            raise TypeError(f"teacher_out must be a dict of tensors, got {type(teacher_out).__name__}")
+        missing = [k for k in _TEACHER_KEYS if k not in teacher_out]
+        if missing:
+            raise ValueError(
+                f"teacher_out must hold the teacher's forward_features keys {list(_TEACHER_KEYS)}, missing {missing}"
+            )
+
+    def extra_repr(self) -> str:
+        return f"num_old_classes={self.num_old_classes}"

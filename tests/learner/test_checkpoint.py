@@ -1,0 +1,419 @@
+"""Checkpoints: atomic writes, safe reads, exact round trips, mid-step resume, and failed loads changing nothing."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+from incseg.learner import FORMAT_VERSION, CheckpointError, IncrementalLearner
+from incseg.learner.checkpoint import atomic_save, check_plain, read_checkpoint
+from incseg.models import small_segmenter
+from incseg.scenarios import Scenario
+
+MakeLearner = Callable[..., IncrementalLearner]
+
+
+class _Opaque:
+    """A class that weights_only loading refuses."""
+
+
+# ----------------------------------------------------------------------------- low level
+
+
+def test_atomic_save_round_trip(tmp_path: Path) -> None:
+    path = atomic_save({"format_version": FORMAT_VERSION, "w": torch.arange(3)}, tmp_path / "a.pt")
+    assert torch.equal(read_checkpoint(path)["w"], torch.arange(3))
+    assert sorted(os.listdir(tmp_path)) == ["a.pt"]
+
+
+def test_atomic_save_failure_leaves_old_file_and_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "a.pt"
+    atomic_save({"format_version": FORMAT_VERSION, "v": 1}, path)
+    before = path.read_bytes()
+
+    def broken_save(obj: Any, f: Any) -> None:
+        f.write(b"partial data")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"format_version": FORMAT_VERSION, "v": 2}, path)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["a.pt"]
+
+
+def test_atomic_save_needs_existing_folder(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        atomic_save({}, tmp_path / "missing" / "a.pt")
+
+
+def test_check_plain() -> None:
+    check_plain({"epoch": 3, "rng": torch.get_rng_state(), "hist": [1.0, None, ("a", True)], 4: {}}, "extra")
+    with pytest.raises(TypeError, match=r"extra\['obj'\]\[0\] is a _Opaque"):
+        check_plain({"obj": [_Opaque()]}, "extra")
+    with pytest.raises(TypeError, match="key"):
+        check_plain({(1, 2): 3}, "extra")
+
+
+def test_read_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        read_checkpoint(tmp_path / "nope.pt")
+
+
+def test_read_garbage_truncated_pickled_and_versions(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint" * 10)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        read_checkpoint(garbage)
+
+    good = atomic_save({"format_version": FORMAT_VERSION, "w": torch.randn(100)}, tmp_path / "good.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        read_checkpoint(truncated)
+
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"format_version": FORMAT_VERSION, "obj": _Opaque()}, pickled)
+    with pytest.raises(CheckpointError, match=r"pickled python objects.*_Opaque"):
+        read_checkpoint(pickled)
+
+    for version in (None, FORMAT_VERSION + 1):
+        old = tmp_path / f"v{version}.pt"
+        torch.save({"format_version": version}, old)
+        with pytest.raises(CheckpointError, match="format_version"):
+            read_checkpoint(old)
+
+    not_dict = tmp_path / "list.pt"
+    torch.save([1, 2], not_dict)
+    with pytest.raises(CheckpointError, match="must hold a dict"):
+        read_checkpoint(not_dict)
+
+
+# ----------------------------------------------------------------------------- learner save / load
+
+
+def _snapshot(learner: IncrementalLearner) -> dict[str, Any]:
+    return {
+        "step": learner.step,
+        "finished": learner.step_finished,
+        "classes": learner.model.classifier.classes_per_step,
+        "classifier": learner.model.classifier,
+        "fusion": learner.model.fusion,
+        "teacher": learner.teacher,
+        "model": copy.deepcopy(learner.model.state_dict()),
+        "teacher_state": None if learner.teacher is None else copy.deepcopy(learner.teacher.state_dict()),
+        "criterion": copy.deepcopy(learner.criterion.state_dict()),
+        "num_old": learner.num_old_classes,
+        "requires_grad": [p.requires_grad for p in learner.module.parameters()],
+    }
+
+
+def _assert_unchanged(learner: IncrementalLearner, snap: dict[str, Any]) -> None:
+    now = _snapshot(learner)
+    for key in ("step", "finished", "classes", "num_old", "requires_grad"):
+        assert now[key] == snap[key], key
+    for key in ("classifier", "fusion", "teacher"):
+        assert now[key] is snap[key], key
+    for key in ("model", "teacher_state", "criterion"):
+        if snap[key] is None:
+            assert now[key] is None
+            continue
+        assert now[key].keys() == snap[key].keys(), key
+        assert all(torch.equal(now[key][k], snap[key][k]) for k in snap[key]), key
+
+
+def _predictions(learner: IncrementalLearner, images: Tensor) -> dict[str, Tensor]:
+    return {s: learner.predict(images, strategy=s) for s in ("skip", "zero_pad", "concat")}
+
+
+@pytest.mark.parametrize("method", ["caf", "mib"])
+def test_round_trip_reproduces_predictions_exactly(
+    tmp_path: Path, make_learner: MakeLearner, advance: Callable[..., Any], images: Tensor, method: str
+) -> None:
+    learner = make_learner(method)
+    advance(learner, images, 2)
+    learner.end_step()
+    path = tmp_path / "ckpt.pt"
+    learner.save(path, extra={"epoch": 7, "rng": torch.get_rng_state()})
+
+    raw = torch.load(path, weights_only=True)
+    assert raw["format_version"] == FORMAT_VERSION and raw["step"] == 2 and raw["step_finished"]
+    assert raw["classes_per_step"] == [3, 1, 1] and raw["has_fusion"] == (method == "caf")
+    assert raw["scenario"] == learner.scenario.to_dict() and raw["method"] == learner.config.to_dict()
+
+    torch.manual_seed(123)  # a differently initialised network of the same architecture
+    fresh = make_learner(method)
+    rng = torch.get_rng_state()
+    extra = fresh.load(path)
+    assert torch.equal(torch.get_rng_state(), rng)  # rebuilding the structure draws no random numbers
+    assert extra["epoch"] == 7 and torch.equal(extra["rng"], raw["extra"]["rng"])
+    assert (fresh.step, fresh.step_finished, fresh.num_old_classes) == (2, True, 4)
+    assert fresh.model.classifier.classes_per_step == [3, 1, 1]
+    assert (fresh.model.fusion is not None) == (method == "caf")
+    assert fresh.teacher is not None and fresh.teacher.classifier.classes_per_step == [3, 1]
+    fresh.teacher.train()
+    assert not any(m.training for m in fresh.teacher.modules())
+    expected, got = _predictions(learner, images), _predictions(fresh, images)
+    assert all(torch.equal(expected[s], got[s]) for s in expected)
+    assert fresh.state_dict()["criterion"].keys() == learner.criterion.state_dict().keys()
+
+
+def test_from_checkpoint(
+    tmp_path: Path, make_learner: MakeLearner, advance: Callable[..., Any], images: Tensor
+) -> None:
+    learner = make_learner("caf", lambda_ad=10.0)
+    advance(learner, images, 1)
+    path = tmp_path / "ckpt.pt"
+    learner.save(path)
+    rebuilt = IncrementalLearner.from_checkpoint(path, small_segmenter(3, width=8))
+    assert rebuilt.config == learner.config and rebuilt.scenario == learner.scenario
+    assert (rebuilt.step, rebuilt.step_finished) == (1, False)
+    assert torch.equal(rebuilt.predict(images), learner.predict(images))
+
+
+def test_resume_mid_step_matches_uninterrupted_run(
+    tmp_path: Path,
+    make_learner: MakeLearner,
+    advance: Callable[..., Any],
+    train_iters: Callable[..., list[float]],
+    labels_for: Callable[..., Tensor],
+    images: Tensor,
+) -> None:
+    learner = make_learner("caf")
+    optimizer = advance(learner, images, 1, iters=2)  # SGD with momentum: its state matters
+    path = tmp_path / "last.pt"
+    learner.save(path, optimizer=optimizer, extra={"iteration": 2})
+    labels = labels_for(learner.scenario, 1)
+    train_iters(learner, optimizer, images, labels, 3)
+
+    resumed = IncrementalLearner.from_checkpoint(path, small_segmenter(3, width=8))
+    fresh_optimizer = torch.optim.SGD(resumed.param_groups(1e-3), lr=1e-3, momentum=0.9)
+    assert resumed.load(path, optimizer=fresh_optimizer) == {"iteration": 2}
+    train_iters(resumed, fresh_optimizer, images, labels, 3)
+
+    expected, got = learner.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert all(torch.equal(a, b) for a, b in zip(learner.criterion.parameters(), resumed.criterion.parameters()))
+
+    # the optimizer state is what makes them equal: without it the weights differ
+    again = IncrementalLearner.from_checkpoint(path, small_segmenter(3, width=8))
+    train_iters(again, torch.optim.SGD(again.param_groups(1e-3), lr=1e-3, momentum=0.9), images, labels, 3)
+    assert not all(torch.equal(expected[k], again.model.state_dict()[k]) for k in expected)
+
+
+def test_load_in_place_keeps_parameter_identity(
+    tmp_path: Path,
+    make_learner: MakeLearner,
+    advance: Callable[..., Any],
+    train_iters: Callable[..., list[float]],
+    labels_for: Callable[..., Tensor],
+    images: Tensor,
+) -> None:
+    learner = make_learner("mib")
+    optimizer = advance(learner, images, 1)
+    path = tmp_path / "ckpt.pt"
+    learner.save(path, optimizer=optimizer)
+    expected = learner.predict(images)
+    params = list(learner.module.parameters())
+    train_iters(learner, optimizer, images, labels_for(learner.scenario, 1), 2)
+    assert not torch.equal(learner.predict(images), expected)
+    learner.load(path, optimizer=optimizer)  # same structure: weights copied into the same parameters
+    assert all(a is b for a, b in zip(params, learner.module.parameters(), strict=True))
+    assert torch.equal(learner.predict(images), expected)
+
+
+def test_save_errors(tmp_path: Path, make_learner: MakeLearner) -> None:
+    learner = make_learner("ft")
+    with pytest.raises(RuntimeError, match="begin_step"):
+        learner.save(tmp_path / "a.pt")
+    learner.begin_step(0)
+    with pytest.raises(TypeError, match="weights_only"):
+        learner.save(tmp_path / "a.pt", extra={"obj": _Opaque()})
+    with pytest.raises(TypeError, match="optimizer"):
+        learner.save(tmp_path / "a.pt", optimizer="sgd")  # type: ignore[arg-type]
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_failure_leaves_no_partial_file(
+    tmp_path: Path, make_learner: MakeLearner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    learner = make_learner("caf")
+    learner.begin_step(0)
+    path = tmp_path / "ckpt.pt"
+    learner.save(path)
+    before = path.read_bytes()
+
+    def broken_save(obj: Any, f: Any) -> None:
+        f.write(b"PK partial")
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        learner.save(path, extra={"epoch": 1})
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+@pytest.fixture
+def saved_step2(tmp_path: Path, make_learner: MakeLearner, advance: Callable[..., Any], images: Tensor) -> Path:
+    """A caf checkpoint at step 2 (with optimizer state)."""
+    learner = make_learner("caf")
+    optimizer = advance(learner, images, 2)
+    path = tmp_path / "step2.pt"
+    learner.save(path, optimizer=optimizer)
+    return path
+
+
+@pytest.fixture
+def victim(make_learner: MakeLearner, advance: Callable[..., Any], images: Tensor) -> IncrementalLearner:
+    """A caf learner at step 1 (teacher, CAF module, trained weights) that failed loads must leave alone."""
+    torch.manual_seed(7)
+    learner = make_learner("caf")
+    advance(learner, images, 1)
+    return learner
+
+
+def _tampered(path: Path, tmp_path: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    data = torch.load(path, weights_only=True)
+    edit(data)
+    out = tmp_path / "tampered.pt"
+    torch.save(data, out)
+    return out
+
+
+def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split("/")
+    for key in parents:
+        data = data[key]
+    data[last] = value
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda d: _set(d, "format_version", 0), "format_version"),
+        (lambda d: d.pop("teacher"), "missing the key 'teacher'"),
+        (lambda d: _set(d, "step", "2"), "'step' must be int"),
+        (lambda d: _set(d, "step", 5), r"step 5 is outside \[0, 3\)"),
+        (lambda d: _set(d, "scenario/groups", [[1], [2, 3], [4]]), "another scenario"),
+        (lambda d: _set(d, "scenario/mode", "banana"), "scenario is invalid"),
+        (lambda d: _set(d, "method/kd", "unbiased"), r"another method configuration.*'kd': \('unbiased', 'balanced'\)"),
+        (lambda d: _set(d, "method/ce", "focal"), "method configuration is invalid"),
+        (lambda d: _set(d, "classes_per_step", [3, 2, 1]), "classes_per_step"),
+        (lambda d: _set(d, "has_fusion", False), "has_fusion"),
+        (lambda d: _set(d, "teacher", None), "teacher"),
+        (lambda d: _set(d, "model/encoder.stem.0.weight", torch.zeros(1)), r"model weights do not fit.*size mismatch"),
+        (lambda d: d["model"].pop(next(k for k in d["model"] if k.startswith("fusion."))), r"do not fit.*Missing"),
+        (lambda d: _set(d, "teacher/refiner.project.1.bias", torch.zeros(3)), "teacher weights do not fit"),
+        (lambda d: _set(d, "criterion/extra_key", torch.zeros(1)), r"criterion weights do not fit.*Unexpected"),
+        (lambda d: _set(d, "model/encoder.stem.0.weight", [1.0]), "must map names to tensors"),
+    ],
+)
+def test_invalid_checkpoint_leaves_learner_unchanged(
+    tmp_path: Path, saved_step2: Path, victim: IncrementalLearner, edit: Callable[..., Any], match: str
+) -> None:
+    bad = _tampered(saved_step2, tmp_path, edit)
+    snap = _snapshot(victim)
+    with pytest.raises(CheckpointError, match=match):
+        victim.load(bad)
+    _assert_unchanged(victim, snap)
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "pickled"])
+def test_unreadable_checkpoint_leaves_learner_unchanged(
+    tmp_path: Path, saved_step2: Path, victim: IncrementalLearner, kind: str
+) -> None:
+    bad = tmp_path / f"{kind}.pt"
+    if kind == "garbage":
+        bad.write_bytes(os.urandom(2048))
+    elif kind == "truncated":
+        bad.write_bytes(saved_step2.read_bytes()[:-100])
+    else:
+        data = torch.load(saved_step2, weights_only=True)
+        data["extra"] = {"obj": _Opaque()}
+        torch.save(data, bad)
+    snap = _snapshot(victim)
+    with pytest.raises(CheckpointError):
+        victim.load(bad)
+    _assert_unchanged(victim, snap)
+
+
+@pytest.mark.parametrize(
+    ("method", "width", "scenario_groups", "match"),
+    [
+        ("mib", 8, None, "another method"),
+        ("caf", 16, None, "do not fit"),
+        ("caf", 8, [[1, 2], [3, 4]], "another scenario"),
+    ],
+)
+def test_checkpoint_of_another_learner(
+    saved_step2: Path,
+    make_learner: MakeLearner,
+    advance: Callable[..., Any],
+    images: Tensor,
+    method: str,
+    width: int,
+    scenario_groups: list[list[int]] | None,
+    match: str,
+) -> None:
+    scn = None if scenario_groups is None else Scenario(scenario_groups)
+    other = make_learner(method, width=width, scn=scn)
+    advance(other, images, 1)
+    snap = _snapshot(other)
+    with pytest.raises(CheckpointError, match=match):
+        other.load(saved_step2)
+    _assert_unchanged(other, snap)
+
+
+def test_optimizer_mismatch_leaves_learner_and_optimizer_unchanged(
+    tmp_path: Path, saved_step2: Path, make_learner: MakeLearner, advance: Callable[..., Any], images: Tensor
+) -> None:
+    learner = make_learner("caf")
+    optimizer = advance(learner, images, 1)
+    opt_state = copy.deepcopy(optimizer.state_dict())
+    snap = _snapshot(learner)
+    # the structure differs (step 1 -> step 2): the optimizer cannot fit
+    with pytest.raises(CheckpointError, match="load without optimizer first"):
+        learner.load(saved_step2, optimizer=optimizer)
+    _assert_unchanged(learner, snap)
+
+    same_step = tmp_path / "step1.pt"
+    learner.save(same_step)  # no optimizer state
+    with pytest.raises(CheckpointError, match="holds no optimizer state"):
+        learner.load(same_step, optimizer=optimizer)
+    learner.save(same_step, optimizer=optimizer)
+    other = torch.optim.SGD(learner.param_groups(0.1)[:1], lr=0.1)
+    with pytest.raises(CheckpointError, match="parameter groups of sizes"):
+        learner.load(same_step, optimizer=other)
+    foreign = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(CheckpointError, match="not this learner's"):
+        learner.load(same_step, optimizer=foreign)
+    _assert_unchanged(learner, snap)
+    assert optimizer.state_dict()["param_groups"] == opt_state["param_groups"]
+
+
+def test_load_state_dict_rejects_non_mapping(make_learner: MakeLearner) -> None:
+    with pytest.raises(CheckpointError, match="must be a dict"):
+        make_learner().load_state_dict([1, 2])  # type: ignore[arg-type]
+
+
+def test_load_earlier_step_into_later_learner(
+    tmp_path: Path, make_learner: MakeLearner, advance: Callable[..., Any], images: Tensor
+) -> None:
+    learner = make_learner("caf")
+    advance(learner, images, 1)
+    path = tmp_path / "step1.pt"
+    learner.save(path)
+    expected = learner.predict(images)
+    advance(learner, images, 2)
+    learner.load(path)  # back to step 1: one head fewer
+    assert learner.step == 1 and learner.model.classifier.classes_per_step == [3, 1]
+    assert learner.teacher is not None and learner.teacher.fusion is None
+    assert torch.equal(learner.predict(images), expected)

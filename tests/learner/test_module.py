@@ -1,0 +1,103 @@
+"""TrainingModule: direct use, teacher_out checks, and DistributedDataParallel on a 1-process gloo group."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+
+from incseg.learner import IncrementalLearner, TrainingModule
+from incseg.losses import CAFLoss
+from incseg.models import small_segmenter
+
+MakeLearner = Callable[..., IncrementalLearner]
+
+
+def test_step0_needs_no_teacher(images: Tensor) -> None:
+    module = TrainingModule(small_segmenter(3, width=8), CAFLoss(32, 16))
+    out = module(images, torch.randint(0, 3, (2, 32, 32)))
+    assert set(out.terms) == {"seg", "total"}
+    assert "num_old_classes=0" in repr(module)
+
+
+def test_constructor_types() -> None:
+    with pytest.raises(TypeError, match="IncrementalSegmenter"):
+        TrainingModule(torch.nn.Conv2d(3, 3, 1), CAFLoss(32, 16))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="CAFLoss"):
+        TrainingModule(small_segmenter(3, width=8), torch.nn.CrossEntropyLoss())  # type: ignore[arg-type]
+
+
+def test_teacher_out_is_required_and_checked(make_learner: MakeLearner, images: Tensor) -> None:
+    learner = make_learner("caf")
+    learner.begin_step(0)
+    learner.end_step()
+    learner.begin_step(1)
+    labels = torch.zeros(2, 32, 32, dtype=torch.long)
+    with pytest.raises(ValueError, match="teacher_out is required"):
+        learner.module(images, labels)
+    teacher_out = learner.teacher_forward(images)
+    assert teacher_out is not None
+    with pytest.raises(ValueError, match=r"missing \['z_bar'\]"):
+        learner.module(images, labels, {k: v for k, v in teacher_out.items() if k != "z_bar"})
+    with pytest.raises(TypeError, match="dict"):
+        learner.module(images, labels, [teacher_out["z"]])  # type: ignore[arg-type]
+    direct = learner.module(images, labels, teacher_out)
+    assert torch.equal(direct.loss, learner.training_step(images, labels).loss)
+
+
+def test_old_features_come_from_the_teacher(make_learner: MakeLearner, images: Tensor) -> None:
+    learner = make_learner("caf")
+    learner.begin_step(0)
+    learner.end_step()
+    learner.begin_step(1)
+    seen: dict[str, Any] = {}
+
+    def spy(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        seen.update(kwargs)
+
+    learner.criterion.register_forward_pre_hook(spy, with_kwargs=True)
+    teacher_out = learner.teacher_forward(images)
+    assert teacher_out is not None
+    learner.module(images, torch.zeros(2, 32, 32, dtype=torch.long), teacher_out)
+    assert seen["num_old_classes"] == 3
+    assert seen["old_logits"] is teacher_out["logits"]
+    assert seen["old_features"]["z"] is teacher_out["z_bar"] and seen["old_features"]["h"] is teacher_out["h"]
+    assert seen["features"]["z"].shape == teacher_out["z"].shape
+
+
+def test_distributed_data_parallel_one_process(
+    tmp_path: Path,
+    make_learner: MakeLearner,
+    train_iters: Callable[..., list[float]],
+    labels_for: Callable[..., Tensor],
+    images: Tensor,
+) -> None:
+    """Two steps (step 0, then step 1 with teacher, CAF and AD) under DDP equal the plain run exactly."""
+
+    def run(ddp: bool) -> IncrementalLearner:
+        torch.manual_seed(0)
+        learner = make_learner("caf")
+        for step in range(2):
+            learner.begin_step(step)
+            optimizer = torch.optim.SGD(learner.param_groups(1e-3), lr=1e-3, momentum=0.9)
+            module = DistributedDataParallel(learner.module) if ddp else None
+            train_iters(learner, optimizer, images, labels_for(learner.scenario, step), 2, module=module)
+            learner.end_step()
+        return learner
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = run(ddp=True)
+    finally:
+        dist.destroy_process_group()
+    plain = run(ddp=False)
+    expected, got = plain.model.state_dict(), wrapped.model.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.allclose(expected[k].float(), got[k].float(), atol=1e-6) for k in expected)
+    assert wrapped.teacher is not None and not isinstance(wrapped.teacher, DistributedDataParallel)
