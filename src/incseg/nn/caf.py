@@ -12,10 +12,10 @@ from incseg.nn.fusion import FeatureFusion
 from incseg.nn.non_local import NonLocalProjection, _check_positive_int
 from incseg.nn.structured_attention import AttentionMaps, Gate, StructuredAttention
 
-__all__ = ["ContinualAttentiveFusion", "TestStrategy"]
+__all__ = ["ContinualAttentiveFusion", "FusionStrategy"]
 
-TestStrategy = Literal["skip", "zero_pad", "concat"]
-_STRATEGIES: tuple[str, ...] = get_args(TestStrategy)
+FusionStrategy = Literal["skip", "zero_pad", "concat"]
+_STRATEGIES: tuple[str, ...] = get_args(FusionStrategy)
 
 
 class ContinualAttentiveFusion(nn.Module):
@@ -73,7 +73,7 @@ class ContinualAttentiveFusion(nn.Module):
         *,
         inner_channels: int | None = None,
         subsample: bool = True,
-        test_strategy: TestStrategy = "skip",
+        test_strategy: FusionStrategy = "skip",
         gate: Gate | None = None,
     ) -> None:
         super().__init__()
@@ -85,15 +85,15 @@ class ContinualAttentiveFusion(nn.Module):
         self.attention = StructuredAttention(channels, gate=gate)
 
     @property
-    def test_strategy(self) -> TestStrategy:
+    def test_strategy(self) -> FusionStrategy:
         """What stands in for the fusion at test time or without old features (``skip``/``zero_pad``/``concat``)."""
         return self._test_strategy
 
     @test_strategy.setter
-    def test_strategy(self, value: TestStrategy) -> None:
+    def test_strategy(self, value: FusionStrategy) -> None:
         if value not in _STRATEGIES:
             raise ValueError(f"test_strategy must be one of {list(_STRATEGIES)}, got {value!r}")
-        self._test_strategy = cast(TestStrategy, value)
+        self._test_strategy = cast(FusionStrategy, value)
 
     def fuse(self, z_new: Tensor, z_old: Tensor | None = None) -> Tensor:
         """Return ``v^(l-1, l)``, the input of the structured attention, following the mode and strategy.
@@ -127,7 +127,21 @@ class ContinualAttentiveFusion(nn.Module):
     def forward(
         self, z_new: Tensor, z_old: Tensor | None = None, *, return_maps: bool = False
     ) -> Tensor | tuple[Tensor, AttentionMaps]:
-        """Compute ``z_bar`` (eq. 4) from ``z_new`` (and ``z_old``); with ``return_maps`` also the maps."""
+        """Compute ``z_bar`` (eq. 4) from the new (and old) encoder features.
+
+        Args:
+            z_new: encoder features of the model being trained, ``(B, C, H, W)``.
+            z_old: encoder features of the old (teacher) model, same shape, or ``None``. Fused in training mode;
+                otherwise used only by ``test_strategy="concat"``.
+            return_maps: also return the :class:`AttentionMaps` (``A_CH``, ``A_SP``).
+
+        Returns:
+            ``z_bar`` (``(B, C, H, W)``), or ``(z_bar, maps)`` with ``return_maps=True``.
+
+        Raises:
+            ValueError: bad shapes (the message names both), or ``"concat"`` without ``z_old``.
+            TypeError: inputs are not floating-point tensors.
+        """
         return self.attention(self.fuse(z_new, z_old), return_maps=return_maps)
 
     def extra_repr(self) -> str:

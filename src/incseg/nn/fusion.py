@@ -53,10 +53,23 @@ class FeatureFusion(nn.Module):
         with torch.no_grad():
             eye = torch.eye(self.channels, dtype=self.conv.weight.dtype, device=self.conv.weight.device)
             self.conv.weight.copy_(torch.cat([eye, eye], dim=1).mul_(0.5)[:, :, None, None])
-            nn.init.zeros_(self.conv.bias)
+            if self.conv.bias is not None:
+                nn.init.zeros_(self.conv.bias)
 
     def forward(self, v_old: Tensor, v_new: Tensor) -> Tensor:
-        """Fuse the old and new projections (each ``(B, C, H, W)``) into one ``(B, C, H, W)`` tensor."""
+        """Fuse the old and new projections into ``v^(l-1, l)``.
+
+        Args:
+            v_old: projection of the old model's features, ``(B, C, H, W)``.
+            v_new: projection of the new model's features, same shape.
+
+        Returns:
+            The fused features, ``(B, C, H, W)``.
+
+        Raises:
+            ValueError: wrong rank or channel count, or ``v_old`` and ``v_new`` of different shapes.
+            TypeError: an input is not a floating-point tensor.
+        """
         check_feature_map(v_old, "v_old", channels=self.channels)
         check_feature_map(v_new, "v_new", channels=self.channels)
         check_same_shape(v_old, v_new, "v_old", "v_new")

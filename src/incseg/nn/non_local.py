@@ -153,12 +153,25 @@ class NonLocalProjection(nn.Module):
         return F.max_pool2d(x, kernel_size=2, stride=2, ceil_mode=True) if self.subsample else x
 
     def forward(self, z: Tensor) -> Tensor:
-        """Project ``z`` (``(B, C, H, W)``) to ``v`` of the same shape."""
+        """Project ``z`` to ``v = z + norm(W y)`` (or ``norm(W y)`` without the residual).
+
+        Args:
+            z: encoder features, ``(B, C, H, W)``.
+
+        Returns:
+            ``v``, ``(B, C, H, W)``.
+
+        Raises:
+            ValueError: ``z`` is not ``(B, C, H, W)`` with ``C == in_channels``.
+            TypeError: ``z`` is not a floating-point tensor.
+        """
         check_feature_map(z, "z", channels=self.in_channels)
         height, width = z.shape[-2:]
-        query = rearrange(self.theta(z), "b d h w -> b 1 (h w) d")
-        key = rearrange(self._pool(self.phi(z)), "b d h w -> b 1 (h w) d")
-        value = rearrange(self._pool(self.g(z)), "b d h w -> b 1 (h w) d")
+        # Fused SDPA kernels (flash / memory-efficient, CPU and GPU) need a unit stride on the last dimension;
+        # without it SDPA silently falls back to the math kernel, which materialises the (N, M) affinity.
+        query = rearrange(self.theta(z), "b d h w -> b 1 (h w) d").contiguous()
+        key = rearrange(self._pool(self.phi(z)), "b d h w -> b 1 (h w) d").contiguous()
+        value = rearrange(self._pool(self.g(z)), "b d h w -> b 1 (h w) d").contiguous()
         y = non_local_attention(query, key, value, use_sdpa=self.use_sdpa)
         y = rearrange(y, "b 1 (h w) d -> b d h w", h=height, w=width)
         out = self.norm(self.out_proj(y))

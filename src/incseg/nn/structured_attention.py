@@ -85,10 +85,23 @@ class StructuredAttention(nn.Module):
         """Default init for ``conv_sp``, zeros for ``conv_ch`` (the block starts as the identity)."""
         self.conv_sp.reset_parameters()
         nn.init.zeros_(self.conv_ch.weight)
-        nn.init.zeros_(self.conv_ch.bias)
+        if self.conv_ch.bias is not None:
+            nn.init.zeros_(self.conv_ch.bias)
 
     def attention_maps(self, v: Tensor) -> AttentionMaps:
-        """Compute ``A_CH`` (eq. 2, ``(B, C, 1, 1)``) and ``A_SP`` (eq. 1, ``(B, 1, H, W)``) from ``v``."""
+        """Compute the two attention factors from the fused features.
+
+        Args:
+            v: fused features ``v^(l-1, l)``, ``(B, C, H, W)``.
+
+        Returns:
+            :class:`AttentionMaps` with ``channel`` = ``A_CH`` (eq. 2, ``(B, C, 1, 1)``) and ``spatial`` = ``A_SP``
+            (eq. 1, ``(B, 1, H, W)``), after the gate if any.
+
+        Raises:
+            ValueError: ``v`` is not ``(B, C, H, W)`` with ``C == channels``.
+            TypeError: ``v`` is not a floating-point tensor.
+        """
         check_feature_map(v, "v", channels=self.channels)
         # eq. 1: mean_c (W v + b)_c == (mean_c W_c) v + mean_c b_c for a 1x1 convolution.
         sp_weight = self.conv_sp.weight.mean(dim=0, keepdim=True)
@@ -101,7 +114,19 @@ class StructuredAttention(nn.Module):
         return AttentionMaps(channel=channel, spatial=spatial)
 
     def forward(self, v: Tensor, return_maps: bool = False) -> Tensor | tuple[Tensor, AttentionMaps]:
-        """Apply ``z_bar = (1 + A_CH (x) A_SP) * v`` (eq. 4); with ``return_maps`` also return the maps."""
+        """Apply ``z_bar = (1 + A_CH (x) A_SP) * v`` (eq. 3-4).
+
+        Args:
+            v: fused features, ``(B, C, H, W)``.
+            return_maps: also return the :class:`AttentionMaps`.
+
+        Returns:
+            ``z_bar`` (``(B, C, H, W)``), or ``(z_bar, maps)`` with ``return_maps=True``.
+
+        Raises:
+            ValueError: ``v`` is not ``(B, C, H, W)`` with ``C == channels``.
+            TypeError: ``v`` is not a floating-point tensor.
+        """
         maps = self.attention_maps(v)
         z_bar = v + v * (maps.channel * maps.spatial)
         return (z_bar, maps) if return_maps else z_bar
