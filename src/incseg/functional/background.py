@@ -1,13 +1,19 @@
 """Background aggregation of the student's probabilities (eq. 10, 15) and the background balance γ (eq. 11).
 
 Everything works on logits in log space: an aggregated probability ``sum_{s in A} p_s`` is
-``logsumexp(logits[A]) - logsumexp(logits)``, never ``log(softmax(...).sum())``.
+``logsumexp(logits[A]) - logsumexp(logits)``, never ``log(softmax(...).sum())``. The log-sums over the class
+groups come from one autograd function that exponentiates each class once in the forward and once in the backward
+pass (and keeps nothing class-sized for backward); it expects finite logits and supports first-order gradients
+(no double backward).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from incseg._checks import check_logits
 from incseg.functional._common import check_num_old_classes, upcast
@@ -19,23 +25,104 @@ __all__ = ["gamma_balance", "new_background_log_probs", "old_background_log_prob
 _MAX_LOG_GAMMA = 40.0
 
 
-def _old_background_log_probs(x: Tensor, num_old_classes: int, lse_all: Tensor) -> Tensor:
-    """Eq. 10 from logits ``x`` (already upcast) and their ``logsumexp`` over all classes ``(B, H, W)``."""
-    num_classes = x.shape[1]
-    if num_old_classes < num_classes:
-        log_bg = torch.logaddexp(x[:, 0], torch.logsumexp(x[:, num_old_classes:], dim=1))
-    else:
-        log_bg = x[:, 0]
-    lse = lse_all.unsqueeze(1)
-    return torch.cat([(log_bg - lse_all).unsqueeze(1), x[:, 1:num_old_classes] - lse], dim=1)
+class _UnionLogSumExp(torch.autograd.Function):
+    """``logsumexp`` of the logits over unions of contiguous class groups, with a fused backward.
+
+    The classes (dim 1) are split into contiguous groups of the given sizes. The forward pass exponentiates each
+    class once: per group ``g`` a shift ``m_g`` (the group maximum) and ``s_g = sum exp(x - m_g) >= 1``; a union
+    ``U`` is then ``M + log(sum_{g in U} s_g exp(m_g - M))`` with ``M = max_{g in U} m_g``, on ``(B, H, W)``
+    maps, free of overflow and underflow. The backward pass writes the gradient of every class in one pass:
+    for class ``s`` of group ``g``, ``sum_{U ∋ g} grad_U · exp(x_s - lse_U)``
+    ``= exp(x_s - lse_g) · sum_{U ∋ g} grad_U · exp(lse_g - lse_U)`` (each factor at most 1). It keeps no
+    class-sized tensor for backward beyond the logits themselves. First-order gradients only.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, sizes: tuple[int, ...], unions: tuple[tuple[int, ...], ...]) -> Tensor:
+        shifts, sums = [], []
+        for chunk in torch.split(x, list(sizes), dim=1):
+            shift = chunk.amax(dim=1, keepdim=True)
+            shifts.append(shift.squeeze(1))
+            sums.append((chunk - shift).exp_().sum(dim=1))
+        outputs = []
+        for union in unions:
+            top = shifts[union[0]]
+            for group in union[1:]:
+                top = torch.maximum(top, shifts[group])
+            total = sums[union[0]] if len(union) == 1 else sums[union[0]] * (shifts[union[0]] - top).exp()
+            for group in union[1:]:
+                total = total + sums[group] * (shifts[group] - top).exp()
+            outputs.append(total.log() + top)
+        group_lse = torch.stack([total.log() + shift for total, shift in zip(sums, shifts)], dim=1)
+        out = torch.stack(outputs, dim=1)
+        ctx.save_for_backward(x, group_lse, out)
+        ctx.sizes, ctx.unions = sizes, unions
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None]:
+        x, group_lse, out = ctx.saved_tensors
+        grad_x = torch.empty_like(x)
+        start = 0
+        for group, size in enumerate(ctx.sizes):
+            weight = torch.zeros_like(group_lse[:, group])
+            for index, union in enumerate(ctx.unions):
+                if group in union:
+                    weight = weight + grad_out[:, index] * (group_lse[:, group] - out[:, index]).exp()
+            chunk = grad_x[:, start : start + size]
+            torch.sub(x[:, start : start + size], group_lse[:, group : group + 1], out=chunk)
+            chunk.exp_().mul_(weight.unsqueeze(1))
+            start += size
+        return grad_x, None, None
 
 
-def _new_background_log_probs(x: Tensor, num_old_classes: int, lse_all: Tensor) -> Tensor:
-    """Eq. 15 from logits ``x`` (already upcast) and their ``logsumexp`` over all classes ``(B, H, W)``."""
-    n_bg = max(num_old_classes, 1)
-    log_bg = torch.logsumexp(x[:, :n_bg], dim=1) if n_bg > 1 else x[:, 0]
-    lse = lse_all.unsqueeze(1)
-    return torch.cat([(log_bg - lse_all).unsqueeze(1), x[:, n_bg:] - lse], dim=1)
+class _ClassGroups:
+    """The log-sums of the student's class probabilities that eq. 10, 14-15 and the distillation losses need.
+
+    The classes split at ``n_bg = max(n_old, 1)`` into the background (class 0), the old foreground classes
+    ``1..n_bg-1`` and the new classes ``n_bg..K-1``. One :class:`_UnionLogSumExp` call (each class
+    exponentiated once, forward and backward) gives ``(B, H, W)`` maps of:
+
+    - ``background``: the background logit (``logsumexp`` over class 0 alone);
+    - ``lse_old``: ``logsumexp`` over the background and the old classes (eq. 15);
+    - ``lse_all``: ``logsumexp`` over every class;
+    - ``lse_background_new``: ``logsumexp`` over the background and the new classes (eq. 10).
+
+    ``old_foreground`` is the view of the old foreground logits ``(B, n_bg - 1, H, W)``.
+    """
+
+    def __init__(self, x: Tensor, num_old_classes: int) -> None:
+        num_background = max(num_old_classes, 1)
+        num_classes = x.shape[1]
+        sizes = [1]
+        foreground: tuple[int, ...] = ()
+        new: tuple[int, ...] = ()
+        if num_background > 1:
+            foreground = (len(sizes),)
+            sizes.append(num_background - 1)
+        if num_classes > num_background:
+            new = (len(sizes),)
+            sizes.append(num_classes - num_background)
+        unions = ((0,), (0, *foreground), (0, *foreground, *new), (0, *new))
+        lse = _UnionLogSumExp.apply(x, tuple(sizes), unions)
+        self.background, self.lse_old, self.lse_all, self.lse_background_new = lse.unbind(dim=1)
+        self.background_size = num_background  # classes aggregated into the background of eq. 15
+        self.old_foreground = x[:, 1:num_background]
+        self.x = x
+
+
+def _old_background_log_probs(groups: _ClassGroups) -> Tensor:
+    """Eq. 10: ``log φ̂`` ``(B, n_old, H, W)`` from the class groups of the student logits."""
+    log_background = (groups.lse_background_new - groups.lse_all).unsqueeze(1)
+    return torch.cat([log_background, groups.old_foreground - groups.lse_all.unsqueeze(1)], dim=1)
+
+
+def _new_background_log_probs(groups: _ClassGroups) -> Tensor:
+    """Eq. 15: ``log φ̃`` ``(B, 1 + K - max(n_old, 1), H, W)`` from the class groups of the student logits."""
+    log_background = (groups.lse_old - groups.lse_all).unsqueeze(1)
+    new = groups.x[:, groups.background_size :]
+    return torch.cat([log_background, new - groups.lse_all.unsqueeze(1)], dim=1)
 
 
 def old_background_log_probs(logits: Tensor, num_old_classes: int) -> Tensor:
@@ -44,7 +131,7 @@ def old_background_log_probs(logits: Tensor, num_old_classes: int) -> Tensor:
     The previous model's background contained the classes that are new now, so for distillation the student's
     background probability is the sum over the background and every new class:
     ``φ̂_0 = p_0 + sum_{s >= n_old} p_s`` and ``φ̂_s = p_s`` for the old classes ``0 < s < n_old``.
-    Computed as ``logsumexp`` differences (one ``logsumexp`` over all classes), in float32 for half inputs.
+    Computed as ``logsumexp`` differences (one ``exp`` per class), in float32 for half inputs.
 
     Args:
         logits: student logits, old classes first then the new ones.
@@ -72,8 +159,7 @@ def old_background_log_probs(logits: Tensor, num_old_classes: int) -> Tensor:
     """
     check_logits(logits, "logits")
     n_old = check_num_old_classes(num_old_classes, logits.shape[1], minimum=1, allow_all=True)
-    x = upcast(logits)
-    return _old_background_log_probs(x, n_old, torch.logsumexp(x, dim=1))
+    return _old_background_log_probs(_ClassGroups(upcast(logits), n_old))
 
 
 def new_background_log_probs(logits: Tensor, num_old_classes: int) -> Tensor:
@@ -108,8 +194,7 @@ def new_background_log_probs(logits: Tensor, num_old_classes: int) -> Tensor:
     """
     check_logits(logits, "logits")
     n_old = check_num_old_classes(num_old_classes, logits.shape[1], minimum=0, allow_all=False)
-    x = upcast(logits)
-    return _new_background_log_probs(x, n_old, torch.logsumexp(x, dim=1))
+    return _new_background_log_probs(_ClassGroups(upcast(logits), n_old))
 
 
 def _gamma_balance(x_old: Tensor) -> Tensor:

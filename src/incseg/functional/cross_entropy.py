@@ -7,27 +7,22 @@ from torch import Tensor
 
 from incseg._checks import check_labels, check_logits
 from incseg.functional._common import Reduction, check_choice, check_num_old_classes, reduce_pixels, resize_to, upcast
+from incseg.functional.background import _ClassGroups
 
 __all__ = ["unbiased_cross_entropy"]
 
 
 def _nll(
-    x: Tensor,
-    labels: Tensor,
-    num_old_classes: int,
-    lse_all: Tensor,
-    ignore_index: int | None,
-    lse_old: Tensor | None = None,
+    groups: _ClassGroups, labels: Tensor, ignore_index: int | None, *, aggregate_old: bool = True
 ) -> tuple[Tensor, Tensor | None]:
-    """Per-pixel ``-log φ̃[label]`` (eq. 15; plain cross-entropy when ``num_old_classes <= 1``).
+    """Per-pixel ``-log φ̃[label]`` (eq. 15), or the plain cross-entropy with ``aggregate_old=False``.
 
     Args:
-        x: upcast logits at label resolution ``(B, K, H, W)``.
+        groups: class groups of the upcast logits at label resolution, split at ``n_old``.
         labels: ``(B, H, W)`` integer labels (already validated).
-        num_old_classes: ``n_old``; labels ``< n_old`` take the aggregated background probability.
-        lse_all: ``logsumexp(x, 1)``, shared with the distillation terms.
         ignore_index: ignored label value or ``None``.
-        lse_old: ``logsumexp(x[:, :n_old], 1)`` when already computed.
+        aggregate_old: whether labels below ``max(n_old, 1)`` take the aggregated background probability
+            (unbiased, eq. 15) or their own class probability (plain cross-entropy).
 
     Returns:
         ``(nll, valid)``: the per-pixel loss ``(B, H, W)`` (arbitrary finite value on ignored pixels) and the
@@ -35,13 +30,11 @@ def _nll(
     """
     labels = labels.long()
     valid = None if ignore_index is None else labels != ignore_index
-    safe = labels if valid is None else torch.where(valid, labels, torch.zeros_like(labels))
-    target = x.gather(1, safe.unsqueeze(1)).squeeze(1)
-    if num_old_classes > 1:
-        if lse_old is None:
-            lse_old = torch.logsumexp(x[:, :num_old_classes], dim=1)
-        target = torch.where(safe < num_old_classes, lse_old, target)
-    return lse_all - target, valid
+    index = labels if valid is None else torch.where(valid, labels, torch.zeros_like(labels))
+    target = groups.x.gather(1, index.unsqueeze(1)).squeeze(1)
+    if aggregate_old and groups.background_size > 1:
+        target = torch.where(labels < groups.background_size, groups.lse_old, target)
+    return groups.lse_all - target, valid
 
 
 def unbiased_cross_entropy(
@@ -101,5 +94,5 @@ def unbiased_cross_entropy(
     n_old = check_num_old_classes(num_old_classes, num_classes, minimum=0, allow_all=False)
     check_labels(labels, num_classes, ignore_index=ignore_index, batch_shape=(logits.shape[0],))
     x = resize_to(upcast(logits), labels.shape[-2:])
-    nll, valid = _nll(x, labels, n_old, torch.logsumexp(x, dim=1), ignore_index)
+    nll, valid = _nll(_ClassGroups(x, n_old), labels, ignore_index)
     return reduce_pixels(nll, valid, reduction)

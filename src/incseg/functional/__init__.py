@@ -1,0 +1,26 @@
+"""Pure tensor functions of CAF: background aggregation (eq. 10, 15), γ (eq. 11), attention maps and losses.
+
+Every function takes logits or features and returns tensors; the :mod:`incseg.losses` modules are thin
+``nn.Module`` twins of the loss functionals. The losses upcast half/bfloat16 inputs to float32, work in log
+space, never synchronise with the host (label value checks aside, see :func:`incseg._checks.set_validate_values`),
+expect finite logits and support first-order gradients.
+"""
+
+from __future__ import annotations
+
+from incseg.functional.attention import attentive_distillation_loss, spatial_attention
+from incseg.functional.background import gamma_balance, new_background_log_probs, old_background_log_probs
+from incseg.functional.cross_entropy import unbiased_cross_entropy
+from incseg.functional.distillation import balanced_kd_loss, kd_loss, unbiased_kd_loss
+
+__all__ = [
+    "attentive_distillation_loss",
+    "balanced_kd_loss",
+    "gamma_balance",
+    "kd_loss",
+    "new_background_log_probs",
+    "old_background_log_probs",
+    "spatial_attention",
+    "unbiased_cross_entropy",
+    "unbiased_kd_loss",
+]

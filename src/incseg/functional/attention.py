@@ -1,0 +1,147 @@
+"""Self-attention of a feature map (eq. 5-7) and the attentive feature distillation loss (eq. 8)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from incseg._checks import check_feature_map, check_same_shape
+from incseg.functional._common import Reduction, check_choice, upcast
+
+__all__ = ["Attention", "attentive_distillation_loss", "spatial_attention"]
+
+Attention = Literal["both", "spatial", "channel", "none"]
+_ATTENTIONS = ("both", "spatial", "channel", "none")
+
+# Floor of the Frobenius norm in eq. 6. Since every entry of sum_c m_c^2 is at most its norm, the map stays in
+# [0, 1] whether or not the floor binds (it only binds for an all-but-zero feature map).
+_EPS = 1e-12
+
+
+def _spatial_attention(x: Tensor) -> Tensor:
+    energy = x.square().sum(dim=1, keepdim=True)  # (B, 1, H, W)
+    norm = torch.linalg.vector_norm(energy, dim=(2, 3), keepdim=True)  # (B, 1, 1, 1)
+    return energy / norm.clamp_min(_EPS)
+
+
+def spatial_attention(m: Tensor) -> Tensor:
+    r"""Spatial self-attention ``AD_SP`` of a feature map (eq. 6).
+
+    ``AD_SP(m) = sum_c m_c^2 / ||sum_c m_c^2||_F`` per image: the channel energy of every position, normalised
+    to unit Frobenius norm over the image. An all-zero map gives zeros (the norm is floored at 1e-12), never NaN.
+    Computed in float32 for half/bfloat16 inputs and returned in the input dtype.
+
+    Args:
+        m: feature map.
+
+    Shape:
+        - m: :math:`(B, C, H, W)`.
+        - Output: :math:`(B, 1, H, W)`, values in ``[0, 1]``.
+
+    Returns:
+        The attention map.
+
+    Raises:
+        TypeError: ``m`` is not a floating tensor.
+        ValueError: ``m`` is not 4-D.
+
+    Example:
+        >>> m = torch.randn(2, 16, 5, 7)
+        >>> a = spatial_attention(m)
+        >>> a.shape
+        torch.Size([2, 1, 5, 7])
+        >>> torch.allclose(a.square().sum(dim=(1, 2, 3)), torch.ones(2))
+        True
+    """
+    check_feature_map(m, "m")
+    return _spatial_attention(upcast(m)).to(m.dtype)
+
+
+def _channel_attention(se: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    weights = se(x)
+    expected = (x.shape[0], x.shape[1], 1, 1)
+    if tuple(weights.shape) != expected:
+        raise ValueError(
+            f"se(m) must return channel weights of shape (B, C, 1, 1) = {expected}, got {tuple(weights.shape)}"
+        )
+    return weights
+
+
+def _attend(x: Tensor, se: Callable[[Tensor], Tensor] | None, attention: str) -> Tensor:
+    """``AD(m)`` of eq. 7 (or its ablations): the features reweighted by ``1 + attention``."""
+    if attention == "none":
+        return x
+    if attention == "spatial":
+        return (1.0 + _spatial_attention(x)) * x
+    if se is None:
+        raise ValueError(f"attention={attention!r} needs a channel attention module se, got None")
+    channel = _channel_attention(se, x)
+    if attention == "channel":
+        return (1.0 + channel) * x
+    return (1.0 + channel * _spatial_attention(x)) * x
+
+
+def attentive_distillation_loss(
+    m: Tensor,
+    m_old: Tensor,
+    se: Callable[[Tensor], Tensor] | None,
+    *,
+    attention: Attention = "both",
+    reduction: Reduction = "mean",
+) -> Tensor:
+    r"""Attentive feature distillation of one feature map (one term of eq. 8).
+
+    ``AD(m) = (AD_CH(m) ⊗ AD_SP(m) + 1) ⊙ m`` (eq. 7) with ``AD_CH = se`` (eq. 5, a
+    :class:`~incseg.nn.squeeze_excitation.SqueezeExcitation`) and ``AD_SP`` = :func:`spatial_attention`
+    (eq. 6); the loss is ``||AD(m) - AD(m_old)||^2``. The same ``se`` weights the student and the teacher
+    features. The teacher side is a fixed target: ``m_old`` is detached and ``AD(m_old)`` is computed without
+    gradient, so ``se`` learns from the student side only. Ablations (Table VI): ``attention="spatial"`` uses
+    ``(AD_SP + 1) ⊙ m``, ``"channel"`` uses ``(AD_CH + 1) ⊙ m``, ``"none"`` is plain feature distillation
+    ``||m - m_old||^2``. Computed in float32 for half/bfloat16 features.
+
+    Args:
+        m: student feature map (``z̄`` or ``h`` of the current step).
+        m_old: teacher feature map of the same shape.
+        se: channel attention module returning ``(B, C, 1, 1)`` weights; required for ``"both"`` and
+            ``"channel"``, unused (may be ``None``) otherwise.
+        attention: ``"both"`` (eq. 7), ``"spatial"``, ``"channel"`` or ``"none"``.
+        reduction: ``"mean"`` over all elements (PROTOCOL default, as the public release's MSE), ``"sum"`` (the
+            squared Frobenius norm of eq. 8), or ``"none"`` (element-wise squared differences).
+
+    Shape:
+        - m, m_old: :math:`(B, C, H, W)`.
+        - Output: scalar, or :math:`(B, C, H, W)` for ``reduction="none"``.
+
+    Returns:
+        The loss (float32 for half/bfloat16 features).
+
+    Raises:
+        TypeError: non-floating features.
+        ValueError: wrong ranks, ``m`` and ``m_old`` of different shapes (e.g. a channel mismatch), ``se``
+            missing when needed or returning the wrong shape, unknown ``attention`` or ``reduction``.
+
+    Example:
+        >>> from incseg.nn.squeeze_excitation import SqueezeExcitation
+        >>> se = SqueezeExcitation(32)
+        >>> m, m_old = torch.randn(2, 32, 9, 9), torch.randn(2, 32, 9, 9)
+        >>> attentive_distillation_loss(m, m_old, se).shape
+        torch.Size([])
+    """
+    check_feature_map(m, "m")
+    check_feature_map(m_old, "m_old")
+    check_same_shape(m, m_old, "m", "m_old")
+    check_choice(attention, "attention", _ATTENTIONS)
+    check_choice(reduction, "reduction", ("none", "mean", "sum"))
+    if attention in ("both", "channel") and se is None:
+        raise ValueError(f"attention={attention!r} needs a channel attention module se, got None")
+    x = upcast(m)
+    x_old = upcast(m_old, x.dtype).detach()
+    with torch.no_grad():
+        target = _attend(x_old, se, attention)
+    diff = (_attend(x, se, attention) - target).square()
+    if reduction == "none":
+        return diff
+    return diff.sum() if reduction == "sum" else diff.mean()

@@ -1,0 +1,252 @@
+"""The overall CAF objective ``L = L_SEG + λ_AD L_AD + λ_D L_D`` (eq. 13) and its baselines and ablations."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal, NamedTuple
+
+from torch import Tensor, nn
+
+from incseg._checks import check_labels, check_logits
+from incseg.functional._common import (
+    ClassReduction,
+    check_batch,
+    check_choice,
+    check_num_old_classes,
+    reduce_pixels,
+    resize_to,
+    upcast,
+)
+from incseg.functional.background import _ClassGroups, _gamma_balance
+from incseg.functional.cross_entropy import _nll
+from incseg.functional.distillation import _combine, _kd_parts
+from incseg.losses.attentive import AttentiveDistillationLoss
+
+__all__ = ["CAFLoss", "LossOutput"]
+
+_CE = ("plain", "unbiased")
+_KD = (None, "plain", "unbiased", "balanced")
+_AD = (None, "plain", "spatial", "channel", "both")
+# CAFLoss spells plain feature distillation "plain"; the functional's attention argument spells it "none".
+_AD_TO_ATTENTION: dict[str, Literal["both", "spatial", "channel", "none"]] = {
+    "plain": "none",
+    "spatial": "spatial",
+    "channel": "channel",
+    "both": "both",
+}
+
+
+class LossOutput(NamedTuple):
+    """A training loss and its named terms for logging.
+
+    Attributes:
+        loss: the scalar to call ``backward()`` on.
+        terms: detached scalars by name (for :class:`CAFLoss`: ``"seg"``, ``"kd"``, ``"ad"``, ``"total"``,
+            only those active), each already multiplied by its weight so that they add up to ``"total"``.
+    """
+
+    loss: Tensor
+    terms: dict[str, Tensor]
+
+
+class CAFLoss(nn.Module):
+    r"""Overall training objective of CAF, ``L = L_SEG + λ_AD L_AD + λ_D L_D`` (eq. 13).
+
+    One module runs every method of the paper's tables through its switches:
+
+    ============================  ==============  ==============  ==========
+    method                        ``ce``          ``kd``          ``ad``
+    ============================  ==============  ==============  ==========
+    fine-tuning                   ``"plain"``     ``None``        ``None``
+    LwF                           ``"plain"``     ``"plain"``     ``None``
+    MiB                           ``"unbiased"``  ``"unbiased"``  ``None``
+    CAF (default)                 ``"unbiased"``  ``"balanced"``  ``"both"``
+    ============================  ==============  ==============  ==========
+
+    and any other combination for the ablations (``ad="plain"`` is plain feature distillation, ``"spatial"``
+    and ``"channel"`` use one attention only). The terms are:
+
+    - ``L_SEG``: cross-entropy (``"plain"``) or the unbiased cross-entropy of eq. 14-15 (``"unbiased"``),
+      mean over non-ignored pixels;
+    - ``L_D``: :func:`~incseg.functional.kd_loss`, :func:`~incseg.functional.unbiased_kd_loss` or
+      :func:`~incseg.functional.balanced_kd_loss` (eq. 9-12), mean over all pixels (ignored ones included,
+      as MiB);
+    - ``L_AD``: :class:`AttentiveDistillationLoss` on ``z̄`` and ``h`` (eq. 5-8), mean over elements.
+
+    Logits are upsampled bilinearly to the labels' size, the old logits to the same size; everything is
+    computed in float32 for half/bfloat16 inputs. The student's log-sums over all classes, the old classes and
+    the background + new classes are computed once (each class exponentiated once) and shared between
+    ``L_SEG`` and ``L_D``. When ``num_old_classes == 0`` (the
+    first step) only ``L_SEG`` runs and ``old_logits`` / ``features`` / ``old_features`` are not used.
+
+    With ``ad`` in ``{"both", "channel"}`` the module owns trainable SE blocks (``ad_loss.se_z``,
+    ``ad_loss.se_h``): give ``CAFLoss.parameters()`` to the optimizer (or keep the loss inside the module that
+    is optimised). The returned :class:`LossOutput` has ``terms`` ``"seg"``, ``"kd"`` (``λ_D L_D``), ``"ad"``
+    (``λ_AD L_AD``) for the active terms and ``"total"``; they are the weighted contributions, detached, and
+    add up to ``"total"``.
+
+    Args:
+        z_channels: channels of ``z̄`` (needed when ``ad`` is not ``None``; may be ``None`` otherwise).
+        h_channels: channels of ``h`` (same).
+        ce: ``"unbiased"`` (default) or ``"plain"``.
+        kd: ``"balanced"`` (default), ``"unbiased"``, ``"plain"`` or ``None``.
+        ad: ``"both"`` (default), ``"channel"``, ``"spatial"``, ``"plain"`` or ``None``.
+        lambda_d: weight ``λ_D`` of the distillation on outputs (10, PROTOCOL).
+        lambda_ad: weight ``λ_AD`` of the attentive distillation (1000, PROTOCOL).
+        class_reduction: class normalisation of ``L_D`` (``"mean"``: divide by ``n_old``; ``"sum"``: eq. 9).
+        ignore_index: label value of ignored pixels (``None``: every pixel counts).
+        se_reduction: channel reduction of the SE blocks.
+
+    Shape:
+        - logits: :math:`(B, K, h, w)`; labels: :math:`(B, H, W)` int64.
+        - old_logits: :math:`(B, n_{old}, h', w')`.
+        - features / old_features: ``{"z": (B, C_z, H_z, W_z), "h": (B, C_h, H_h, W_h)}``.
+
+    Raises:
+        ValueError: unknown switch, negative weight, missing channels for ``ad`` (at construction); at call
+            see :meth:`forward`.
+
+    Example:
+        >>> import torch
+        >>> criterion = CAFLoss(64, 32)
+        >>> logits, labels = torch.randn(2, 6, 16, 16), torch.randint(0, 6, (2, 16, 16))
+        >>> old_logits = torch.randn(2, 4, 16, 16)
+        >>> feats = {"z": torch.randn(2, 64, 4, 4), "h": torch.randn(2, 32, 4, 4)}
+        >>> old_feats = {"z": torch.randn(2, 64, 4, 4), "h": torch.randn(2, 32, 4, 4)}
+        >>> out = criterion(logits, labels, num_old_classes=4, old_logits=old_logits, features=feats,
+        ...                 old_features=old_feats)
+        >>> sorted(out.terms)
+        ['ad', 'kd', 'seg', 'total']
+    """
+
+    ad_loss: AttentiveDistillationLoss | None
+
+    def __init__(
+        self,
+        z_channels: int | None,
+        h_channels: int | None,
+        *,
+        ce: Literal["plain", "unbiased"] = "unbiased",
+        kd: Literal["plain", "unbiased", "balanced"] | None = "balanced",
+        ad: Literal["plain", "spatial", "channel", "both"] | None = "both",
+        lambda_d: float = 10.0,
+        lambda_ad: float = 1000.0,
+        class_reduction: ClassReduction = "mean",
+        ignore_index: int | None = 255,
+        se_reduction: int = 16,
+    ) -> None:
+        super().__init__()
+        check_choice(ce, "ce", _CE)
+        check_choice(kd, "kd", _KD)
+        check_choice(ad, "ad", _AD)
+        check_choice(class_reduction, "class_reduction", ("mean", "sum"))
+        for name, value in (("lambda_d", lambda_d), ("lambda_ad", lambda_ad)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        self.ce = ce
+        self.kd = kd
+        self.ad = ad
+        self.lambda_d = float(lambda_d)
+        self.lambda_ad = float(lambda_ad)
+        self.class_reduction: ClassReduction = class_reduction
+        self.ignore_index = ignore_index
+        if ad is None:
+            self.ad_loss = None
+        else:
+            if z_channels is None or h_channels is None:
+                raise ValueError(f"ad={ad!r} needs z_channels and h_channels, got {z_channels!r} and {h_channels!r}")
+            self.ad_loss = AttentiveDistillationLoss(
+                z_channels, h_channels, attention=_AD_TO_ATTENTION[ad], reduction="mean", se_reduction=se_reduction
+            )
+
+    def forward(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        *,
+        num_old_classes: int,
+        old_logits: Tensor | None = None,
+        features: Mapping[str, Tensor] | None = None,
+        old_features: Mapping[str, Tensor] | None = None,
+    ) -> LossOutput:
+        """Compute the loss of one batch.
+
+        Args:
+            logits: student logits, old classes first.
+            labels: int64 labels in incremental indices, ``ignore_index`` for ignored pixels.
+            num_old_classes: classes of the previous step, background included (0 at the first step).
+            old_logits: teacher logits over the ``num_old_classes`` old classes (needed when ``kd`` is set and
+                ``num_old_classes > 0``).
+            features: student ``{"z": z̄, "h": h}`` (needed when ``ad`` is set and ``num_old_classes > 0``).
+            old_features: teacher ``{"z": z̄_old, "h": h_old}`` (same).
+
+        Returns:
+            :class:`LossOutput` ``(loss, terms)``.
+
+        Raises:
+            TypeError: non-floating logits or features, non-integer labels.
+            ValueError: wrong ranks or batch sizes, ``num_old_classes`` outside ``[0, K)``, labels out of range,
+                missing or mis-shaped ``old_logits`` (class count other than ``num_old_classes``), missing
+                feature maps, feature channel or shape mismatch.
+        """
+        check_logits(logits, "logits")
+        num_classes = logits.shape[1]
+        n_old = check_num_old_classes(num_old_classes, num_classes, minimum=0, allow_all=False)
+        check_labels(labels, num_classes, ignore_index=self.ignore_index, batch_shape=(logits.shape[0],))
+        distill = n_old > 0
+        kd = self.kd if distill else None
+        ad_loss = self.ad_loss if distill else None
+
+        x = resize_to(upcast(logits), labels.shape[-2:])
+        # One split of the student's classes at n_old, shared by L_SEG and L_D: each class goes through one exp.
+        groups = _ClassGroups(x, n_old)
+        nll, valid = _nll(groups, labels, self.ignore_index, aggregate_old=self.ce == "unbiased")
+        total = reduce_pixels(nll, valid, "mean")
+        terms = {"seg": total.detach()}
+
+        if kd is not None:
+            if old_logits is None:
+                raise ValueError(f"kd={kd!r} needs old_logits when num_old_classes > 0 (got num_old_classes={n_old})")
+            check_logits(old_logits, "old_logits")
+            check_batch(logits, old_logits, "logits", "old_logits")
+            if old_logits.shape[1] != n_old:
+                raise ValueError(
+                    f"old_logits must have num_old_classes={n_old} channels, got shape {tuple(old_logits.shape)}"
+                )
+            x_old = resize_to(upcast(old_logits, x.dtype), x.shape[-2:])
+            background, others = _kd_parts(x, x_old, "plain" if kd == "plain" else "unbiased", groups)
+            gamma = _gamma_balance(x_old) if kd == "balanced" else None
+            kd_term = self.lambda_d * _combine(background, others, gamma, self.class_reduction, n_old).mean()
+            terms["kd"] = kd_term.detach()
+            total = total + kd_term
+
+        if ad_loss is not None:
+            z, z_old, h, h_old = self._features(features, old_features)
+            ad_term = self.lambda_ad * ad_loss(z, z_old, h, h_old)
+            terms["ad"] = ad_term.detach()
+            total = total + ad_term
+
+        terms["total"] = total.detach()
+        return LossOutput(total, terms)
+
+    def _features(
+        self, features: Mapping[str, Tensor] | None, old_features: Mapping[str, Tensor] | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        checked: list[Mapping[str, Tensor]] = []
+        for name, feats in (("features", features), ("old_features", old_features)):
+            if feats is None:
+                raise ValueError(f"ad={self.ad!r} needs {name} when num_old_classes > 0, got None")
+            if not isinstance(feats, Mapping):
+                raise TypeError(f"{name} must be a mapping {{'z': z_bar, 'h': h}}, got {type(feats).__name__}")
+            missing = [key for key in ("z", "h") if key not in feats]
+            if missing:
+                raise ValueError(f"{name} must map 'z' and 'h' to feature maps, missing {missing}")
+            checked.append(feats)
+        new, old = checked
+        return new["z"], old["z"], new["h"], old["h"]
+
+    def extra_repr(self) -> str:
+        return (
+            f"ce={self.ce!r}, kd={self.kd!r}, ad={self.ad!r}, lambda_d={self.lambda_d}, lambda_ad={self.lambda_ad}, "
+            f"class_reduction={self.class_reduction!r}, ignore_index={self.ignore_index}"
+        )

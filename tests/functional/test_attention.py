@@ -1,0 +1,190 @@
+"""Tests of the spatial attention (eq. 6) and the attentive distillation loss (eq. 5-8)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from incseg.functional import attentive_distillation_loss, spatial_attention
+from incseg.nn.squeeze_excitation import SqueezeExcitation
+
+ATTENTIONS = ["both", "spatial", "channel", "none"]
+
+
+def _spatial_ref(m: torch.Tensor) -> torch.Tensor:
+    """Eq. 6 with explicit loops over channels: sum_c m_c^2 divided by its Frobenius norm over the image."""
+    m = m.double()
+    energy = torch.zeros(m.shape[0], 1, m.shape[2], m.shape[3], dtype=torch.float64)
+    for c in range(m.shape[1]):
+        energy[:, 0] += m[:, c] ** 2
+    norm = torch.sqrt((energy**2).sum(dim=(1, 2, 3), keepdim=True))
+    return energy / norm
+
+
+def _channel_ref(se: SqueezeExcitation, m: torch.Tensor) -> torch.Tensor:
+    """Eq. 5 written with the SE weights: sigmoid(W2 relu(W1 avgpool(m) + b1) + b2)."""
+    pooled = m.double().mean(dim=(2, 3))  # (B, C)
+    w1, b1 = se.fc1.weight.double()[:, :, 0, 0], se.fc1.bias.double()
+    w2, b2 = se.fc2.weight.double()[:, :, 0, 0], se.fc2.bias.double()
+    hidden = torch.relu(pooled @ w1.T + b1)
+    return torch.sigmoid(hidden @ w2.T + b2)[:, :, None, None]
+
+
+def _ad_ref(m: torch.Tensor, se: SqueezeExcitation, attention: str) -> torch.Tensor:
+    """AD(m) of eq. 7 and its ablations."""
+    m = m.double()
+    if attention == "none":
+        return m
+    if attention == "spatial":
+        return (_spatial_ref(m) + 1) * m
+    if attention == "channel":
+        return (_channel_ref(se, m) + 1) * m
+    return (_channel_ref(se, m) * _spatial_ref(m) + 1) * m
+
+
+def _loss_ref(m: torch.Tensor, m_old: torch.Tensor, se: SqueezeExcitation, attention: str) -> torch.Tensor:
+    """Squared Frobenius norm of AD(m) - AD(m_old) (one term of eq. 8), summed over elements."""
+    return ((_ad_ref(m, se, attention) - _ad_ref(m_old, se, attention)) ** 2).sum()
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().double() - b.detach()).abs() / b.detach().abs().clamp_min(1e-10))
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5, 7), (2, 16, 9, 4)])
+def test_spatial_attention_matches_reference(shape: tuple[int, int, int, int]) -> None:
+    m = torch.randn(shape) * 3
+    out = spatial_attention(m)
+    assert out.shape == (shape[0], 1, shape[2], shape[3])
+    torch.testing.assert_close(out.double(), _spatial_ref(m), rtol=1e-5, atol=1e-7)
+
+
+def test_spatial_attention_zero_map_is_zero_with_finite_gradient() -> None:
+    m = torch.zeros(2, 4, 3, 5, requires_grad=True)
+    out = spatial_attention(m)
+    assert (out == 0).all()
+    out.sum().backward()
+    assert m.grad is not None and torch.isfinite(m.grad).all()
+
+
+def test_spatial_attention_gradcheck_and_dtype() -> None:
+    m = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(spatial_attention, (m,))
+    half = torch.randn(2, 3, 4, 5).bfloat16()
+    assert spatial_attention(half).dtype == torch.bfloat16
+
+
+@given(seed=st.integers(0, 2**16), scale=st.sampled_from([1e-3, 1.0, 100.0, 1e4]), c=st.integers(1, 5))
+def test_spatial_attention_has_unit_norm(seed: int, scale: float, c: int) -> None:
+    m = torch.randn(2, c, 3, 4, generator=torch.Generator().manual_seed(seed)) * scale
+    out = spatial_attention(m)
+    assert ((out >= 0) & (out <= 1)).all()
+    torch.testing.assert_close(out.square().sum(dim=(1, 2, 3)), torch.ones(2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_loss_matches_reference(attention: str) -> None:
+    se = SqueezeExcitation(32, reduction=4)
+    m, m_old = torch.randn(2, 32, 5, 7), torch.randn(2, 32, 5, 7)
+    expected = _loss_ref(m, m_old, se, attention)
+    assert _rel_err(attentive_distillation_loss(m, m_old, se, attention=attention, reduction="sum"), expected) < 1e-5
+    assert _rel_err(attentive_distillation_loss(m, m_old, se, attention=attention), expected / m.numel()) < 1e-5
+    none = attentive_distillation_loss(m, m_old, se, attention=attention, reduction="none")
+    assert none.shape == m.shape
+    torch.testing.assert_close(
+        none.sum(), attentive_distillation_loss(m, m_old, se, attention=attention, reduction="sum")
+    )
+
+
+def test_plain_feature_distillation_is_mse() -> None:
+    m, m_old = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
+    torch.testing.assert_close(attentive_distillation_loss(m, m_old, None, attention="none"), F.mse_loss(m, m_old))
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_gradcheck(attention: str) -> None:
+    se = SqueezeExcitation(8, reduction=4).double()
+    m = torch.randn(2, 8, 3, 4, dtype=torch.float64, requires_grad=True)
+    m_old = torch.randn(2, 8, 3, 4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: attentive_distillation_loss(x, m_old, se, attention=attention), (m,))
+
+
+def test_teacher_side_is_detached_and_se_learns_from_student_only() -> None:
+    se = SqueezeExcitation(8, reduction=2)
+    m = torch.randn(2, 8, 3, 4, requires_grad=True)
+    m_old = torch.randn(2, 8, 3, 4, requires_grad=True)
+    attentive_distillation_loss(m, m_old, se).backward()
+    assert m_old.grad is None
+    assert m.grad is not None
+    grads = [p.grad.clone() for p in se.parameters() if p.grad is not None]
+    assert len(grads) == 4
+    # same gradients as with a constant target precomputed from the teacher
+    se.zero_grad()
+    with torch.no_grad():
+        target = (1 + se(m_old) * spatial_attention(m_old)) * m_old
+    F.mse_loss((1 + se(m) * spatial_attention(m)) * m, target).backward()
+    for expected, p in zip(grads, se.parameters()):
+        torch.testing.assert_close(p.grad, expected)
+
+
+def test_identical_features_give_zero() -> None:
+    se = SqueezeExcitation(8)
+    m = torch.randn(2, 8, 3, 3)
+    assert attentive_distillation_loss(m, m.clone(), se).item() == 0.0
+
+
+def test_bf16_autocast_gives_finite_float32() -> None:
+    se = SqueezeExcitation(16)
+    m, m_old = torch.randn(2, 16, 5, 5), torch.randn(2, 16, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = attentive_distillation_loss(m.bfloat16(), m_old.bfloat16(), se)
+    assert loss.dtype == torch.float32
+    assert torch.isfinite(loss)
+
+
+def test_compiles_without_graph_break() -> None:
+    se = SqueezeExcitation(16)
+    m, m_old = torch.randn(2, 16, 5, 5), torch.randn(2, 16, 5, 5)
+    compiled = torch.compile(attentive_distillation_loss, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(m, m_old, se), attentive_distillation_loss(m, m_old, se))
+
+
+@given(
+    attention=st.sampled_from(ATTENTIONS),
+    seed=st.integers(0, 2**16),
+    scale=st.sampled_from([0.0, 1e-3, 1.0, 100.0]),
+)
+def test_fuzz_finite(attention: str, seed: int, scale: float) -> None:
+    torch.manual_seed(seed)
+    se = SqueezeExcitation(6, reduction=2)
+    m = (torch.randn(2, 6, 3, 4) * scale).requires_grad_(True)
+    loss = attentive_distillation_loss(m, torch.randn(2, 6, 3, 4) * scale, se, attention=attention)
+    loss.backward()
+    assert torch.isfinite(loss) and loss >= 0
+    assert m.grad is not None and torch.isfinite(m.grad).all()
+
+
+SE8 = SqueezeExcitation(8)
+M = torch.randn(2, 8, 3, 3)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: attentive_distillation_loss(M, torch.randn(2, 4, 3, 3), SE8), ValueError, "same shape"),
+        (lambda: attentive_distillation_loss(M[0], M[0], SE8), ValueError, "4 dims"),
+        (lambda: attentive_distillation_loss(M, M, None), ValueError, "se"),
+        (lambda: attentive_distillation_loss(M, M, None, attention="channel"), ValueError, "se"),
+        (lambda: attentive_distillation_loss(M, M, SE8, attention="full"), ValueError, "attention"),
+        (lambda: attentive_distillation_loss(M, M, SE8, reduction="avg"), ValueError, "reduction"),
+        (lambda: attentive_distillation_loss(M, M, lambda x: x), ValueError, "se"),
+        (lambda: attentive_distillation_loss(M.long(), M.long(), SE8), TypeError, "floating"),
+        (lambda: spatial_attention(torch.randn(3, 3)), ValueError, "4 dims"),
+    ],
+)
+def test_bad_inputs_raise(call, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        call()

@@ -1,0 +1,78 @@
+"""Tests of AttentiveDistillationLoss, L_AD over the two feature maps z-bar and h (eq. 8)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from incseg.functional import attentive_distillation_loss
+from incseg.losses import AttentiveDistillationLoss
+
+ATTENTIONS = ["both", "spatial", "channel", "none"]
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_module_equals_sum_of_functionals(attention: str, reduction: str) -> None:
+    criterion = AttentiveDistillationLoss(32, 16, attention=attention, reduction=reduction)
+    z, z_old = torch.randn(2, 32, 5, 5), torch.randn(2, 32, 5, 5)
+    h, h_old = torch.randn(2, 16, 9, 7), torch.randn(2, 16, 9, 7)
+    expected = attentive_distillation_loss(
+        z, z_old, criterion.se_z, attention=attention, reduction=reduction
+    ) + attentive_distillation_loss(h, h_old, criterion.se_h, attention=attention, reduction=reduction)
+    torch.testing.assert_close(criterion(z, z_old, h, h_old), expected)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_parameters_and_gradients(attention: str) -> None:
+    criterion = AttentiveDistillationLoss(32, 16, attention=attention, se_reduction=4)
+    has_se = attention in ("both", "channel")
+    assert (criterion.se_z is not None) == has_se
+    assert (criterion.se_h is not None) == has_se
+    z = torch.randn(2, 32, 5, 5, requires_grad=True)
+    h = torch.randn(2, 16, 5, 5, requires_grad=True)
+    criterion(z, torch.randn(2, 32, 5, 5), h, torch.randn(2, 16, 5, 5)).backward()
+    assert z.grad is not None and h.grad is not None
+    params = list(criterion.named_parameters())
+    assert len(params) == (8 if has_se else 0)
+    for name, p in params:
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_bf16_autocast_gives_finite_float32() -> None:
+    criterion = AttentiveDistillationLoss(32, 16)
+    z, h = torch.randn(2, 32, 4, 4), torch.randn(2, 16, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = criterion(z.bfloat16(), z.bfloat16() + 1, h.bfloat16(), h.bfloat16() - 1)
+    assert loss.dtype == torch.float32
+    assert torch.isfinite(loss)
+
+
+Z, H = torch.randn(2, 32, 4, 4), torch.randn(2, 16, 4, 4)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((torch.randn(2, 16, 4, 4), Z, H, H), "z must have 32 channels"),
+        ((Z, Z, H, torch.randn(2, 32, 4, 4)), "h_old must have 16 channels"),
+        ((Z, torch.randn(2, 32, 2, 2), H, H), "same shape"),
+        ((Z[0], Z, H, H), "4 dims"),
+    ],
+)
+def test_bad_inputs_raise(args: tuple, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        AttentiveDistillationLoss(32, 16)(*args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"channels_z": 0, "channels_h": 4}, "channels_z"),
+        ({"channels_z": 4, "channels_h": 4, "attention": "full"}, "attention"),
+        ({"channels_z": 4, "channels_h": 4, "reduction": "none"}, "reduction"),
+    ],
+)
+def test_bad_construction_raises(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        AttentiveDistillationLoss(**kwargs)
