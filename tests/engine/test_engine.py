@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _tiny import tiny_config, tiny_datasets, tiny_learner, tiny_run, tiny_scenario  # noqa: E402
+
+from incseg.engine import NonFiniteLossError, TrainConfig, train_scenario  # noqa: E402
+from incseg.losses import LossOutput  # noqa: E402
+
+
+def _weights(learner) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in learner.model.state_dict().items()}
+
+
+def test_run_produces_history_for_every_step(tmp_path: Path) -> None:
+    learner, history = tiny_run(tmp_path)
+    assert list(history.steps) == [0, 1]
+    assert learner.step == 1
+    assert (tmp_path / "step0.pt").exists() and (tmp_path / "step1.pt").exists()
+    result = history[1]
+    assert result.num_classes == tiny_scenario().num_classes_at(1)
+    assert 0.0 <= result.pixel_accuracy <= 1.0
+
+
+def test_kill_and_resume_gives_identical_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, reference = tiny_run(tmp_path / "a")
+    ref_learner, _ = tiny_run(tmp_path / "a")  # resumes from the finished run: nothing left to do
+    assert ref_learner.step == 1
+
+    # Kill the second run in the middle of step 1 (second epoch), then resume from the last checkpoint.
+    scenario = tiny_scenario()
+    victim = tiny_learner(scenario)
+    calls = {"n": 0}
+    original = type(victim).training_step
+
+    def dying_step(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if self.step == 1 and calls["n"] > 6 + 4:  # step 0: 6 iterations; die in step 1's second epoch
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(victim), "training_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run(tmp_path / "b", learner=victim)
+    monkeypatch.undo()
+
+    resumed_learner, resumed = tiny_run(tmp_path / "b", learner=tiny_learner(scenario))
+    final_ref = torch.load(tmp_path / "a" / "step1.pt", weights_only=True)["model"]
+    for key, value in resumed_learner.model.state_dict().items():
+        torch.testing.assert_close(value, final_ref[key], rtol=0, atol=0, msg=key)
+    for step in (0, 1):
+        torch.testing.assert_close(resumed[step].confusion, reference[step].confusion, rtol=0, atol=0)
+
+
+def _nan_step(self, images, labels, *, module=None):  # type: ignore[no-untyped-def]
+    loss = torch.full((), float("nan"), requires_grad=True)
+    return LossOutput(loss, {"seg": loss.detach(), "total": loss.detach()})
+
+
+def test_nan_loss_stops_with_step_and_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    learner = tiny_learner(tiny_scenario())
+    monkeypatch.setattr(type(learner), "training_step", _nan_step)
+    with pytest.raises(NonFiniteLossError, match=r"step 0, epoch 0, batch 0"):
+        tiny_run(None, learner=learner)
+
+
+def test_nan_loss_skip_leaves_weights_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
+    learner = tiny_learner(tiny_scenario())
+    before = _weights(learner)  # begin_step(0) does not change the weights
+    monkeypatch.setattr(type(learner), "training_step", _nan_step)
+    logs: list[str] = []
+    train_scenario(
+        learner, tiny_datasets(tiny_scenario()), tiny_config(nan_policy="skip", epochs=1),
+        device=torch.device("cpu"), steps=range(0, 1), log=logs.append,
+    )
+    after = learner.model.state_dict()
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=key)
+    assert sum("batch skipped" in line for line in logs) == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"epochs": 0}, "epochs"), ({"batch_size": 0}, "batch_size"), ({"amp": "fp8"}, "amp"), ({"lr": -1.0}, "rate")],
+)
+def test_config_rejects_bad_values(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
