@@ -14,7 +14,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "NonFiniteError",
     "check_feature_map",
+    "check_finite",
     "set_validate_values",
     "validate_values",
     "check_labels",
@@ -37,7 +39,9 @@ def set_validate_values(enabled: bool | None) -> None:
 
 
 def validate_values(x: Tensor) -> bool:
-    """Whether value checks should run for tensor ``x`` under the current setting."""
+    """Whether value checks should run for tensor ``x`` under the current setting (never while compiling)."""
+    if torch.compiler.is_compiling():
+        return False
     if _VALIDATE_VALUES is None:
         return x.device.type == "cpu"
     return _VALIDATE_VALUES
@@ -56,12 +60,32 @@ def check_feature_map(x: object, name: str, *, channels: int | None = None) -> T
     return x
 
 
+class NonFiniteError(ValueError):
+    """Raised when logits contain NaN or Inf (checked where value checks run, see :func:`set_validate_values`)."""
+
+
+def check_finite(x: Tensor, name: str) -> Tensor:
+    """Raise :class:`NonFiniteError` if ``x`` holds NaN or Inf, when value checks run for ``x``."""
+    if validate_values(x) and x.numel() > 0 and not bool(torch.isfinite(x).all()):
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        raise NonFiniteError(
+            f"{name} contains non-finite values ({n_nan} NaN, {n_inf} Inf of {x.numel()} entries, shape "
+            f"{tuple(x.shape)}): the network diverged or its input is broken"
+        )
+    return x
+
+
 def check_logits(x: object, name: str = "logits", *, min_classes: int = 1) -> Tensor:
-    """Check that ``x`` is a floating tensor of logits of shape ``(B, K, H, W)`` with ``K >= min_classes``."""
+    """Check that ``x`` is a floating tensor of logits of shape ``(B, K, H, W)`` with ``K >= min_classes``.
+
+    Where value checks run (CPU tensors by default, see :func:`set_validate_values`), NaN or Inf entries raise
+    :class:`NonFiniteError` (a :class:`ValueError`).
+    """
     x = check_feature_map(x, name)
     if x.shape[1] < min_classes:
         raise ValueError(f"{name} must have at least {min_classes} classes (dim 1), got shape {tuple(x.shape)}")
-    return x
+    return check_finite(x, name)
 
 
 def check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:

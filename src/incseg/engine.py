@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
 from incseg import distributed as D
+from incseg._checks import NonFiniteError
 from incseg._progress import Progress
 from incseg.learner import IncrementalLearner
 from incseg.metrics import IoUResult, MeanIoU, StepHistory
@@ -196,9 +197,12 @@ def _set_poly_lr(optimizer: torch.optim.Optimizer, it: int, max_it: int, power: 
         group["lr"] = group["initial_lr"] * factor
 
 
-def _all_finite(loss: torch.Tensor) -> bool:
-    """Whether the loss is finite on every process (one host sync per iteration, outside the loss)."""
-    flag = torch.isfinite(loss.detach()).to(torch.float32)
+def _all_finite(loss: torch.Tensor | None) -> bool:
+    """Whether the loss is finite on every process (one host sync per iteration, outside the loss).
+
+    ``None`` (this process could not compute its loss) counts as non-finite, so all processes agree to skip.
+    """
+    flag = torch.isfinite(loss.detach()).to(torch.float32) if loss is not None else torch.zeros(())
     if D.is_distributed():
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
     return bool(flag)
@@ -310,17 +314,21 @@ def train_scenario(
                 _set_poly_lr(optimizer, it, max_it, config.poly_power)
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
-                with autocast_context(device, config.amp):
-                    out = learner.training_step(images, labels, module=module)
-                if not _all_finite(out.loss):
-                    msg = f"non-finite loss at step {step}, epoch {epoch}, batch {i}: " + ", ".join(
-                        f"{k}={float(v):.4g}" for k, v in out.terms.items()
-                    )
+                out, refused = None, ""
+                try:
+                    with autocast_context(device, config.amp):
+                        out = learner.training_step(images, labels, module=module)
+                except NonFiniteError as err:  # the loss refused non-finite logits (value checks on)
+                    refused = str(err)
+                if not _all_finite(out.loss if out is not None else None):
+                    detail = refused or ", ".join(f"{k}={float(v):.4g}" for k, v in out.terms.items())  # type: ignore[union-attr]
+                    msg = f"non-finite loss at step {step}, epoch {epoch}, batch {i}: {detail}"
                     if config.nan_policy == "stop":
                         raise NonFiniteLossError(msg + " (use nan_policy='skip' to drop such batches)")
                     say(msg + " -> batch skipped")
                     optimizer.zero_grad(set_to_none=True)
                     continue
+                assert out is not None  # a finite loss was computed
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(out.loss).backward()
                 scaler.step(optimizer)
