@@ -98,7 +98,8 @@ def main() -> None:
                 bare_teacher(x)
             logits = bare(x)
             loss = F.cross_entropy(
-                F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False), y,
+                F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False),
+                y,
                 ignore_index=255,
             )
         bare_opt.zero_grad(set_to_none=True)
@@ -126,7 +127,9 @@ def main() -> None:
 
     print(f"device={device} model={args.model} batch={args.batch} size={args.size} amp={args.amp}")
     print(f"(a) CAF training step        {1e3 * t_caf:9.1f} ms")
-    print(f"    lower bound (T fwd + S fwd/bwd) {1e3 * t_bound:9.1f} ms   ratio {t_caf / t_bound:.3f}  (target <= 1.15)")
+    print(
+        f"    lower bound (T fwd + S fwd/bwd) {1e3 * t_bound:9.1f} ms   ratio {t_caf / t_bound:.3f}  (target <= 1.15)"
+    )
     if device.type == "cuda":
         print(f"    peak memory {m_caf:.0f} MiB vs {m_bound:.0f} MiB   ratio {m_caf / m_bound:.3f}")
     print(f"(d) inference, skip strategy {1e3 * t_skip:9.1f} ms")

@@ -66,8 +66,12 @@ def main() -> None:
             old = teacher(images)
         new = model(images)
         out = criterion(
-            new["logits"], labels, num_old_classes=num_old, old_logits=old["logits"],
-            features={"z": new["z"], "h": new["h"]}, old_features={"z": old["z"], "h": old["h"]},
+            new["logits"],
+            labels,
+            num_old_classes=num_old,
+            old_logits=old["logits"],
+            features={"z": new["z"], "h": new["h"]},
+            old_features={"z": old["z"], "h": old["h"]},
         )  # logits at 1/4 resolution are upsampled to the labels inside the loss
         optimizer.zero_grad()
         out.loss.backward()

@@ -44,7 +44,11 @@ def _labels(k: int = 5) -> torch.Tensor:
         (lambda: NonLocalProjection(4)(torch.randn(2, 3, 5, 5)), ValueError, "channels"),
         (lambda: ContinualAttentiveFusion(4)(torch.randn(1, 4, 5, 5), torch.randn(1, 4, 6, 5)), ValueError, "shape"),
         (lambda: ContinualAttentiveFusion(4, test_strategy="average"), ValueError, "skip"),  # type: ignore[arg-type]
-        (lambda: MeanIoU(3).update(torch.randint(0, 3, (2, 4, 4)), torch.randint(0, 3, (2, 5, 4))), ValueError, "shape"),
+        (
+            lambda: MeanIoU(3).update(torch.randint(0, 3, (2, 4, 4)), torch.randint(0, 3, (2, 5, 4))),
+            ValueError,
+            "shape",
+        ),
         (lambda: MeanIoU(3).update(torch.full((1, 4, 4), 9), torch.zeros(1, 4, 4, dtype=torch.long)), ValueError, "9"),
     ],
 )
@@ -76,7 +80,7 @@ def test_bad_class_groups(groups: list[list[int]], match: str) -> None:
 
 @pytest.mark.parametrize(("dataset", "task"), [("voc", "15-6"), ("voc", "nope"), ("cityscapes", "15-5")])
 def test_unknown_tasks_list_the_known_ones(dataset: str, task: str) -> None:
-    with pytest.raises(ValueError, match="15-5|voc"):
+    with pytest.raises(ValueError, match=r"15-5|voc"):
         get_scenario(dataset, task)
 
 
@@ -84,7 +88,7 @@ def test_dataset_roots_with_missing_files(tmp_path: Path) -> None:
     (tmp_path / "VOCdevkit" / "VOC2012" / "JPEGImages").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="SegmentationClass"):
         PascalVOC(tmp_path, "val")
-    with pytest.raises(FileNotFoundError, match="ADEChallengeData2016|annotations"):
+    with pytest.raises(FileNotFoundError, match=r"ADEChallengeData2016|annotations"):
         ADE20K(tmp_path, "validation")
 
 
@@ -116,7 +120,7 @@ def test_checkpoints_from_elsewhere_truncated_or_pickled_are_refused(tmp_path: P
     payload["extra"] = {"x": Evil()}
     with open(tmp_path / "evil.pt", "wb") as f:
         torch.save(payload, f, pickle_module=pickle)
-    with pytest.raises(CheckpointError, match="weights_only|pickle|unsupported|global"):
+    with pytest.raises(CheckpointError, match=r"weights_only|pickle|unsupported|global"):
         other.load(tmp_path / "evil.pt")
 
     for key, value in other.model.state_dict().items():  # nothing was half-loaded

@@ -17,11 +17,11 @@ __all__ = [
     "NonFiniteError",
     "check_feature_map",
     "check_finite",
-    "set_validate_values",
-    "validate_values",
     "check_labels",
     "check_logits",
     "check_same_shape",
+    "set_validate_values",
+    "validate_values",
 ]
 
 

@@ -86,18 +86,36 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lambda-d", type=float, help="weight of the knowledge distillation (default 10)")
     train.add_argument("--lambda-ad", type=float, help="weight of the attentive distillation (default 1000)")
     train.add_argument("--test-strategy", choices=["skip", "zero_pad", "concat"], help="CAF at test time")
-    train.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP")
+    train.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP (CUDA only)")
+    train.add_argument(
+        "--void-as-background", action="store_true", help="train labels: void (255) -> background, as MiB"
+    )
     train.add_argument("--max-iters-per-epoch", type=_positive_int, help="cap iterations (quick checks)")
     _common(train)
     return parser
 
 
 def _datasets(
-    train_source: Any, test_source: Any, scenario: Scenario, train_tf: Any, test_tf: Any, cache_dir: Path | None
+    train_source: Any,
+    test_source: Any,
+    scenario: Scenario,
+    train_tf: Any,
+    test_tf: Any,
+    cache_dir: Path | None,
+    *,
+    void_as_background: bool = False,
 ) -> Callable[[int], tuple[IncrementalSegmentation, IncrementalSegmentation]]:
     def make(step: int) -> tuple[IncrementalSegmentation, IncrementalSegmentation]:
         return (
-            IncrementalSegmentation(train_source, scenario, step, train=True, transform=train_tf, cache_dir=cache_dir),
+            IncrementalSegmentation(
+                train_source,
+                scenario,
+                step,
+                train=True,
+                transform=train_tf,
+                cache_dir=cache_dir,
+                void_as_background=void_as_background,
+            ),
             IncrementalSegmentation(test_source, scenario, step, train=False, transform=test_tf, cache_dir=cache_dir),
         )
 
@@ -133,8 +151,15 @@ def run_demo(args: argparse.Namespace) -> int:
     train_tf = TrainTransform(crop_size=args.size, scale=(0.75, 1.25), hflip=True)
     test_tf = TestTransform(size=None)
     config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_next=args.lr_next, amp=args.amp,
-        num_workers=args.workers, seed=args.seed, nan_policy=args.nan_policy, progress=not args.no_progress,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_next=args.lr_next,
+        amp=args.amp,
+        num_workers=args.workers,
+        seed=args.seed,
+        nan_policy=args.nan_policy,
+        progress=not args.no_progress,
         weight_decay=1e-4,
     )
     main = D.is_main_process()
@@ -150,13 +175,20 @@ def run_demo(args: argparse.Namespace) -> int:
         if main:
             print(f"\n=== {method} ({'one step, all classes' if method == 'joint' else scenario.name}) ===")
         train_scenario(
-            learner, _datasets(train_src, test_src, scn, train_tf, test_tf, out / "cache"), config,
-            device=device, checkpoint_dir=out / method / "checkpoints", resume=not args.no_resume,
+            learner,
+            _datasets(train_src, test_src, scn, train_tf, test_tf, out / "cache"),
+            config,
+            device=device,
+            checkpoint_dir=out / method / "checkpoints",
+            resume=not args.no_resume,
         )
         # Score every method on the same final test set with the incremental scenario's old/new split.
         final_test = IncrementalSegmentation(test_src, scenario, last, train=False, transform=test_tf)
         final[method] = evaluate(
-            learner, final_test, device=device, batch_size=config.batch_size,
+            learner,
+            final_test,
+            device=device,
+            batch_size=config.batch_size,
             num_old_classes=scenario.num_old_classes(last),
         )
         learners[method] = learner
@@ -178,8 +210,10 @@ def _report(
     rows = [_row(m, r) for m, r in final.items()]
     keys = ["old", "new", "all", "all_bg"]
     last = scenario.num_steps - 1
-    print(f"\nFinal mIoU (%) after step {last} of {scenario.name} (old = classes of step 0, background excluded;"
-          f" all_bg includes it), {seconds / 60:.1f} min:")
+    print(
+        f"\nFinal mIoU (%) after step {last} of {scenario.name} (old = classes of step 0, background excluded;"
+        f" all_bg includes it), {seconds / 60:.1f} min:"
+    )
     print(_print_table(rows, keys))
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(
@@ -219,16 +253,14 @@ def _demo_picture(
             z = learner.model.encoder(images.to(device))
             _, maps = fusion(z, return_maps=True)
             for row, a in zip(rows, maps.spatial[:, 0]):
-                row[f"{method} A_SP"] = attention_heatmap(a, tuple(images.shape[-2:]))
+                row[f"{method} A_SP"] = attention_heatmap(a, (images.shape[-2], images.shape[-1]))
     return save_grid(path, rows, scale=3)
 
 
 def _build_model(args: argparse.Namespace, num_classes: int) -> IncrementalSegmenter:
     if args.model == "small":
         return small_segmenter(num_classes)
-    return deeplabv3_resnet101(
-        num_classes, output_stride=args.output_stride, backbone_weights=args.backbone_weights
-    )
+    return deeplabv3_resnet101(num_classes, output_stride=args.output_stride, backbone_weights=args.backbone_weights)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -248,18 +280,27 @@ def run_train(args: argparse.Namespace) -> int:
     crop = args.crop_size if args.dataset != "synthetic" else train_src.size
     train_tf = TrainTransform(crop_size=crop, scale=(0.5, 2.0), hflip=True)
     test_tf = TestTransform(size=crop if args.dataset != "synthetic" else None)
-    overrides = {
+    overrides: dict[str, Any] = {
         k: v
-        for k, v in {"lambda_d": args.lambda_d, "lambda_ad": args.lambda_ad, "test_strategy": args.test_strategy}.items()
+        for k, v in {
+            "lambda_d": args.lambda_d,
+            "lambda_ad": args.lambda_ad,
+            "test_strategy": args.test_strategy,
+        }.items()
         if v is not None
     }
     method = "ft" if args.method == "joint" else args.method
     scn = scenario.joint() if args.method == "joint" else scenario
     torch.manual_seed(args.seed)
     model = _build_model(args, scn.num_classes_at(0))
-    if args.sync_bn and D.is_distributed():
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[assignment]
+    if args.sync_bn:
+        if device.type != "cuda":
+            raise ValueError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU)")
+        if D.is_distributed():
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[assignment]
     model = model.to(device)
+    if args.void_as_background:
+        overrides["void_as_background"] = True
     learner = IncrementalLearner(model, scn, method, **overrides)
     config = TrainConfig(
         epochs=args.epochs or (30 if is_voc else 60),
@@ -275,8 +316,20 @@ def run_train(args: argparse.Namespace) -> int:
     )
     out = args.out or Path("runs") / f"{args.dataset}-{args.task}-{args.mode}-{args.method}"
     history = train_scenario(
-        learner, _datasets(train_src, test_src, scn, train_tf, test_tf, out / "cache"), config,
-        device=device, checkpoint_dir=out / "checkpoints", resume=not args.no_resume,
+        learner,
+        _datasets(
+            train_src,
+            test_src,
+            scn,
+            train_tf,
+            test_tf,
+            out / "cache",
+            void_as_background=learner.config.void_as_background,
+        ),
+        config,
+        device=device,
+        checkpoint_dir=out / "checkpoints",
+        resume=not args.no_resume,
     )
     if D.is_main_process():
         print(history.table())

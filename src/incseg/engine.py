@@ -27,6 +27,7 @@ from incseg._checks import NonFiniteError
 from incseg._progress import Progress
 from incseg.learner import IncrementalLearner
 from incseg.metrics import IoUResult, MeanIoU, StepHistory
+from incseg.nn import FusionStrategy
 
 __all__ = [
     "NonFiniteLossError",
@@ -119,7 +120,7 @@ def _loader(
         if D.is_distributed():
             sampler: Any = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=drop_last)
         else:
-            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))  # type: ignore[arg-type]
     else:
         if D.is_distributed():  # shard without padding so no image is counted twice
             dataset = Subset(dataset, list(range(D.get_rank(), len(dataset), world)))  # type: ignore[arg-type]
@@ -144,7 +145,7 @@ def evaluate(
     batch_size: int = 8,
     amp: AmpMode = "none",
     num_workers: int = 0,
-    strategy: str | None = None,
+    strategy: FusionStrategy | None = None,
     progress: bool = False,
     num_old_classes: int | None = None,
 ) -> IoUResult:
@@ -175,6 +176,8 @@ def evaluate(
     )
     loader = _loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers, drop_last=False)
     bar = Progress(loader, desc=f"  eval step {step}", enabled=progress and D.is_main_process())
+    images: torch.Tensor
+    targets: torch.Tensor
     for images, targets in bar:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -285,8 +288,9 @@ def train_scenario(
             module = DistributedDataParallel(
                 learner.module, device_ids=[device.index] if device.type == "cuda" else None
             )
-        iters_per_epoch = len(_loader(train_set, config.batch_size, shuffle=True, seed=0, num_workers=0,
-                                      drop_last=True))
+        iters_per_epoch = len(
+            _loader(train_set, config.batch_size, shuffle=True, seed=0, num_workers=0, drop_last=True)
+        )
         if config.max_iters_per_epoch is not None:
             iters_per_epoch = min(iters_per_epoch, config.max_iters_per_epoch)
         max_it = config.epochs * iters_per_epoch
@@ -298,17 +302,25 @@ def train_scenario(
         for epoch in range(first_epoch, config.epochs):
             torch.manual_seed(_seed_for(config.seed, step, epoch))
             loader = _loader(
-                train_set, config.batch_size, shuffle=True, seed=_seed_for(config.seed, step),
-                num_workers=config.num_workers, drop_last=True,
+                train_set,
+                config.batch_size,
+                shuffle=True,
+                seed=_seed_for(config.seed, step),
+                num_workers=config.num_workers,
+                drop_last=True,
             )
             if isinstance(loader.sampler, DistributedSampler):
                 loader.sampler.set_epoch(epoch)
             learner.module.train()
             bar = Progress(
-                _take(loader, iters_per_epoch), total=iters_per_epoch,
-                desc=f"step {step} epoch {epoch + 1}/{config.epochs}", enabled=config.progress and main,
+                _take(loader, iters_per_epoch),
+                total=iters_per_epoch,
+                desc=f"step {step} epoch {epoch + 1}/{config.epochs}",
+                enabled=config.progress and main,
             )
             running = 0.0
+            images: torch.Tensor
+            labels: torch.Tensor
             for i, (images, labels) in enumerate(bar):
                 it = epoch * iters_per_epoch + i
                 _set_poly_lr(optimizer, it, max_it, config.poly_power)
@@ -341,8 +353,13 @@ def train_scenario(
         learner.end_step()
         say(f"step {step} trained in {time.monotonic() - t0:.1f}s")
         result = evaluate(
-            learner, test_set, device=device, batch_size=config.eval_batch_size or config.batch_size,
-            amp=config.amp, num_workers=config.num_workers, progress=config.progress,
+            learner,
+            test_set,
+            device=device,
+            batch_size=config.eval_batch_size or config.batch_size,
+            amp=config.amp,
+            num_workers=config.num_workers,
+            progress=config.progress,
         )
         history.add(step, result)
         say(f"step {step} result: " + _summary(result))

@@ -35,7 +35,12 @@ def tiny_datasets(scenario: Scenario, size: int = 48, n_train: int = 64, n_val: 
 
 def tiny_config(**kw: Any) -> TrainConfig:
     base: dict[str, Any] = {
-        "epochs": 2, "batch_size": 4, "lr": 0.02, "lr_next": 0.005, "max_iters_per_epoch": 3, "progress": False,
+        "epochs": 2,
+        "batch_size": 4,
+        "lr": 0.02,
+        "lr_next": 0.005,
+        "max_iters_per_epoch": 3,
+        "progress": False,
     }
     base.update(kw)
     return TrainConfig(**base)
@@ -52,8 +57,13 @@ def tiny_run(
     scenario = tiny_scenario()
     learner = learner if learner is not None else tiny_learner(scenario, method)
     history = train_scenario(
-        learner, tiny_datasets(scenario), tiny_config(**kw), device=torch.device("cpu"),
-        checkpoint_dir=out, resume=resume, log=lambda _m: None,
+        learner,
+        tiny_datasets(scenario),
+        tiny_config(**kw),
+        device=torch.device("cpu"),
+        checkpoint_dir=out,
+        resume=resume,
+        log=lambda _m: None,
     )
     return learner, history
 

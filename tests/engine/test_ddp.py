@@ -9,9 +9,9 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import ddp_worker  # noqa: E402
+from _tiny import ddp_worker
 
-from incseg.learner import IncrementalLearner  # noqa: E402
+from incseg.learner import IncrementalLearner
 
 
 def test_two_process_training_agrees_across_ranks(tmp_path: Path) -> None:

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import tiny_config, tiny_datasets, tiny_learner, tiny_run, tiny_scenario  # noqa: E402
+from _tiny import tiny_config, tiny_datasets, tiny_learner, tiny_run, tiny_scenario
 
-from incseg.engine import NonFiniteLossError, TrainConfig, train_scenario  # noqa: E402
-from incseg.losses import LossOutput  # noqa: E402
+from incseg.engine import NonFiniteLossError, TrainConfig, train_scenario
+from incseg.losses import LossOutput
 
 
 def _weights(learner) -> dict[str, torch.Tensor]:
@@ -75,8 +75,12 @@ def test_nan_loss_skip_leaves_weights_untouched(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(type(learner), "training_step", _nan_step)
     logs: list[str] = []
     train_scenario(
-        learner, tiny_datasets(tiny_scenario()), tiny_config(nan_policy="skip", epochs=1),
-        device=torch.device("cpu"), steps=range(0, 1), log=logs.append,
+        learner,
+        tiny_datasets(tiny_scenario()),
+        tiny_config(nan_policy="skip", epochs=1),
+        device=torch.device("cpu"),
+        steps=range(0, 1),
+        log=logs.append,
     )
     after = learner.model.state_dict()
     for key, value in before.items():

@@ -7,9 +7,9 @@
 - :func:`freeze`, :func:`unwrap_module`, :class:`CheckpointError`.
 """
 
+from incseg.learner._freeze import freeze, is_frozen
 from incseg.learner.checkpoint import FORMAT_VERSION, CheckpointError
 from incseg.learner.config import METHODS, MethodConfig
-from incseg.learner.freeze import freeze, is_frozen
 from incseg.learner.learner import IncrementalLearner, unwrap_module
 from incseg.learner.module import TrainingModule
 

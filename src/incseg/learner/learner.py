@@ -15,9 +15,9 @@ from torch import Tensor, nn
 
 from incseg._checks import check_feature_map
 from incseg._version import __version__
+from incseg.learner._freeze import freeze
 from incseg.learner.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, check_plain, read_checkpoint
 from incseg.learner.config import MethodConfig, TestStrategy
-from incseg.learner.freeze import freeze
 from incseg.learner.module import TrainingModule
 from incseg.losses import CAFLoss, LossOutput
 from incseg.models import IncrementalClassifier, IncrementalSegmenter
