@@ -21,7 +21,7 @@ from incseg._version import __version__
 from incseg.data import ADE20K, IncrementalSegmentation, PascalVOC, SyntheticScenes, TestTransform, TrainTransform
 from incseg.engine import TrainConfig, evaluate, train_scenario
 from incseg.learner import METHODS, IncrementalLearner
-from incseg.metrics import IoUResult
+from incseg.metrics import IoUResult, StepHistory
 from incseg.models import IncrementalSegmenter, deeplabv3_resnet101, small_segmenter
 from incseg.scenarios import Scenario, get_scenario
 
@@ -58,10 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--task", default="15-5", help="task, e.g. 15-5, 15-1, 19-1 (default 15-5)")
     demo.add_argument("--mode", choices=["disjoint", "overlapped"], default="disjoint")
     demo.add_argument("--methods", default=",".join(DEMO_METHODS), help="comma-separated: " + ", ".join(METHODS))
-    demo.add_argument("--epochs", type=_positive_int, default=6, help="epochs per step")
+    demo.add_argument("--epochs", type=_positive_int, default=30, help="epochs of step 0 and of joint training")
+    demo.add_argument("--epochs-next", type=_positive_int, default=15, help="epochs of each later step")
     demo.add_argument("--batch-size", type=_positive_int, default=16)
-    demo.add_argument("--lr", type=float, default=0.05, help="learning rate of step 0")
+    demo.add_argument("--lr", type=float, default=0.05, help="learning rate of step 0 and joint training")
     demo.add_argument("--lr-next", type=float, default=0.01, help="learning rate of later steps")
+    demo.add_argument(
+        "--lambda-ad",
+        type=float,
+        default=10.0,
+        help="attentive distillation weight for the small demo network (paper, DeepLabV3-R101: 1000)",
+    )
     demo.add_argument("--train-images", type=_positive_int, default=1200)
     demo.add_argument("--val-images", type=_positive_int, default=300)
     demo.add_argument("--size", type=_positive_int, default=64, help="image side in pixels")
@@ -136,7 +143,12 @@ def _print_table(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """``incseg demo``: FT, MiB, CAF and joint training side by side on the synthetic benchmark."""
+    """``incseg demo``: FT, MiB, CAF and joint training side by side on the synthetic benchmark.
+
+    Step 0 is the same training for every incremental method (plain cross-entropy on the first classes: the
+    unbiased CE has nothing to aggregate yet and no teacher exists), so it is trained once and shared; each
+    method then learns the later steps from that model. Joint training learns all classes in one step.
+    """
     device = D.init_from_env(args.device or "cpu")
     out = args.out or Path("incseg-demo")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -144,54 +156,95 @@ def run_demo(args: argparse.Namespace) -> int:
         if m not in METHODS:
             raise SystemExit(f"incseg demo: unknown method {m!r}; known: {', '.join(METHODS)}")
     if args.quick:
-        args.epochs, args.train_images, args.val_images = min(args.epochs, 2), min(args.train_images, 240), 60
+        args.epochs, args.epochs_next = min(args.epochs, 3), min(args.epochs_next, 2)
+        args.train_images, args.val_images = min(args.train_images, 300), min(args.val_images, 80)
     scenario = get_scenario("synthetic", args.task, mode=args.mode)
     train_src = SyntheticScenes("train", num_images=args.train_images, size=args.size, seed=args.seed)
     test_src = SyntheticScenes("val", num_images=args.val_images, size=args.size, seed=args.seed)
     train_tf = TrainTransform(crop_size=args.size, scale=(0.75, 1.25), hflip=True)
     test_tf = TestTransform(size=None)
-    config = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        lr_next=args.lr_next,
-        amp=args.amp,
-        num_workers=args.workers,
-        seed=args.seed,
-        nan_policy=args.nan_policy,
-        progress=not args.no_progress,
-        weight_decay=1e-4,
-    )
+    common: dict[str, Any] = {
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "lr_next": args.lr_next,
+        "amp": args.amp,
+        "num_workers": args.workers,
+        "seed": args.seed,
+        "nan_policy": args.nan_policy,
+        "progress": not args.no_progress,
+    }
+    first = TrainConfig(epochs=args.epochs, **common)
+    later = TrainConfig(epochs=args.epochs_next, **common)
     main = D.is_main_process()
+    say = print if main else (lambda *_a, **_k: None)
     last = scenario.num_steps - 1
+    cache = out / "cache"
+    datasets = _datasets(train_src, test_src, scenario, train_tf, test_tf, cache)
     final: dict[str, IoUResult] = {}
     learners: dict[str, IncrementalLearner] = {}
     t_start = time.monotonic()
-    for method in methods:
-        scn = scenario.joint() if method == "joint" else scenario
+
+    incremental = [m for m in methods if m != "joint"]
+    if incremental:
+        say(f"\n=== step 0 ({scenario.name}, shared by {', '.join(incremental)}) ===")
         torch.manual_seed(args.seed)
-        model = small_segmenter(scn.num_classes_at(0), width=args.width).to(device)
-        learner = IncrementalLearner(model, scn, "ft" if method == "joint" else method)
-        if main:
-            print(f"\n=== {method} ({'one step, all classes' if method == 'joint' else scenario.name}) ===")
+        base = IncrementalLearner(
+            small_segmenter(scenario.num_classes_at(0), width=args.width).to(device), scenario, "ft"
+        )
+        base_history = train_scenario(
+            base,
+            datasets,
+            first,
+            device=device,
+            checkpoint_dir=out / "step0",
+            resume=not args.no_resume,
+            steps=range(0, 1),
+        )
+        step0_state = base.model.state_dict()
+    for method in incremental:
+        say(f"\n=== {method} (steps 1-{last} of {scenario.name}) ===")
+        torch.manual_seed(args.seed)
+        model = small_segmenter(scenario.num_classes_at(0), width=args.width).to(device)
+        model.load_state_dict(step0_state)
+        overrides = {"lambda_ad": args.lambda_ad} if METHODS[method].ad is not None else {}
+        learner = IncrementalLearner(model, scenario, method, **overrides)
+        learner.begin_step(0)
+        learner.end_step()
         train_scenario(
             learner,
-            _datasets(train_src, test_src, scn, train_tf, test_tf, out / "cache"),
-            config,
+            datasets,
+            later,
             device=device,
-            checkpoint_dir=out / method / "checkpoints",
+            checkpoint_dir=out / method,
             resume=not args.no_resume,
-        )
-        # Score every method on the same final test set with the incremental scenario's old/new split.
-        final_test = IncrementalSegmentation(test_src, scenario, last, train=False, transform=test_tf)
-        final[method] = evaluate(
-            learner,
-            final_test,
-            device=device,
-            batch_size=config.batch_size,
-            num_old_classes=scenario.num_old_classes(last),
+            steps=range(1, scenario.num_steps),
+            history=StepHistory.from_dict(base_history.to_dict()),
         )
         learners[method] = learner
+    if "joint" in methods:
+        joint = scenario.joint()
+        say(f"\n=== joint (all {joint.num_classes_at(0) - 1} classes in one step: the upper bound) ===")
+        torch.manual_seed(args.seed)
+        learner = IncrementalLearner(small_segmenter(joint.num_classes_at(0), width=args.width).to(device), joint, "ft")
+        train_scenario(
+            learner,
+            _datasets(train_src, test_src, joint, train_tf, test_tf, cache),
+            first,
+            device=device,
+            checkpoint_dir=out / "joint",
+            resume=not args.no_resume,
+        )
+        learners["joint"] = learner
+    # Score every method on the same final test set with the incremental scenario's old/new split.
+    final_test = IncrementalSegmentation(test_src, scenario, last, train=False, transform=test_tf)
+    for method in methods:
+        final[method] = evaluate(
+            learners[method],
+            final_test,
+            device=device,
+            batch_size=args.batch_size,
+            num_old_classes=scenario.num_old_classes(last),
+        )
     if main:
         _report(out, scenario, final, learners, test_src, test_tf, time.monotonic() - t_start)
     D.cleanup()

@@ -222,6 +222,7 @@ def train_scenario(
     steps: range | None = None,
     log: Callable[[str], None] | None = None,
     on_step_end: Callable[[int, IoUResult], None] | None = None,
+    history: StepHistory | None = None,
 ) -> StepHistory:
     """Train ``learner`` over every step of its scenario, evaluating after each step.
 
@@ -237,6 +238,8 @@ def train_scenario(
         steps: which steps to run (default: all of the scenario).
         log: where status lines go (default: ``print`` on rank 0).
         on_step_end: called with ``(step, result)`` after each step's evaluation.
+        history: results of earlier steps to continue (e.g. when ``steps`` starts after a step trained
+            elsewhere); default: a new history.
 
     Returns:
         The per-step history of results (per-class IoU, old/new/all, forgetting).
@@ -248,7 +251,8 @@ def train_scenario(
     say = log if log is not None else (print if main else (lambda _msg: None))
     scenario = learner.scenario
     steps = steps if steps is not None else range(scenario.num_steps)
-    history = StepHistory(class_names=list(scenario.class_names_at(scenario.num_steps - 1)))
+    if history is None:
+        history = StepHistory(class_names=list(scenario.class_names_at(scenario.num_steps - 1)))
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     last_path = ckpt_dir / "last.pt" if ckpt_dir is not None else None
 
