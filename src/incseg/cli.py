@@ -156,8 +156,8 @@ def run_demo(args: argparse.Namespace) -> int:
         if m not in METHODS:
             raise SystemExit(f"incseg demo: unknown method {m!r}; known: {', '.join(METHODS)}")
     if args.quick:
-        args.epochs, args.epochs_next = min(args.epochs, 3), min(args.epochs_next, 2)
-        args.train_images, args.val_images = min(args.train_images, 300), min(args.val_images, 80)
+        args.epochs, args.epochs_next = min(args.epochs, 10), min(args.epochs_next, 5)
+        args.train_images, args.val_images = min(args.train_images, 500), min(args.val_images, 100)
     scenario = get_scenario("synthetic", args.task, mode=args.mode)
     train_src = SyntheticScenes("train", num_images=args.train_images, size=args.size, seed=args.seed)
     test_src = SyntheticScenes("val", num_images=args.val_images, size=args.size, seed=args.seed)

@@ -1,0 +1,45 @@
+"""The command line: a shortened demo runs end to end and fine-tuning forgets more than CAF."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from incseg.cli import main
+
+
+@pytest.mark.slow
+def test_quick_demo_orders_ft_below_caf_on_old_classes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["demo", "--quick", "--methods", "ft,caf", "--out", str(tmp_path), "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Final mIoU" in printed
+    results = json.loads((tmp_path / "results.json").read_text())["final"]
+    ft, caf = results["ft"]["groups"], results["caf"]["groups"]
+    assert ft["old"] < caf["old"], (ft, caf)  # fine-tuning forgets the old classes, CAF keeps them
+    assert (tmp_path / "results.csv").read_text().startswith("method,")
+    assert (tmp_path / "predictions.png").stat().st_size > 1000
+    # A second run resumes from the checkpoints and reproduces the results exactly.
+    assert main(["demo", "--quick", "--methods", "ft,caf", "--out", str(tmp_path), "--no-progress"]) == 0
+    again = json.loads((tmp_path / "results.json").read_text())["final"]
+    assert again["caf"]["groups"] == results["caf"]["groups"]
+
+
+def test_train_without_dataset_explains_the_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["train", "--dataset", "voc", "--root", str(tmp_path / "missing"), "--task", "15-5"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "JPEGImages" in err and "nothing is downloaded" in err
+
+
+def test_unknown_task_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--dataset", "synthetic", "--task", "15-6", "--model", "small"]) == 2
+    assert "15-6" in capsys.readouterr().err
+
+
+def test_sync_bn_on_cpu_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["train", "--dataset", "synthetic", "--task", "15-5", "--model", "small", "--device", "cpu", "--sync-bn"]
+    assert main(args) == 2
+    assert "CUDA" in capsys.readouterr().err
