@@ -136,3 +136,38 @@ def check_index(index: int, length: int) -> int:
     if not -length <= i < length:
         raise IndexError(f"index {i} is out of range for a source of {length} images")
     return i % length
+
+
+class _ImageMaskFiles:
+    """Shared part of the file-backed sources: one image and one index mask per item.
+
+    Subclasses set ``self._images`` and ``self._masks`` (equal-length lists of paths) and ``self._fingerprint_key``
+    ``(kind, base)`` in ``__init__``; this class reads, checks and fingerprints them.
+    """
+
+    _images: list[Path]
+    _masks: list[Path]
+    _fingerprint_key: tuple[str, Path]
+    _fingerprint: str | None = None
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def load(self, index: int) -> tuple[Tensor, Tensor]:
+        """Image ``index``: uint8 RGB ``(3, H, W)`` and int64 dataset ids ``(H, W)``."""
+        i = check_index(index, len(self))
+        image = read_image(self._images[i])
+        mask = read_index_mask(self._masks[i])
+        check_pair(image, mask, self._images[i], self._masks[i])
+        return image, mask_to_tensor(mask)
+
+    def labels_present(self, index: int) -> frozenset[int]:
+        """Dataset ids in mask ``index``, void excluded (reads the mask only)."""
+        return ids_in_mask(read_index_mask(self._masks[check_index(index, len(self))]))
+
+    def fingerprint(self) -> str:
+        """Identifies the split and its mask files (names, sizes, modification times)."""
+        if self._fingerprint is None:
+            kind, base = self._fingerprint_key
+            self._fingerprint = files_fingerprint(kind, base, self._masks)
+        return self._fingerprint

@@ -6,17 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from torch import Tensor
-
-from incseg.data._source import (
-    check_index,
-    check_pair,
-    files_fingerprint,
-    ids_in_mask,
-    mask_to_tensor,
-    read_image,
-    read_index_mask,
-)
+from incseg.data._source import _ImageMaskFiles
 from incseg.data.incremental import IncrementalSegmentation, JointTransform, _resolve_scenario
 from incseg.scenarios import ADE20K_CLASS_NAMES, Scenario
 
@@ -40,7 +30,7 @@ def _find_ade(root: Path) -> Path:
     raise FileNotFoundError(f"no images/ and annotations/ directories in {tried}; {_LAYOUT}")
 
 
-class ADE20K:
+class ADE20K(_ImageMaskFiles):
     """ADE20K (SceneParsing, 150 classes) as a :class:`~incseg.data.SegmentationSource` (151 ids).
 
     Annotation value ``0`` ("other", unlabelled) is kept as ``0`` and plays the background, classes are
@@ -92,28 +82,7 @@ class ADE20K:
             shown = ", ".join(str(p) for p in missing[:3])
             raise FileNotFoundError(f"{len(missing)} annotations of images in {image_dir} are missing, e.g. {shown}")
         self.names: tuple[str, ...] = tuple(p.stem for p in self._images)
-        self._fingerprint: str | None = None
-
-    def __len__(self) -> int:
-        return len(self._images)
-
-    def load(self, index: int) -> tuple[Tensor, Tensor]:
-        """Image ``index``: uint8 RGB ``(3, H, W)`` and int64 dataset ids ``(H, W)`` (0 = unlabelled)."""
-        i = check_index(index, len(self))
-        image = read_image(self._images[i])
-        mask = read_index_mask(self._masks[i])
-        check_pair(image, mask, self._images[i], self._masks[i])
-        return image, mask_to_tensor(mask)
-
-    def labels_present(self, index: int) -> frozenset[int]:
-        """Dataset ids in annotation ``index`` (reads the annotation only)."""
-        return ids_in_mask(read_index_mask(self._masks[check_index(index, len(self))]))
-
-    def fingerprint(self) -> str:
-        """Identifies the split and its annotation files (names, sizes, modification times)."""
-        if self._fingerprint is None:
-            self._fingerprint = files_fingerprint(f"ADE20K/{self.split}", self.root, self._masks)
-        return self._fingerprint
+        self._fingerprint_key = (f"ADE20K/{self.split}", self.root)
 
     def __repr__(self) -> str:
         return f"ADE20K(root={str(self.root)!r}, split={self.split!r}, images={len(self)})"

@@ -7,17 +7,7 @@ import warnings
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from torch import Tensor
-
-from incseg.data._source import (
-    check_index,
-    check_pair,
-    files_fingerprint,
-    ids_in_mask,
-    mask_to_tensor,
-    read_image,
-    read_index_mask,
-)
+from incseg.data._source import _ImageMaskFiles
 from incseg.data.incremental import IncrementalSegmentation, JointTransform, _resolve_scenario
 from incseg.scenarios import VOC_CLASS_NAMES, Scenario
 
@@ -61,7 +51,7 @@ def _read_ids(list_file: Path) -> list[str]:
     return ids
 
 
-class PascalVOC:
+class PascalVOC(_ImageMaskFiles):
     """Pascal VOC 2012 segmentation as a :class:`~incseg.data.SegmentationSource` (21 ids, 255 = void).
 
     ``split="train"`` with ``use_aug=True`` uses the 10,582-image augmented set (SBD masks in
@@ -129,30 +119,7 @@ class PascalVOC:
         if missing:
             shown = ", ".join(str(p) for p in missing[:3])
             raise FileNotFoundError(f"{len(missing)} files listed in {list_file} are missing, e.g. {shown}; {_LAYOUT}")
-        self._mask_dir = mask_dir
-        self._fingerprint: str | None = None
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def load(self, index: int) -> tuple[Tensor, Tensor]:
-        """Image ``index``: uint8 RGB ``(3, H, W)`` and int64 dataset ids ``(H, W)`` (255 = void)."""
-        i = check_index(index, len(self))
-        image = read_image(self._images[i])
-        mask = read_index_mask(self._masks[i])
-        check_pair(image, mask, self._images[i], self._masks[i])
-        return image, mask_to_tensor(mask)
-
-    def labels_present(self, index: int) -> frozenset[int]:
-        """Dataset ids in mask ``index``, void excluded (reads the mask only)."""
-        return ids_in_mask(read_index_mask(self._masks[check_index(index, len(self))]))
-
-    def fingerprint(self) -> str:
-        """Identifies split, mask directory and mask files (names, sizes, modification times)."""
-        if self._fingerprint is None:
-            kind = f"PascalVOC/{self.split}/{self._mask_dir.name}"
-            self._fingerprint = files_fingerprint(kind, self._mask_dir, self._masks)
-        return self._fingerprint
+        self._fingerprint_key = (f"PascalVOC/{self.split}/{mask_dir.name}", mask_dir)
 
     def __repr__(self) -> str:
         return (
