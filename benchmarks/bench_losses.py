@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+import incseg
 from incseg.functional import (
     attentive_distillation_loss,
     balanced_kd_loss,
@@ -162,7 +163,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    parser.add_argument(
+        "--validate",
+        action="store_true",
+        help="keep incseg's input value checks on (default off, as on GPU; the naive references check nothing)",
+    )
     args = parser.parse_args()
+    incseg.set_validate_values(True if args.validate else False)
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -52,6 +52,19 @@ def _peak(fn: Callable[[], object], device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
+@torch.no_grad()
+def _calibrate_batchnorm(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """Set every BatchNorm's running statistics to those of ``x`` (one cumulative pass)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    model(x)
+    for m in norms:
+        m.momentum = 0.1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -69,19 +82,21 @@ def main() -> None:
     build = (lambda k: small_segmenter(k)) if args.model == "small" else (lambda k: deeplabv3_resnet101(k))
     learner = IncrementalLearner(build(16).to(device), scenario, "caf")
     learner.begin_step(0)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    _calibrate_batchnorm(learner.model, x)  # an untrained network in eval mode overflows: give it real statistics
     learner.end_step()
     learner.begin_step(1)
     learner.model.to(device)
     learner.module.to(device)
-    opt = torch.optim.SGD(learner.param_groups(1e-3), lr=1e-3, momentum=0.9)
+    # A tiny learning rate: timing does not depend on it, and repeated steps on one batch must not diverge.
+    opt = torch.optim.SGD(learner.param_groups(1e-8), lr=1e-8, momentum=0.9)
 
     # The bare network: same architecture, no CAF, plain CE; its teacher is a frozen copy.
     bare = copy.deepcopy(learner.model)
     bare.fusion = None
     bare_teacher = freeze(copy.deepcopy(bare))
-    bare_opt = torch.optim.SGD(bare.parameters(), lr=1e-3, momentum=0.9)
+    bare_opt = torch.optim.SGD(bare.parameters(), lr=1e-8, momentum=0.9)
 
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     y = torch.randint(0, 21, (args.batch, args.size, args.size), device=device)
     y[y < 16] = 0
 
