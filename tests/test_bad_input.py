@@ -137,3 +137,14 @@ def test_failed_save_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     with pytest.raises(OSError, match="disk full"):
         learner.save(tmp_path / "ckpt.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_dtypes_are_both_type_and_value_errors() -> None:
+    for call in (
+        lambda: F.unbiased_cross_entropy(_logits(), _labels().float(), 2),
+        lambda: F.unbiased_cross_entropy(_logits().long(), _labels(), 2),
+    ):
+        with pytest.raises(ValueError, match=r"integer|floating"):
+            call()
+        with pytest.raises(TypeError, match=r"integer|floating"):
+            call()

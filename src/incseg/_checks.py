@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "InputTypeError",
     "NonFiniteError",
     "check_feature_map",
     "check_finite",
@@ -23,6 +24,11 @@ __all__ = [
     "set_validate_values",
     "validate_values",
 ]
+
+
+class InputTypeError(TypeError, ValueError):
+    """A tensor of the wrong type or dtype (e.g. float labels). Both a :class:`TypeError` and a
+    :class:`ValueError`, so ``except ValueError`` catches every bad-input error of incseg."""
 
 
 _VALIDATE_VALUES: bool | None = None
@@ -50,11 +56,11 @@ def validate_values(x: Tensor) -> bool:
 def check_feature_map(x: object, name: str, *, channels: int | None = None) -> Tensor:
     """Check that ``x`` is a floating tensor of shape ``(B, C, H, W)`` (optionally with ``C == channels``)."""
     if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
+        raise InputTypeError(f"{name} must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
     if x.ndim != 4:
         raise ValueError(f"{name} must have shape (B, C, H, W) (4 dims), got {x.ndim} dims with shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        raise InputTypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{name} must have {channels} channels, got shape {tuple(x.shape)} with {x.shape[1]} channels")
     return x
@@ -115,13 +121,13 @@ def check_labels(
             ``None`` follows :func:`set_validate_values`.
 
     Raises:
-        TypeError: labels are not an integer tensor.
+        InputTypeError: labels are not an integer tensor (a ``TypeError`` and a ``ValueError``).
         ValueError: wrong rank, wrong batch size, or values outside ``[0, K) ∪ {ignore_index}``.
     """
     if not isinstance(labels, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (B, H, W), got {type(labels).__name__}")
+        raise InputTypeError(f"{name} must be a torch.Tensor of shape (B, H, W), got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor (int64 class indices), got dtype {labels.dtype}")
+        raise InputTypeError(f"{name} must be an integer tensor (int64 class indices), got dtype {labels.dtype}")
     if labels.ndim != 3:
         raise ValueError(f"{name} must have shape (B, H, W) (3 dims), got shape {tuple(labels.shape)}")
     if batch_shape is not None and labels.shape[0] != batch_shape[0]:
