@@ -44,3 +44,19 @@ def test_sync_bn_on_cpu_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     args = ["train", "--dataset", "synthetic", "--task", "15-5", "--model", "small", "--device", "cpu", "--sync-bn"]
     assert main(args) == 2
     assert "CUDA" in capsys.readouterr().err
+
+
+def test_train_runs_every_step_and_writes_history(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [
+        "train", "--dataset", "synthetic", "--task", "15-5", "--mode", "overlapped", "--model", "small",
+        "--method", "mib", "--epochs", "1", "--max-iters-per-epoch", "2", "--batch-size", "4", "--device", "cpu",
+        "--out", str(tmp_path), "--no-progress",
+    ]  # fmt: skip
+    assert main(args) == 0
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [entry["step"] for entry in history["steps"]] == [0, 1]
+    assert (tmp_path / "checkpoints" / "step1.pt").exists()
+    assert "mIoU all" in capsys.readouterr().out
+    # Running again resumes from the finished checkpoints: nothing is retrained, the history is the same.
+    assert main(args) == 0
+    assert json.loads((tmp_path / "history.json").read_text()) == history
