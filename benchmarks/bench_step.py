@@ -74,13 +74,14 @@ def main() -> None:
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--caf-inner", type=int, help="inner channels of CAF's projections (default C/2)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
 
     scenario = get_scenario("voc", "15-5", mode="overlapped")
     build = (lambda k: small_segmenter(k)) if args.model == "small" else (lambda k: deeplabv3_resnet101(k))
-    learner = IncrementalLearner(build(16).to(device), scenario, "caf")
+    learner = IncrementalLearner(build(16).to(device), scenario, "caf", caf_inner_channels=args.caf_inner)
     learner.begin_step(0)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     _calibrate_batchnorm(learner.model, x)  # an untrained network in eval mode overflows: give it real statistics
@@ -140,7 +141,8 @@ def main() -> None:
     t_bare = _timeit(infer_bare, device, args.iters, args.warmup)
     m_caf, m_bound = _peak(caf_step, device), _peak(bound_step, device)
 
-    print(f"device={device} model={args.model} batch={args.batch} size={args.size} amp={args.amp}")
+    inner = args.caf_inner or "C/2"
+    print(f"device={device} model={args.model} batch={args.batch} size={args.size} amp={args.amp} caf_inner={inner}")
     print(f"(a) CAF training step        {1e3 * t_caf:9.1f} ms")
     print(
         f"    lower bound (T fwd + S fwd/bwd) {1e3 * t_bound:9.1f} ms   ratio {t_caf / t_bound:.3f}  (target <= 1.15)"

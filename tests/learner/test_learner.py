@@ -293,3 +293,25 @@ def test_to_moves_teacher_and_module(caf_step1: IncrementalLearner) -> None:
     assert caf_step1.teacher is not None
     for module in (caf_step1.model, caf_step1.criterion, caf_step1.teacher):
         assert all(p.dtype == torch.float64 for p in module.parameters())
+
+
+def test_caf_inner_channels_reach_the_module_and_survive_a_checkpoint(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from incseg.learner import IncrementalLearner
+    from incseg.models import small_segmenter
+    from incseg.scenarios import Scenario
+
+    scenario = Scenario([[1, 2], [3]])
+    learner = IncrementalLearner(small_segmenter(3, width=8), scenario, "caf", caf_inner_channels=4)
+    learner.begin_step(0)
+    learner.end_step()
+    learner.begin_step(1)
+    fusion = learner.model.fusion
+    assert fusion is not None
+    assert fusion.projection_new.theta.out_channels == 4
+    learner.save(tmp_path / "c.pt")
+    torch.manual_seed(1)
+    again = IncrementalLearner.from_checkpoint(tmp_path / "c.pt", small_segmenter(3, width=8))
+    assert again.config.caf_inner_channels == 4
+    assert again.model.fusion.projection_old.theta.out_channels == 4  # type: ignore[union-attr]

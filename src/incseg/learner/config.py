@@ -53,7 +53,10 @@ class MethodConfig:
         lambda_ad: weight of ``L_AD`` (paper: 1000, with the mean reduction of PROTOCOL.md).
         class_reduction: ``"mean"`` (MiB normalisation, default) or ``"sum"`` (eq. 9 exactly) over old classes.
         test_strategy: CAF test strategy, ``"skip"`` (default), ``"zero_pad"`` or ``"concat"``.
-        void_as_background: MiB's labelling of void pixels as background (read by the data pipeline).
+        void_as_background: MiB's labelling of void pixels as background (``incseg train`` passes it to the
+            datasets; in your own pipeline give it to :class:`~incseg.data.IncrementalSegmentation`).
+        caf_inner_channels: inner channels of CAF's non-local projections (``None``: ``C / 2`` as the paper);
+            fewer trade accuracy for speed (the module's cost is mostly these projections, see the results).
 
     Raises:
         ValueError: a value outside its allowed set (the message lists the valid ones) or a negative or
@@ -79,6 +82,7 @@ class MethodConfig:
     class_reduction: Literal["mean", "sum"] = "mean"
     test_strategy: TestStrategy = "skip"
     void_as_background: bool = False
+    caf_inner_channels: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -91,6 +95,9 @@ class MethodConfig:
             value = getattr(self, field_name)
             if not isinstance(value, bool):
                 raise TypeError(f"{field_name} must be a bool, got {type(value).__name__}")
+        inner = self.caf_inner_channels
+        if inner is not None and (isinstance(inner, bool) or not isinstance(inner, int) or inner < 1):
+            raise ValueError(f"caf_inner_channels must be None or a positive int, got {inner!r}")
         for field_name in ("lambda_d", "lambda_ad"):
             value = getattr(self, field_name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -150,7 +157,8 @@ class MethodConfig:
         if not isinstance(data, Mapping):
             raise TypeError(f"data must be a mapping, got {type(data).__name__}")
         _check_fields(data)
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data]
+        optional = {"caf_inner_channels"}  # added after format 1 was defined: older checkpoints lack it
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and f.name not in optional]
         if missing:
             raise ValueError(f"method configuration is missing fields {missing}")
         return cls(**dict(data))

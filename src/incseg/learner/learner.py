@@ -312,7 +312,11 @@ class IncrementalLearner:
         self._step_finished = True
 
     def _new_fusion(self, model: IncrementalSegmenter) -> ContinualAttentiveFusion:
-        fusion = ContinualAttentiveFusion(model.z_channels, test_strategy=self._config.test_strategy)
+        fusion = ContinualAttentiveFusion(
+            model.z_channels,
+            inner_channels=self._config.caf_inner_channels,
+            test_strategy=self._config.test_strategy,
+        )
         found = _device_of(model)
         if found is not None:
             fusion.to(device=found[0], dtype=found[1])
