@@ -95,3 +95,18 @@ def test_nan_loss_skip_leaves_weights_untouched(monkeypatch: pytest.MonkeyPatch)
 def test_config_rejects_bad_values(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_run_trains_with_float32_losses(amp: str) -> None:
+    learner, history = tiny_run(None, amp=amp, epochs=1)
+    assert list(history.steps) == [0, 1]
+    for name, param in learner.model.named_parameters():
+        assert param.dtype == torch.float32, name
+        assert torch.isfinite(param).all(), name
+    scenario = tiny_scenario()
+    _, test_set = tiny_datasets(scenario)(1)
+    images = torch.stack([test_set[i][0] for i in range(2)])
+    with torch.autocast("cpu", dtype=torch.bfloat16 if amp == "bf16" else torch.float16):
+        out = learner.training_step(images, torch.zeros(2, *images.shape[-2:], dtype=torch.long))
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
