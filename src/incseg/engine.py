@@ -353,7 +353,7 @@ def train_scenario(
                 running = value if i == 0 else 0.9 * running + 0.1 * value
                 bar.set_postfix(f"loss={running:.4f}")
             if last_path is not None:
-                _save(learner, last_path, optimizer, scaler, history, epoch=epoch + 1, finished=False)
+                _save(learner, last_path, optimizer, scaler, history, config, epoch=epoch + 1, finished=False)
         learner.end_step()
         say(f"step {step} trained in {time.monotonic() - t0:.1f}s")
         result = evaluate(
@@ -370,8 +370,10 @@ def train_scenario(
         if on_step_end is not None:
             on_step_end(step, result)
         if ckpt_dir is not None and last_path is not None:
-            _save(learner, ckpt_dir / f"step{step}.pt", None, scaler, history, epoch=config.epochs, finished=True)
-            _save(learner, last_path, None, scaler, history, epoch=config.epochs, finished=True)
+            _save(
+                learner, ckpt_dir / f"step{step}.pt", None, scaler, history, config, epoch=config.epochs, finished=True
+            )
+            _save(learner, last_path, None, scaler, history, config, epoch=config.epochs, finished=True)
         resume_state = None
     return history
 
@@ -395,6 +397,7 @@ def _save(
     optimizer: torch.optim.Optimizer | None,
     scaler: torch.amp.GradScaler,
     history: StepHistory,
+    config: TrainConfig,
     *,
     epoch: int,
     finished: bool,
@@ -406,6 +409,7 @@ def _save(
             "step_finished": finished,
             "history": history.to_dict(),
             "scaler": scaler.state_dict(),
+            "train_config": config.to_dict(),
         }
         learner.save(path, optimizer=optimizer, extra=extra)
     D.barrier()
