@@ -200,15 +200,18 @@ def _set_poly_lr(optimizer: torch.optim.Optimizer, it: int, max_it: int, power: 
         group["lr"] = group["initial_lr"] * factor
 
 
-def _all_finite(loss: torch.Tensor | None) -> bool:
-    """Whether the loss is finite on every process (one host sync per iteration, outside the loss).
+def _mean_loss(loss: torch.Tensor | None) -> float:
+    """The loss averaged over processes, NaN unless it is finite on every process (one host sync per iteration).
 
-    ``None`` (this process could not compute its loss) counts as non-finite, so all processes agree to skip.
+    ``None`` (this process could not compute its loss) counts as non-finite, so all processes agree to skip: a
+    sum over processes is finite only if every term is.
     """
-    flag = torch.isfinite(loss.detach()).to(torch.float32) if loss is not None else torch.zeros(())
+    value = loss.detach().float().reshape(1) if loss is not None else torch.full((1,), float("nan"))
     if D.is_distributed():
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag)
+        value = value.clone()
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.SUM)
+        value /= D.get_world_size()
+    return float(value)
 
 
 def train_scenario(
@@ -336,7 +339,8 @@ def train_scenario(
                         out = learner.training_step(images, labels, module=module)
                 except NonFiniteError as err:  # the loss refused non-finite logits (value checks on)
                     refused = str(err)
-                if not _all_finite(out.loss if out is not None else None):
+                value = _mean_loss(out.loss if out is not None else None)
+                if not math.isfinite(value):
                     detail = refused or ", ".join(f"{k}={float(v):.4g}" for k, v in out.terms.items())  # type: ignore[union-attr]
                     msg = f"non-finite loss at step {step}, epoch {epoch}, batch {i}: {detail}"
                     if config.nan_policy == "stop":
@@ -349,7 +353,6 @@ def train_scenario(
                 scaler.scale(out.loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-                value = float(out.loss.detach())
                 running = value if i == 0 else 0.9 * running + 0.1 * value
                 bar.set_postfix(f"loss={running:.4f}")
             if last_path is not None:
