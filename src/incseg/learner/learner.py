@@ -20,7 +20,7 @@ from incseg.learner.checkpoint import FORMAT_VERSION, CheckpointError, atomic_sa
 from incseg.learner.config import MethodConfig, TestStrategy
 from incseg.learner.module import TrainingModule
 from incseg.losses import CAFLoss, LossOutput
-from incseg.models import IncrementalClassifier, IncrementalSegmenter
+from incseg.models import IncrementalSegmenter
 from incseg.nn.caf import ContinualAttentiveFusion
 from incseg.scenarios import Scenario
 
@@ -52,6 +52,13 @@ def unwrap_module(module: nn.Module) -> nn.Module:
             module = module._orig_mod  # type: ignore[assignment]
         else:
             return module
+
+
+def _cafs(model: nn.Module) -> list[ContinualAttentiveFusion]:
+    """The CAF modules of a segmenter's fusion: the fusion itself, or the values of its ``nn.ModuleDict``."""
+    fusion = getattr(model, "fusion", None)
+    modules = fusion.values() if isinstance(fusion, nn.ModuleDict) else [fusion]
+    return [m for m in modules if isinstance(m, ContinualAttentiveFusion)]
 
 
 def _device_of(module: nn.Module) -> tuple[torch.device, torch.dtype] | None:
@@ -158,7 +165,7 @@ class IncrementalLearner:
         else:
             raise TypeError(f"method must be a method name or a MethodConfig, got {type(method).__name__}")
         criterion = CAFLoss(
-            unwrapped.z_channels,
+            unwrapped.caf_channels,
             unwrapped.h_channels,
             ce=config.ce,
             kd=config.kd,
@@ -240,7 +247,8 @@ class IncrementalLearner:
         mode kept across ``.train()``, no gradients; its CAF module, if any, uses the ``skip`` strategy since
         no older features exist), the classifier grows by ``len(scenario.classes_at(t))`` outputs with the
         configured initialisation, and with ``caf`` the CAF module is inserted at step 1 (a new
-        :class:`~incseg.nn.caf.ContinualAttentiveFusion` on ``z_channels``, on the model's device). The
+        :class:`~incseg.nn.caf.ContinualAttentiveFusion` on ``z_channels``, one per level of ``caf_levels`` for a
+        multi-scale encoder, on the model's device). The
         criterion's SE blocks start training at step 1.
 
         The set of trained parameters changes: rebuild the optimizer from :meth:`param_groups` (and any DDP
@@ -290,8 +298,8 @@ class IncrementalLearner:
                     f"needs {expected}: it was changed outside the learner"
                 )
             teacher = freeze(copy.deepcopy(model))
-            if isinstance(teacher.fusion, ContinualAttentiveFusion):
-                teacher.fusion.test_strategy = "skip"
+            for caf in _cafs(teacher):
+                caf.test_strategy = "skip"
             model.classifier.add_classes(len(self._scenario.classes_at(step)), init=self._config.init)
             if self._config.caf and model.fusion is None:
                 model.fusion = self._new_fusion(model)
@@ -311,18 +319,24 @@ class IncrementalLearner:
             raise RuntimeError("end_step() needs a step in progress: call begin_step() first")
         self._step_finished = True
 
-    def _new_fusion(self, model: IncrementalSegmenter) -> ContinualAttentiveFusion:
-        fusion = ContinualAttentiveFusion(
-            model.z_channels,
-            inner_channels=self._config.caf_inner_channels,
-            test_strategy=self._config.test_strategy,
-        )
+    def _new_fusion(self, model: IncrementalSegmenter) -> nn.Module:
+        channels = model.caf_channels
+        fusion: nn.Module
+        if isinstance(channels, int):
+            fusion = self._new_caf(channels)
+        else:
+            fusion = nn.ModuleDict({level: self._new_caf(c) for level, c in channels.items()})
         found = _device_of(model)
         if found is not None:
             fusion.to(device=found[0], dtype=found[1])
         if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
             fusion = nn.SyncBatchNorm.convert_sync_batchnorm(fusion)
         return fusion
+
+    def _new_caf(self, channels: int) -> ContinualAttentiveFusion:
+        return ContinualAttentiveFusion(
+            channels, inner_channels=self._config.caf_inner_channels, test_strategy=self._config.test_strategy
+        )
 
     # ------------------------------------------------------------------ training
     def _needs_teacher(self) -> bool:
@@ -455,29 +469,30 @@ class IncrementalLearner:
         if strategy is not None and strategy not in _STRATEGIES:
             raise ValueError(f"strategy must be None or one of {list(_STRATEGIES)}, got {strategy!r}")
         model = self.model
-        fusion = model.fusion
+        cafs = _cafs(model)
         modes = [(m, m.training) for m in model.modules()]
-        saved_strategy = fusion.test_strategy if isinstance(fusion, ContinualAttentiveFusion) else None
+        saved_strategies = [caf.test_strategy for caf in cafs]
         try:
             model.eval()
             with torch.no_grad():
                 z_old = None
-                if isinstance(fusion, ContinualAttentiveFusion):
-                    effective = strategy if strategy is not None else fusion.test_strategy
+                if cafs:
+                    effective = strategy if strategy is not None else cafs[0].test_strategy
                     if effective == "concat":
                         teacher_out = self.teacher_forward(images)
                         if teacher_out is None:
                             raise ValueError('strategy "concat" needs the teacher (old model), but there is none')
                         z_old = teacher_out["z"]
-                    fusion.test_strategy = effective
+                    for caf in cafs:
+                        caf.test_strategy = effective
                 logits = model.forward_features(images, z_old)["logits"]
                 with torch.autocast(device_type=logits.device.type, enabled=False):
                     return F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
         finally:
             for m, training in modes:
                 m.training = training
-            if isinstance(fusion, ContinualAttentiveFusion) and saved_strategy is not None:
-                fusion.test_strategy = saved_strategy
+            for caf, saved in zip(cafs, saved_strategies):
+                caf.test_strategy = saved
 
     def to(self, *args: Any, **kwargs: Any) -> IncrementalLearner:
         """Move the training module (model, criterion) and the teacher, as ``nn.Module.to``; returns ``self``."""
@@ -494,7 +509,8 @@ class IncrementalLearner:
 
         Keys: ``format_version``, ``incseg_version``, ``scenario`` (``Scenario.to_dict()``), ``method``
         (``MethodConfig.to_dict()``), ``step``, ``step_finished``, ``classes_per_step``, ``has_fusion``,
-        ``model``, ``teacher`` (or ``None``), ``criterion`` (state dicts), ``optimizer`` (its state dict or
+        ``caf_levels`` (the encoder's levels and those CAF sees, ``None`` for a single-tensor encoder), ``model``,
+        ``teacher`` (or ``None``), ``criterion`` (state dicts), ``optimizer`` (its state dict or
         ``None``) and ``extra``. Only tensors and plain python values: loadable with
         ``torch.load(weights_only=True)`` and storable inside, e.g., a Lightning checkpoint.
 
@@ -528,6 +544,7 @@ class IncrementalLearner:
             "step_finished": self._step_finished,
             "classes_per_step": model.classifier.classes_per_step,
             "has_fusion": model.fusion is not None,
+            "caf_levels": _levels_record(model),
             "model": model.state_dict(),
             "teacher": None if self._teacher is None else self._teacher.state_dict(),
             "criterion": self.criterion.state_dict(),
@@ -691,6 +708,13 @@ class IncrementalLearner:
                 f"checkpoint has_fusion={state['has_fusion']} but method {config.name!r} at step {step} "
                 f"has {has_fusion}"
             )
+        saved_levels = state.get("caf_levels")  # absent in checkpoints of incseg 0.1: single-tensor encoders
+        if saved_levels != _levels_record(self.model):
+            raise CheckpointError(
+                f"checkpoint was written for a network with encoder levels {saved_levels} but this model has "
+                f"{_levels_record(self.model)} (None: an encoder returning one tensor); build the model with the "
+                "same encoder and caf_levels as when the checkpoint was saved"
+            )
         if (state["teacher"] is None) != (step == 0):
             raise CheckpointError(f"checkpoint at step {step} must {'not ' if step == 0 else ''}hold teacher weights")
         extra = state["extra"]
@@ -726,12 +750,12 @@ class IncrementalLearner:
         if replace_fusion:
             model.fusion = student.fusion
         model.load_state_dict(state["model"])
-        if isinstance(model.fusion, ContinualAttentiveFusion):
-            model.fusion.test_strategy = self._config.test_strategy
+        for caf in _cafs(model):
+            caf.test_strategy = self._config.test_strategy
         if teacher is not None:
             freeze(teacher)
-            if isinstance(teacher.fusion, ContinualAttentiveFusion):
-                teacher.fusion.test_strategy = "skip"
+            for caf in _cafs(teacher):
+                caf.test_strategy = "skip"
         self._teacher = teacher
         self.criterion.load_state_dict(state["criterion"])
         self._step = step
@@ -749,11 +773,7 @@ class IncrementalLearner:
                 for n in classes_per_step[len(current) :]:
                     model.classifier.add_classes(n, init="random")
             else:
-                old = model.classifier
-                model.classifier = IncrementalClassifier(old.in_channels, classes_per_step)
-                found = _device_of(old)
-                if found is not None:
-                    model.classifier.to(device=found[0], dtype=found[1])
+                model.classifier = model.classifier.with_steps(classes_per_step)
         if has_fusion and model.fusion is None:
             model.fusion = self._new_fusion(model)
         elif not has_fusion:
@@ -804,6 +824,13 @@ _SCHEMA: dict[str, tuple[type, ...]] = {
     "optimizer": (dict, type(None)),
     "extra": (dict,),
 }
+
+
+def _levels_record(model: IncrementalSegmenter) -> dict[str, list[str]] | None:
+    """The multi-scale structure a checkpoint records: the encoder's levels and the CAF levels, as strings."""
+    if model.levels is None or model.caf_levels is None:
+        return None
+    return {"levels": [str(level) for level in model.levels], "caf": [str(level) for level in model.caf_levels]}
 
 
 def _scenario_from(state: Mapping[str, Any]) -> Scenario:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from torch import Tensor, nn
 
 from incseg._checks import check_feature_map
@@ -22,8 +25,12 @@ class AttentiveDistillationLoss(nn.Module):
     :func:`incseg.functional.attentive_distillation_loss`). The module therefore has parameters when
     ``attention`` is ``"both"`` or ``"channel"``: they must be given to the optimizer.
 
+    With a multi-scale encoder (CAF on several levels) ``channels_z`` maps each level (``str(level)``) to its
+    channels, ``z``/``z_old`` are dicts level -> feature map, ``se_z`` is an ``nn.ModuleDict`` of one SE block
+    per level, and the ``z̄`` term is the sum over the levels.
+
     Args:
-        channels_z: channels of the encoder features ``z̄``.
+        channels_z: channels of the encoder features ``z̄``, or ``{str(level): channels}`` for several levels.
         channels_h: channels of the refined features ``h``.
         attention: ``"both"`` (eq. 7), ``"spatial"``, ``"channel"`` or ``"none"`` (plain feature distillation,
             the ablations of Table VI); ``se_z``/``se_h`` are ``None`` for ``"spatial"`` and ``"none"``.
@@ -47,12 +54,12 @@ class AttentiveDistillationLoss(nn.Module):
         torch.Size([])
     """
 
-    se_z: SqueezeExcitation | None
+    se_z: SqueezeExcitation | nn.ModuleDict | None
     se_h: SqueezeExcitation | None
 
     def __init__(
         self,
-        channels_z: int,
+        channels_z: int | Mapping[str, int],
         channels_h: int,
         *,
         attention: Attention = "both",
@@ -60,32 +67,63 @@ class AttentiveDistillationLoss(nn.Module):
         se_reduction: int = 16,
     ) -> None:
         super().__init__()
-        for name, value in (("channels_z", channels_z), ("channels_h", channels_h)):
+        levels = dict(channels_z) if isinstance(channels_z, Mapping) else None
+        if levels is not None and not levels:
+            raise ValueError("channels_z must map at least one level to its channels")
+        named: list[tuple[str, object]] = [(f"channels_z[{k!r}]", v) for k, v in (levels or {}).items()]
+        named = named or [("channels_z", channels_z)]
+        for name, value in [*named, ("channels_h", channels_h)]:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         check_choice(attention, "attention", _ATTENTIONS)
         check_choice(reduction, "reduction", ("mean", "sum"))
-        self.channels_z = channels_z
+        self.channels_z = channels_z if levels is None else {str(k): v for k, v in levels.items()}
         self.channels_h = channels_h
         self.attention: Attention = attention
         self.reduction: Reduction = reduction
         if attention in ("both", "channel"):
-            self.se_z = SqueezeExcitation(channels_z, reduction=se_reduction)
+            self.se_z = (
+                SqueezeExcitation(channels_z, reduction=se_reduction)  # type: ignore[arg-type]
+                if levels is None
+                else nn.ModuleDict({str(k): SqueezeExcitation(v, reduction=se_reduction) for k, v in levels.items()})
+            )
             self.se_h = SqueezeExcitation(channels_h, reduction=se_reduction)
         else:
             self.se_z = None
             self.se_h = None
 
-    def forward(self, z: Tensor, z_old: Tensor, h: Tensor, h_old: Tensor) -> Tensor:
-        """Return ``L_AD`` for the student features ``(z, h)`` and the teacher features ``(z_old, h_old)``."""
-        for name, x, channels in (
-            ("z", z, self.channels_z),
-            ("z_old", z_old, self.channels_z),
-            ("h", h, self.channels_h),
-            ("h_old", h_old, self.channels_h),
-        ):
+    def forward(
+        self, z: Tensor | Mapping[Any, Tensor], z_old: Tensor | Mapping[Any, Tensor], h: Tensor, h_old: Tensor
+    ) -> Tensor:
+        """Return ``L_AD`` for the student features ``(z, h)`` and the teacher features ``(z_old, h_old)``.
+
+        ``z`` and ``z_old`` are dicts level -> feature map when ``channels_z`` is a mapping (keys compared as
+        ``str(level)``).
+        """
+        for name, x, channels in (("h", h, self.channels_h), ("h_old", h_old, self.channels_h)):
             check_feature_map(x, name, channels=channels)
-        loss_z = attentive_distillation_loss(z, z_old, self.se_z, attention=self.attention, reduction=self.reduction)
+        if isinstance(self.channels_z, Mapping):
+            new, old = _by_level(z, "z", self.channels_z), _by_level(z_old, "z_old", self.channels_z)
+            se = self.se_z if isinstance(self.se_z, nn.ModuleDict) else None
+            loss_z = sum(
+                (
+                    attentive_distillation_loss(
+                        new[key],
+                        old[key],
+                        None if se is None else se[key],
+                        attention=self.attention,
+                        reduction=self.reduction,
+                    )
+                    for key in self.channels_z
+                ),
+                start=h.new_zeros(()),
+            )
+        else:
+            check_feature_map(z, "z", channels=self.channels_z)
+            check_feature_map(z_old, "z_old", channels=self.channels_z)
+            assert isinstance(z, Tensor) and isinstance(z_old, Tensor)
+            se_z = self.se_z if isinstance(self.se_z, SqueezeExcitation) else None
+            loss_z = attentive_distillation_loss(z, z_old, se_z, attention=self.attention, reduction=self.reduction)
         loss_h = attentive_distillation_loss(h, h_old, self.se_h, attention=self.attention, reduction=self.reduction)
         return loss_z + loss_h
 
@@ -94,3 +132,18 @@ class AttentiveDistillationLoss(nn.Module):
             f"channels_z={self.channels_z}, channels_h={self.channels_h}, attention={self.attention!r}, "
             f"reduction={self.reduction!r}"
         )
+
+
+def _by_level(features: object, name: str, channels: Mapping[str, int]) -> dict[str, Tensor]:
+    """``{str(level): map}`` of a dict of per-level feature maps, checked against ``channels``."""
+    if not isinstance(features, Mapping):
+        raise TypeError(
+            f"{name} must be a dict level -> (B, C, H, W) feature map for the levels {list(channels)}, "
+            f"got {type(features).__name__}"
+        )
+    by_key = {str(k): v for k, v in features.items()}
+    if set(by_key) != set(channels):
+        raise ValueError(f"{name} must hold the levels {list(channels)}, got {list(by_key)}")
+    for key, c in channels.items():
+        check_feature_map(by_key[key], f"{name}[{key!r}]", channels=c)
+    return by_key

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from torch import Tensor, nn
 
@@ -86,7 +86,10 @@ class CAFLoss(nn.Module):
     add up to ``"total"``.
 
     Args:
-        z_channels: channels of ``z̄`` (needed when ``ad`` is not ``None``; may be ``None`` otherwise).
+        z_channels: channels of ``z̄`` (needed when ``ad`` is not ``None``; may be ``None`` otherwise), or
+            ``{str(level): channels}`` when CAF sees several levels of a multi-scale encoder (then ``"z"`` of
+            the features is a dict level -> map and every level is distilled, see
+            :class:`AttentiveDistillationLoss`).
         h_channels: channels of ``h`` (same).
         ce: ``"unbiased"`` (default) or ``"plain"``.
         kd: ``"balanced"`` (default), ``"unbiased"``, ``"plain"`` or ``None``.
@@ -123,7 +126,7 @@ class CAFLoss(nn.Module):
 
     def __init__(
         self,
-        z_channels: int | None,
+        z_channels: int | Mapping[str, int] | None,
         h_channels: int | None,
         *,
         ce: Literal["plain", "unbiased"] = "unbiased",
@@ -166,8 +169,8 @@ class CAFLoss(nn.Module):
         *,
         num_old_classes: int,
         old_logits: Tensor | None = None,
-        features: Mapping[str, Tensor] | None = None,
-        old_features: Mapping[str, Tensor] | None = None,
+        features: Mapping[str, Any] | None = None,
+        old_features: Mapping[str, Any] | None = None,
     ) -> LossOutput:
         """Compute the loss of one batch.
 
@@ -230,9 +233,9 @@ class CAFLoss(nn.Module):
         return LossOutput(total, terms)
 
     def _features(
-        self, features: Mapping[str, Tensor] | None, old_features: Mapping[str, Tensor] | None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        checked: list[Mapping[str, Tensor]] = []
+        self, features: Mapping[str, Any] | None, old_features: Mapping[str, Any] | None
+    ) -> tuple[Any, Any, Tensor, Tensor]:
+        checked: list[Mapping[str, Any]] = []
         for name, feats in (("features", features), ("old_features", old_features)):
             if feats is None:
                 raise ValueError(f"ad={self.ad!r} needs {name} when num_old_classes > 0, got None")

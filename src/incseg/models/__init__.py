@@ -4,9 +4,11 @@
 - :class:`IncrementalClassifier`: one 1x1 head per step, MiB initialisation of new classes.
 - :func:`small_segmenter`: a small CPU network for the demo and tests.
 - :func:`deeplabv3_resnet101` / :func:`deeplabv3_resnet50`: DeepLabV3 of the paper; :class:`ASPP`.
+- :func:`adapt`: one call for torchvision, segmentation_models_pytorch and transformers SegFormer/UperNet.
 - Adapters: :func:`from_torchvision_deeplabv3`, :func:`from_named_submodules`, :func:`classifier_from_conv`.
 """
 
+from incseg.models.adapt import adapt
 from incseg.models.adapters import classifier_from_conv, from_named_submodules, from_torchvision_deeplabv3
 from incseg.models.classifier import IncrementalClassifier
 from incseg.models.deeplab import ASPP, deeplabv3_resnet50, deeplabv3_resnet101
@@ -17,6 +19,7 @@ __all__ = [
     "ASPP",
     "IncrementalClassifier",
     "IncrementalSegmenter",
+    "adapt",
     "classifier_from_conv",
     "deeplabv3_resnet50",
     "deeplabv3_resnet101",

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.segmentation import DeepLabV3
 
 from incseg.models.classifier import IncrementalClassifier
-from incseg.models.segmenter import IncrementalSegmenter
+from incseg.models.segmenter import CafLevels, IncrementalSegmenter
 
 __all__ = ["classifier_from_conv", "from_named_submodules", "from_torchvision_deeplabv3"]
 
@@ -31,21 +33,61 @@ class _SelectOutput(nn.Module):
         return f"key={self.key!r}"
 
 
-def classifier_from_conv(conv: nn.Module) -> IncrementalClassifier:
-    """Convert a 1x1 ``nn.Conv2d`` classifier into a one-step :class:`IncrementalClassifier` with its weights.
+def _passthrough(module: nn.Module) -> bool:
+    """Whether ``module`` is an activation-free identity: ``nn.Identity`` or a parameter-free wrapper of them
+    (segmentation_models_pytorch's ``Activation(None)``)."""
+    if isinstance(module, nn.Identity):
+        return True
+    children = list(module.children())
+    return (
+        bool(children)
+        and not any(True for _ in module.parameters(recurse=False))
+        and not any(True for _ in module.buffers(recurse=False))
+        and all(_passthrough(c) for c in children)
+        and type(module).__name__ in ("Activation", "Sequential")
+    )
 
-    The new classifier has fresh parameters (copies, on the device and dtype of ``conv``); a convolution
-    without bias gets a zero bias.
+
+def _upsampling_of(module: nn.Module) -> tuple[float, bool] | None:
+    """``(scale, align_corners)`` of a bilinear ``nn.Upsample`` by a scale factor, else ``None``."""
+    if not isinstance(module, nn.Upsample) or module.mode != "bilinear" or module.size is not None:
+        return None
+    scale = module.scale_factor
+    if isinstance(scale, tuple):
+        if len(set(scale)) != 1:
+            return None
+        scale = scale[0]
+    if scale is None:
+        return None
+    return float(scale), bool(module.align_corners)
+
+
+def classifier_from_conv(
+    conv: nn.Module, *, upsampling: float = 1, align_corners: bool = False
+) -> IncrementalClassifier:
+    """Convert a classifier convolution into a one-step :class:`IncrementalClassifier` with its weights.
+
+    ``conv`` is a ``nn.Conv2d`` with an odd ``k x k`` kernel and ``k // 2`` zero padding (1x1 heads, the 3x3
+    heads of segmentation_models_pytorch), stride 1, no dilation, one group; or an ``nn.Sequential`` of such a
+    convolution followed by a bilinear ``nn.Upsample`` by a scale factor and activation-free identity layers
+    (smp's ``SegmentationHead`` built with ``activation=None``). The upsampling becomes the classifier's
+    ``upsampling``/``align_corners``, so the logits equal the head's. The new classifier has fresh
+    parameters (copies, on the device and dtype of ``conv``); a convolution without bias gets a zero bias.
 
     Args:
-        conv: a ``nn.Conv2d`` with kernel size 1, stride 1, no padding and one group.
+        conv: the classifier convolution or head.
+        upsampling: scale factor of a bilinear upsampling that follows the convolution outside ``conv``.
+        align_corners: ``align_corners`` of that upsampling.
 
     Returns:
-        ``IncrementalClassifier(conv.in_channels, [conv.out_channels])`` computing the same logits.
+        ``IncrementalClassifier(conv.in_channels, [conv.out_channels], kernel_size=k, ...)`` computing the
+        same logits.
 
     Raises:
-        TypeError: ``conv`` is not a ``nn.Conv2d`` (an :class:`IncrementalClassifier` is returned as is).
-        ValueError: ``conv`` is not a plain 1x1 convolution.
+        TypeError: ``conv`` is neither a ``nn.Conv2d`` nor such a head (an :class:`IncrementalClassifier` is
+            returned as is).
+        ValueError: the convolution is strided, dilated, grouped, has an even kernel or another padding, or
+            the head holds an activation or a layer that is not an upsampling or an identity.
 
     Example:
         >>> import torch
@@ -54,22 +96,55 @@ def classifier_from_conv(conv: nn.Module) -> IncrementalClassifier:
         >>> x = torch.randn(1, 8, 4, 4)
         >>> torch.equal(clf(x), conv(x))
         True
+        >>> from torch import nn
+        >>> head = nn.Sequential(nn.Conv2d(8, 3, 3, padding=1), nn.UpsamplingBilinear2d(scale_factor=4))
+        >>> classifier_from_conv(head)
+        IncrementalClassifier(
+          in_channels=8, classes_per_step=[3], kernel_size=3, upsampling=4.0, align_corners=True
+          (heads): ModuleList(
+            (0): Conv2d(8, 3, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
+          )
+        )
     """
     if isinstance(conv, IncrementalClassifier):
         return conv
+    if isinstance(conv, nn.Sequential) and len(conv) > 0 and isinstance(conv[0], nn.Conv2d):
+        for layer in list(conv)[1:]:
+            found = _upsampling_of(layer)
+            if found is not None and upsampling == 1:
+                upsampling, align_corners = found
+            elif not _passthrough(layer):
+                raise ValueError(
+                    "a classifier head may only follow its convolution with one bilinear nn.Upsample (by a scale "
+                    f"factor) and identity layers, got {layer}; build the network without a final activation "
+                    "(e.g. smp's activation=None) or pass the convolution itself"
+                )
+        conv = conv[0]
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(
-            "the classifier must be an IncrementalClassifier or a 1x1 nn.Conv2d, got "
+            "the classifier must be an IncrementalClassifier, a nn.Conv2d or a nn.Sequential(conv, upsampling), got "
             f"{type(conv).__name__}; wrap anything else (e.g. dropout + conv) so that the refiner ends before "
-            "the final 1x1 convolution"
+            "the final convolution"
         )
-    if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1 or conv.padding not in ((0, 0), "valid"):
+    k = conv.kernel_size
+    padding = (0, 0) if conv.padding == "valid" else conv.padding
+    if (
+        k[0] != k[1]
+        or k[0] % 2 == 0
+        or padding != (k[0] // 2, k[1] // 2)
+        or conv.stride != (1, 1)
+        or conv.dilation != (1, 1)
+        or conv.groups != 1
+        or conv.padding_mode != "zeros"
+    ):
         raise ValueError(
-            "the classifier convolution must be a plain 1x1 conv (kernel_size=1, stride=1, padding=0, groups=1), "
-            f"got {conv}"
+            "the classifier convolution must be a plain k x k conv with odd k and zero padding k // 2 (stride 1, no "
+            f"dilation, groups=1), got {conv}"
         )
     weight = conv.weight
-    clf = IncrementalClassifier(conv.in_channels, [conv.out_channels]).to(device=weight.device, dtype=weight.dtype)
+    clf = IncrementalClassifier(
+        conv.in_channels, [conv.out_channels], kernel_size=k[0], upsampling=upsampling, align_corners=align_corners
+    ).to(device=weight.device, dtype=weight.dtype)
     head = clf.head(0)
     assert head.bias is not None
     with torch.no_grad():
@@ -119,14 +194,19 @@ def from_torchvision_deeplabv3(model: DeepLabV3) -> IncrementalSegmenter:
     if not isinstance(model, DeepLabV3):
         raise TypeError(
             f"model must be a torchvision.models.segmentation.DeepLabV3, got {type(model).__name__}; "
-            "use from_named_submodules for other networks"
+            "use incseg.models.adapt for other networks"
         )
+    return _from_torchvision_simple(model, "from_torchvision_deeplabv3")
+
+
+def _from_torchvision_simple(model: Any, caller: str) -> IncrementalSegmenter:
+    """torchvision's ``_SimpleSegmentationModel`` (DeepLabV3, FCN): backbone ``"out"``, head minus its last conv."""
     head = model.classifier
     if not isinstance(head, nn.Sequential) or len(head) < 2:
         raise ValueError(f"model.classifier must be an nn.Sequential ending with a 1x1 conv, got {type(head).__name__}")
     if getattr(model, "aux_classifier", None) is not None:
         warnings.warn(
-            "from_torchvision_deeplabv3: the auxiliary classifier (model.aux_classifier) is dropped",
+            f"{caller}: the auxiliary classifier (model.aux_classifier) is dropped",
             UserWarning,
             stacklevel=2,
         )
@@ -165,14 +245,15 @@ def from_named_submodules(
     encoder: str = "encoder",
     refiner: str = "refiner",
     classifier: str = "classifier",
-    z_channels: int,
+    z_channels: int | Sequence[int | None] | Mapping[str, int | None],
     h_channels: int,
     in_channels: int | None = None,
+    caf_levels: CafLevels = None,
 ) -> IncrementalSegmenter:
-    """Adapt any network whose encoder, refiner and 1x1 classifier are named submodules.
+    """Adapt any network whose encoder, refiner and classifier convolution are named submodules.
 
     The parts are looked up with ``model.get_submodule`` (dotted paths allowed) and *shared* with ``model``
-    (deepcopy first to keep it independent). A plain 1x1 ``nn.Conv2d`` classifier is converted into an
+    (deepcopy first to keep it independent). A classifier convolution (or head) is converted into an
     :class:`IncrementalClassifier` with copied weights (see :func:`classifier_from_conv`); an
     :class:`IncrementalClassifier` is used as is. The model's own ``forward`` is not used: the segmenter
     computes ``classifier(refiner(encoder(x)))``.
@@ -182,9 +263,11 @@ def from_named_submodules(
         encoder: name of the encoder submodule (images to ``z``).
         refiner: name of the refiner submodule (``z`` to ``h``).
         classifier: name of the classifier submodule (``h`` to logits).
-        z_channels: channels of ``z``.
+        z_channels: channels of ``z``; a list or dict of channel counts for an encoder returning a list or
+            dict of feature maps (see :class:`IncrementalSegmenter`).
         h_channels: channels of ``h``.
         in_channels: channels of the input images, checked when given.
+        caf_levels: multi-scale encoders: the levels CAF sees (default the deepest, or a list, or ``"all"``).
 
     Returns:
         An :class:`IncrementalSegmenter`.
@@ -192,7 +275,8 @@ def from_named_submodules(
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or the classifier is neither an
             :class:`IncrementalClassifier` nor a ``nn.Conv2d``.
-        ValueError: a submodule name is missing, the conv is not 1x1, or channel counts disagree.
+        ValueError: a submodule name is missing, the convolution is not a classifier (see
+            :func:`classifier_from_conv`), or channel counts disagree.
 
     Example:
         >>> from torch import nn
@@ -207,4 +291,6 @@ def from_named_submodules(
     enc = _get_part(model, encoder, "encoder")
     ref = _get_part(model, refiner, "refiner")
     clf = classifier_from_conv(_get_part(model, classifier, "classifier"))
-    return IncrementalSegmenter(enc, ref, clf, z_channels=z_channels, h_channels=h_channels, in_channels=in_channels)
+    return IncrementalSegmenter(
+        enc, ref, clf, z_channels=z_channels, h_channels=h_channels, in_channels=in_channels, caf_levels=caf_levels
+    )

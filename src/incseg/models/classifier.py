@@ -1,4 +1,4 @@
-"""The growing 1x1 classifier of incremental segmentation (one head per learning step)."""
+"""The growing classifier of incremental segmentation (one head per learning step)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from incseg._checks import check_feature_map
@@ -26,7 +27,7 @@ def _check_count(n: object, name: str) -> int:
 
 
 class IncrementalClassifier(nn.Module):
-    """Classifier that grows by one 1x1 convolution (with bias) per incremental learning step.
+    """Classifier that grows by one convolution (with bias) per incremental learning step.
 
     The logits are the concatenation of the heads' outputs in step order, so old classes come first and the
     new classes of the latest step last (the incremental index space of incseg, background at index 0 of the
@@ -36,17 +37,26 @@ class IncrementalClassifier(nn.Module):
     model gave to the background is then shared equally between the background and the new classes, and
     every old-class probability is unchanged.
 
+    The heads are 1x1 convolutions by default; ``kernel_size`` gives ``k x k`` heads with ``k // 2`` zero
+    padding (the 3x3 heads of segmentation_models_pytorch), for which the MiB initialisation copies the whole
+    background kernel. ``upsampling > 1`` bilinearly upsamples the logits by that factor (with
+    ``align_corners``), as the network the classifier was taken from did after its last convolution.
+
     Args:
         in_channels: channels ``C`` of the refined features ``h``.
         classes_per_step: number of classes learnt at each step so far (step 0 includes the background).
+        kernel_size: odd kernel size ``k`` of every head (1 by default).
+        upsampling: scale factor of the bilinear upsampling of the logits (1: none).
+        align_corners: ``align_corners`` of that upsampling.
 
     Shape:
         - Input: ``(B, C, H, W)``.
-        - Output: ``(B, K, H, W)`` with ``K = sum(classes_per_step)``.
+        - Output: ``(B, K, H * upsampling, W * upsampling)`` with ``K = sum(classes_per_step)``.
 
     Raises:
-        TypeError: non-integer ``in_channels`` or class counts.
-        ValueError: ``in_channels < 1``, empty ``classes_per_step`` or a count ``< 1``.
+        TypeError: non-integer ``in_channels``, class counts or ``kernel_size``.
+        ValueError: ``in_channels < 1``, empty ``classes_per_step``, a count ``< 1``, an even or non-positive
+            ``kernel_size``, or ``upsampling < 1``.
 
     Example:
         >>> import torch
@@ -58,15 +68,34 @@ class IncrementalClassifier(nn.Module):
         [16, 5]
     """
 
-    def __init__(self, in_channels: int, classes_per_step: Sequence[int]) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        classes_per_step: Sequence[int],
+        *,
+        kernel_size: int = 1,
+        upsampling: float = 1,
+        align_corners: bool = False,
+    ) -> None:
         super().__init__()
         self.in_channels = _check_count(in_channels, "in_channels")
+        self.kernel_size = _check_count(kernel_size, "kernel_size")
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (padding kernel_size // 2 keeps the size), got {kernel_size}")
+        if isinstance(upsampling, bool) or not isinstance(upsampling, (int, float)) or not upsampling >= 1:
+            raise ValueError(f"upsampling must be a number >= 1, got {upsampling!r}")
+        self.upsampling = upsampling
+        self.align_corners = bool(align_corners)
         if isinstance(classes_per_step, (str, bytes)) or not isinstance(classes_per_step, Sequence):
             raise TypeError(f"classes_per_step must be a sequence of ints, got {type(classes_per_step).__name__}")
         if len(classes_per_step) == 0:
             raise ValueError("classes_per_step must list at least one step (step 0 includes the background)")
         counts = [_check_count(n, f"classes_per_step[{i}]") for i, n in enumerate(classes_per_step)]
-        self.heads = nn.ModuleList(nn.Conv2d(self.in_channels, n, kernel_size=1, bias=True) for n in counts)
+        self.heads = nn.ModuleList(self._new_head(n) for n in counts)
+
+    def _new_head(self, n: int) -> nn.Conv2d:
+        k = self.kernel_size
+        return nn.Conv2d(self.in_channels, n, kernel_size=k, padding=k // 2, bias=True)
 
     @property
     def classes_per_step(self) -> list[int]:
@@ -84,7 +113,7 @@ class IncrementalClassifier(nn.Module):
         return len(self.heads)
 
     def head(self, step: int) -> nn.Conv2d:
-        """The 1x1 convolution of learning step ``step`` (``self.heads[step]``, typed).
+        """The convolution of learning step ``step`` (``self.heads[step]``, typed).
 
         Args:
             step: index of the step (negative indices count from the last step).
@@ -104,14 +133,19 @@ class IncrementalClassifier(nn.Module):
             h: refined features ``(B, C, H, W)``.
 
         Returns:
-            Logits ``(B, K, H, W)``, old classes first.
+            Logits ``(B, K, H, W)`` (times ``upsampling``), old classes first.
 
         Raises:
             TypeError: ``h`` is not a floating tensor.
             ValueError: ``h`` is not 4-dimensional or has the wrong number of channels.
         """
         check_feature_map(h, "features", channels=self.in_channels)
-        return torch.cat([head(h) for head in self.heads], dim=1)
+        logits = torch.cat([head(h) for head in self.heads], dim=1)
+        if self.upsampling != 1:
+            logits = F.interpolate(
+                logits, scale_factor=self.upsampling, mode="bilinear", align_corners=self.align_corners
+            )
+        return logits
 
     def add_classes(self, n: int, *, init: Literal["mib", "random"] = "mib") -> list[nn.Parameter]:
         """Append a head for ``n`` new classes (a new learning step).
@@ -137,9 +171,7 @@ class IncrementalClassifier(nn.Module):
         if init not in ("mib", "random"):
             raise ValueError(f"init must be 'mib' or 'random', got {init!r}")
         bg = self.head(0)
-        head = nn.Conv2d(self.in_channels, n, kernel_size=1, bias=True).to(
-            device=bg.weight.device, dtype=bg.weight.dtype
-        )
+        head = self._new_head(n).to(device=bg.weight.device, dtype=bg.weight.dtype)
         if init == "mib":
             assert bg.bias is not None and head.bias is not None
             with torch.no_grad():
@@ -219,5 +251,33 @@ class IncrementalClassifier(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    def with_steps(self, classes_per_step: Sequence[int]) -> IncrementalClassifier:
+        """A new classifier with these class counts and this one's kernel size, upsampling, device and dtype.
+
+        Args:
+            classes_per_step: class counts per step of the new classifier.
+
+        Returns:
+            A freshly initialised :class:`IncrementalClassifier` (weights not copied).
+
+        Example:
+            >>> IncrementalClassifier(8, [3], kernel_size=3).with_steps([3, 2]).head(1).kernel_size
+            (3, 3)
+        """
+        clf = IncrementalClassifier(
+            self.in_channels,
+            classes_per_step,
+            kernel_size=self.kernel_size,
+            upsampling=self.upsampling,
+            align_corners=self.align_corners,
+        )
+        weight = self.head(0).weight
+        return clf.to(device=weight.device, dtype=weight.dtype)
+
     def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, classes_per_step={self.classes_per_step}"
+        text = f"in_channels={self.in_channels}, classes_per_step={self.classes_per_step}"
+        if self.kernel_size != 1:
+            text += f", kernel_size={self.kernel_size}"
+        if self.upsampling != 1:
+            text += f", upsampling={self.upsampling}, align_corners={self.align_corners}"
+        return text
