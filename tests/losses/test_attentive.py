@@ -76,3 +76,21 @@ def test_bad_inputs_raise(args: tuple, match: str) -> None:
 def test_bad_construction_raises(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         AttentiveDistillationLoss(**kwargs)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_several_levels_sum_one_term_per_level(attention: str) -> None:
+    criterion = AttentiveDistillationLoss({"1": 8, "3": 16}, 4, attention=attention, se_reduction=4).double()
+    z = {1: torch.randn(2, 8, 6, 6, dtype=torch.float64), 3: torch.randn(2, 16, 3, 3, dtype=torch.float64)}
+    z_old = {level: t + 0.1 * torch.randn_like(t) for level, t in z.items()}
+    h, h_old = torch.randn(2, 4, 6, 6, dtype=torch.float64), torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    se = criterion.se_z
+    expected = attentive_distillation_loss(h, h_old, criterion.se_h, attention=attention)
+    for level in (1, 3):
+        block = None if se is None else se[str(level)]  # type: ignore[index]
+        expected = expected + attentive_distillation_loss(z[level], z_old[level], block, attention=attention)
+    torch.testing.assert_close(criterion(z, z_old, h, h_old), expected)
+    with pytest.raises(ValueError, match="levels"):
+        criterion({1: z[1]}, z_old, h, h_old)
+    with pytest.raises(TypeError, match="dict level"):
+        criterion(z[1], z_old, h, h_old)

@@ -48,7 +48,7 @@ def _smp(arch: str) -> Callable[[], nn.Module]:
             if arch in ("Unet", "UnetPlusPlus", "MAnet"):
                 kwargs["decoder_channels"] = (32, 16, 8)
             if arch == "FPN":
-                kwargs.update(decoder_pyramid_channels=32, decoder_segmentation_channels=16)
+                kwargs.update(decoder_pyramid_channels=64, decoder_segmentation_channels=32)
             if arch == "Linknet":
                 del kwargs["encoder_depth"]
         return getattr(smp, arch)(**kwargs)
@@ -229,12 +229,13 @@ def test_ddp_wrapping_of_a_multi_scale_family(tmp_path: Path) -> None:
     assert any(g is not None and bool(g.abs().sum() > 0) for g in grads)
 
 
+@pytest.mark.slow
 def test_torch_compile_of_a_multi_scale_family() -> None:
     learner = IncrementalLearner(adapt(_build("smp-Unet")), SCENARIO, "caf")
     learner.begin_step(0)
     learner.end_step()
     learner.begin_step(1)
-    compiled = torch.compile(learner.module, backend="aot_eager")
+    compiled = torch.compile(learner.module, backend="eager")
     eager = learner.training_step(_images(), _labels(1))
     out = learner.training_step(_images(), _labels(1), module=compiled)
     torch.testing.assert_close(out.loss, eager.loss, rtol=1e-4, atol=1e-5)
@@ -244,7 +245,7 @@ def test_torch_compile_of_a_multi_scale_family() -> None:
 def test_unknown_network_names_the_recipe() -> None:
     with pytest.raises(TypeError, match="from_named_submodules"):
         adapt(nn.Sequential(nn.Conv2d(3, 4, 1)))
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         adapt("unet")  # type: ignore[arg-type]
 
 
@@ -267,9 +268,7 @@ def test_final_activation_is_refused() -> None:
 
 
 def test_auxiliary_heads_are_dropped_with_a_warning() -> None:
-    net = smp.FPN(
-        encoder_name="resnet18", encoder_weights=None, classes=3, encoder_depth=3, aux_params={"classes": 2}
-    )
+    net = smp.FPN(encoder_name="resnet18", encoder_weights=None, classes=3, encoder_depth=3, aux_params={"classes": 2})
     with pytest.warns(UserWarning, match="classification head"):
         model = adapt(net)
     assert not any("classification_head" in name for name, _ in model.named_modules())

@@ -108,9 +108,9 @@ def test_from_named_submodules_keeps_incremental_classifier() -> None:
 
 def test_from_named_submodules_errors() -> None:
     names: dict[str, Any] = {"encoder": "backbone", "refiner": "head.refine", "classifier": "head.cls"}
-    with pytest.raises(TypeError, match=r"1x1 nn\.Conv2d, got Linear"):
+    with pytest.raises(TypeError, match=r"nn\.Conv2d or a nn\.Sequential\(conv, upsampling\), got Linear"):
         from_named_submodules(_Net(nn.Linear(4, 6)), **names, z_channels=8, h_channels=4)
-    with pytest.raises(ValueError, match="plain 1x1 conv"):
+    with pytest.raises(ValueError, match="zero padding k // 2"):
         from_named_submodules(_Net(nn.Conv2d(4, 6, 3)), **names, z_channels=8, h_channels=4)
     with pytest.raises(ValueError, match=r"no submodule 'encoder'.*\['backbone', 'head'\]"):
         from_named_submodules(_Net(nn.Conv2d(4, 6, 1)), z_channels=8, h_channels=4)
@@ -130,3 +130,46 @@ def test_classifier_from_conv_copies_weights() -> None:
     assert clf.head(0).weight is not conv.weight
     x = torch.randn(2, 8, 3, 5, dtype=torch.float64)
     torch.testing.assert_close(clf(x), conv(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+@pytest.mark.parametrize("bias", [True, False])
+def test_classifier_from_kxk_conv(kernel: int, bias: bool) -> None:
+    conv = nn.Conv2d(6, 4, kernel, padding=kernel // 2, bias=bias).double()
+    clf = classifier_from_conv(conv)
+    assert clf.kernel_size == kernel
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    torch.testing.assert_close(clf(x), conv(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("upsample", "scale", "align_corners"),
+    [
+        (nn.UpsamplingBilinear2d(scale_factor=4), 4.0, True),
+        (nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), 2.0, False),
+        (nn.Identity(), 1, False),
+    ],
+)
+def test_classifier_from_head_with_upsampling(upsample: nn.Module, scale: float, align_corners: bool) -> None:
+    head = nn.Sequential(nn.Conv2d(6, 4, 3, padding=1), upsample, nn.Sequential(nn.Identity())).double()
+    clf = classifier_from_conv(head)
+    assert (clf.upsampling, clf.align_corners) == (scale, align_corners)
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    torch.testing.assert_close(clf(x), head(x), rtol=0, atol=1e-12)
+    clf.add_classes(2)  # growth keeps the upsampling
+    assert clf(x).shape == (2, 6, int(5 * scale), int(7 * scale))
+
+
+@pytest.mark.parametrize(
+    ("head", "match"),
+    [
+        (nn.Sequential(nn.Conv2d(6, 4, 1), nn.Sigmoid()), "activation"),
+        (nn.Sequential(nn.Conv2d(6, 4, 1), nn.Upsample(size=(8, 8), mode="bilinear")), "Upsample"),
+        (nn.Sequential(nn.Conv2d(6, 4, 1), nn.Upsample(scale_factor=2, mode="nearest")), "Upsample"),
+        (nn.Conv2d(6, 4, 3, stride=2, padding=1), "stride 1"),
+        (nn.Conv2d(6, 4, 2), "odd k"),
+    ],
+)
+def test_classifier_from_conv_refuses_other_heads(head: nn.Module, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        classifier_from_conv(head)

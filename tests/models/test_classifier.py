@@ -164,3 +164,36 @@ def test_add_classes_and_forward_errors() -> None:
         clf(torch.randn(1, 3, 2, 2))
     with pytest.raises(ValueError, match="4 dims"):
         clf(torch.randn(4, 2, 2))
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_mib_init_of_kxk_heads_preserves_old_probabilities(kernel: int) -> None:
+    torch.manual_seed(0)
+    clf = IncrementalClassifier(3, [3], kernel_size=kernel).double()
+    _randomise(clf)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    with torch.no_grad():
+        before = torch.softmax(clf(x), dim=1)
+        clf.add_classes(2)
+        after = torch.softmax(clf(x), dim=1)
+    assert clf.head(1).weight.shape == (2, 3, kernel, kernel) and clf.head(1).padding == (kernel // 2,) * 2
+    torch.testing.assert_close(clf.head(1).weight[1], clf.head(0).weight[0], rtol=0, atol=0)
+    torch.testing.assert_close(after[:, 1:3], before[:, 1:3])
+    torch.testing.assert_close(after[:, 3:], before[:, :1].expand(-1, 2, -1, -1) / 3)
+
+
+def test_upsampling_of_the_logits() -> None:
+    clf = IncrementalClassifier(4, [3], upsampling=4, align_corners=True)
+    h = torch.randn(2, 4, 5, 6)
+    logits = clf(h)
+    expected = nn.functional.interpolate(
+        torch.cat([head(h) for head in clf.heads], 1), scale_factor=4, mode="bilinear", align_corners=True
+    )
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    grown = clf.with_steps([3, 2])
+    assert (grown.kernel_size, grown.upsampling, grown.align_corners) == (1, 4, True)
+    assert grown(h).shape == (2, 5, 20, 24)
+    with pytest.raises(ValueError, match="odd"):
+        IncrementalClassifier(4, [3], kernel_size=2)
+    with pytest.raises(ValueError, match="upsampling"):
+        IncrementalClassifier(4, [3], upsampling=0.5)
