@@ -36,22 +36,20 @@ _RECIPE = (
 def adapt(model: nn.Module, *, caf_levels: CafLevels = None) -> IncrementalSegmenter:
     """Turn a segmentation network into an :class:`IncrementalSegmenter` in one call.
 
-    ======================================================  ========================================  ==========
-    network                                                 encoder (what CAF sees by default)        classifier
-    ======================================================  ========================================  ==========
-    torchvision ``DeepLabV3``, ``FCN``                      backbone ``"out"`` (one tensor)           1x1
-    torchvision ``LRASPP``                                  ``{"low", "high"}`` (``"high"``)          1x1 [#]_
-    smp ``Unet``, ``FPN``, ``DeepLabV3Plus``, ... [#]_      the encoder's list, fine to coarse        1x1 / 3x3
-                                                            (the deepest)
-    transformers ``SegformerForSemanticSegmentation``       the 4 hidden states (the deepest)         1x1
-    transformers ``UperNetForSemanticSegmentation``         the backbone's feature maps (the deepest) 1x1
-    ======================================================  ========================================  ==========
+    ==========================================  =============================================  ===========
+    network                                     encoder output (what CAF sees by default)      classifier
+    ==========================================  =============================================  ===========
+    torchvision ``DeepLabV3``, ``FCN``          backbone ``"out"``, one tensor                 1x1
+    torchvision ``LRASPP``                      ``{"low", "high"}`` (``"high"``)               1x1
+    segmentation_models_pytorch, all 12 (1)     the encoder's list, fine to coarse (deepest)   1x1 or 3x3
+    transformers SegFormer                      the 4 hidden states (deepest)                  1x1
+    transformers UperNet                        the backbone's feature maps (deepest)          1x1
+    ==========================================  =============================================  ===========
 
-    .. [#] LRASPP's two classifiers (on the low-level features and on the upsampled high-level branch) are
-       one 1x1 convolution on their concatenation, which is the refined ``h``.
-    .. [#] All architectures of segmentation_models_pytorch 0.6: Unet, UnetPlusPlus, FPN, PSPNet, Linknet, PAN,
-       MAnet, DeepLabV3, DeepLabV3Plus, UPerNet, Segformer and DPT (the DPT's prefix tokens ride along as an
-       extra level without channels).
+    LRASPP's two classifiers (on the low-level features and on the upsampled high-level branch) become one
+    1x1 convolution on their concatenation, which is the refined ``h``. (1) segmentation_models_pytorch 0.6:
+    Unet, UnetPlusPlus, FPN, PSPNet, Linknet, PAN, MAnet, DeepLabV3, DeepLabV3Plus, UPerNet, Segformer and DPT
+    (whose prefix tokens ride along as an extra level without channels).
 
     The encoder and refiner modules are *shared* with ``model`` (not copied; ``model`` itself is not
     modified); the classifier has new parameters copied from the network's last convolution, with the
