@@ -153,8 +153,8 @@ class IncrementalLearner:
         unwrapped = unwrap_module(model)
         if not isinstance(unwrapped, IncrementalSegmenter):
             raise TypeError(
-                "model must be an incseg.models.IncrementalSegmenter (see incseg.models.from_named_submodules to "
-                f"adapt a network), got {type(model).__name__}"
+                "model must be an incseg.models.IncrementalSegmenter (convert a network with incseg.models.adapt or "
+                f"incseg.models.from_named_submodules), got {type(model).__name__}"
             )
         if not isinstance(scenario, Scenario):
             raise TypeError(f"scenario must be an incseg.scenarios.Scenario, got {type(scenario).__name__}")
