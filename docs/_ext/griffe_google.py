@@ -130,7 +130,7 @@ def _roles(obj: griffe.Object, text: str) -> str:
         return f'<autoref identifier="{identifier}" optional><code>{title}</code></autoref>'
 
     text = _ROLE.sub(link, text)
-    return _MATH.sub(lambda m: rf"\\({m.group('tex')}\\)", text)
+    return _MATH.sub(lambda m: rf"\({m.group('tex')}\)", text)
 
 
 def rewrite(obj: griffe.Object, text: str) -> str:

@@ -1,0 +1,195 @@
+"""The documentation site's build tools: the self-containment check and the MathML hook.
+
+``docs/check_site.py`` (run by CI after ``mkdocs build``) must pass on a self-contained site and fail on a
+page that loads a CDN script or a web font, shows raw TeX, or has a broken image or link. The tests build tiny
+HTML sites by hand; no ``mkdocs build`` runs here. ``docs/_ext/mathml.py`` needs ``latex2mathml`` (the
+``docs`` extra); its tests are skipped without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(relative: str) -> ModuleType:
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+check_site = _load("docs/check_site.py")
+mathml = _load("docs/_ext/mathml.py")
+
+_GOOD_INDEX = """<!doctype html><html><head>
+<link rel="stylesheet" href="assets/main.css"><script src="assets/app.js"></script>
+<link rel="canonical" href="https://example.org/incseg/">
+</head><body>
+<h1 id="incseg">incseg</h1>
+<p>An equation <span class="arithmatex"><math display="inline"><mi>x</mi></math></span> and
+<a href="concepts/">concepts</a>, <a href="concepts/#eq-1">eq. 1</a>, <a href="#incseg">top</a>,
+<a href="https://github.com/">elsewhere</a>, <a href="mailto:a@b.c">mail</a>.</p>
+<img src="assets/figures/demo.png" alt="demo"><img src="data:image/png;base64,AAAA" alt="inline">
+<pre><code>re.compile(r"\\(x\\)")  # TeX-like text in code is code</code></pre>
+<p>A literal backslash: C:\\Users\\me</p>
+</body></html>
+"""
+_GOOD_CONCEPTS = """<!doctype html><html><head><link rel="stylesheet" href="../assets/main.css"></head>
+<body><h2 id="eq-1">Eq. 1</h2><a href="../">home</a><img src="../assets/figures/demo.png" alt=""></body></html>
+"""
+
+
+def _site(root: Path, **pages: str) -> Path:
+    """A tiny built site: ``index.html``, ``concepts/index.html`` and their assets, with pages replaced."""
+    files = {
+        "index.html": _GOOD_INDEX,
+        "concepts/index.html": _GOOD_CONCEPTS,
+        "assets/main.css": "body { background: url(../assets/figures/demo.png); }",
+        "assets/app.js": "",
+        "assets/figures/demo.png": "not really a PNG",
+    }
+    files.update({name.replace("__", "/").replace("_html", ".html"): text for name, text in pages.items()})
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return root
+
+
+def test_check_site_passes_a_self_contained_site(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    site = _site(tmp_path)
+    assert check_site.check_site(site) == []
+    assert check_site.main([str(site)]) == 0
+    assert "self-contained" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("snippet", "expected"),
+    [
+        ('<script src="https://unpkg.com/mathjax@3/es5/tex-mml-chtml.js"></script>', "<script> loads https://unpkg"),
+        ('<script src="//cdn.jsdelivr.net/x.js"></script>', "<script> loads //cdn.jsdelivr.net"),
+        ('<link rel="stylesheet" href="https://fonts.googleapis.com/css?family=Roboto">', "<link> loads https://fonts"),
+        ('<link rel="preconnect" href="https://fonts.gstatic.com">', "<link> loads https://fonts.gstatic.com"),
+        ('<img src="https://example.org/logo.png" alt="">', "<img> loads https://example.org"),
+        (
+            '<img srcset="assets/figures/demo.png 1x, https://example.org/big.png 2x" alt="">',
+            "<img> loads https://example.org",
+        ),
+        ("<p>At step \\(\\ell = 0, 1, \\dots\\) the model</p>", "raw TeX"),
+        ('<div class="arithmatex">\\[ \\mathcal{S}_\\ell \\]</div>', "raw TeX"),
+        ('<img src="assets/figures/missing.png" alt="">', "<img> loads assets/figures/missing.png, which is not"),
+        ('<script src="assets/missing.js"></script>', "<script> loads assets/missing.js, which is not"),
+        ('<a href="results/">results</a>', "link results/ points at a missing page"),
+        ('<a href="concepts/#eq-2">eq. 2</a>', "missing anchor #eq-2"),
+        ('<a href="#nowhere">here</a>', "missing anchor #nowhere"),
+    ],
+)
+def test_check_site_fails_on_what_needs_the_network_or_is_broken(tmp_path: Path, snippet: str, expected: str) -> None:
+    page = _GOOD_INDEX.replace("</body>", snippet + "</body>")
+    problems = check_site.check_site(_site(tmp_path, index_html=page))
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("index.html: ") and expected in problems[0], problems
+
+
+def test_check_site_checks_stylesheets_and_every_page(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = _GOOD_CONCEPTS.replace("</body>", "<p>\\[ x \\]</p></body>")
+    site = _site(tmp_path, concepts__index_html=bad)
+    (site / "assets/main.css").write_text("@font-face { src: url('https://fonts.gstatic.com/roboto.woff2'); }")
+    problems = check_site.check_site(site)
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("concepts/index.html: raw TeX")
+    assert problems[1].startswith("assets/main.css: url(https://fonts.gstatic.com")
+    assert check_site.main([str(site)]) == 1
+    assert "not self-contained" in capsys.readouterr().err
+
+
+def test_check_site_needs_a_built_site(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="build the site first"):
+        check_site.check_site(tmp_path)
+
+
+def test_mkdocs_config_loads_nothing_from_outside() -> None:
+    """The site's configuration: MathML at build time, no CDN script, no web font."""
+    config = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    assert "docs/_ext/mathml.py" in config
+    assert re.search(r"^\s+font: false", config, re.M)
+    assert not re.search(r"^\s*-\s*['\"]?(https?:)?//", config, re.M), "extra_javascript/extra_css from a URL"
+
+
+# ---------------------------------------------------------------- MathML hook (needs the docs extra)
+
+
+def _latex2mathml() -> None:
+    pytest.importorskip("latex2mathml", reason="the docs extra (latex2mathml) is not installed")
+
+
+def test_render_math_inline_and_display_with_tag() -> None:
+    _latex2mathml()
+    page = (
+        '<p>At step <span class="arithmatex">\\(\\ell &lt; 2\\)</span>:</p>\n'
+        '<div class="arithmatex">\\[\n\\mathcal{S}_\\ell = \\mathcal{S}_{\\ell-1} \\cup \\mathcal{U}_\\ell\n'
+        "\\tag{3}\n\\]</div>"
+    )
+    html, errors = mathml.render_math(page)
+    assert errors == []
+    assert "\\" not in html and "arithmatex" in html
+    assert html.count("<math") == 2
+    assert '<math xmlns="http://www.w3.org/1998/Math/MathML" display="inline">' in html
+    assert 'display="block"' in html and html.endswith('<span class="eq-tag">(3)</span></div>')
+    assert "&#x0003C;" in html  # the escaped "<" of the source is a MathML operator, not markup
+
+
+@pytest.mark.parametrize(
+    "tex",
+    [
+        r"\big\lVert \mathrm{AD}(\bar{\mathbf{z}}^\ell) \big\rVert_F^2",  # sized delimiter commands
+        r"\hat{\phi}[s] = \begin{cases} a & s \neq \mathbf{B} \\ b & s = \mathbf{B} \end{cases}",
+        r"\gamma = \frac{\sum_{s} q[s]}{q[0]}, \quad \operatorname{softmax}(x)",
+        r"\tilde\phi,\ \lceil x \rceil,\ \lvert y \rvert,\ \{ignore\_index\}",
+    ],
+)
+def test_tex_to_mathml_typesets_the_constructs_of_the_docs(tex: str) -> None:
+    _latex2mathml()
+    markup, label = mathml.tex_to_mathml(tex, display=True)
+    assert label is None and markup.startswith("<math") and "\\" not in markup
+
+
+@pytest.mark.parametrize("tex", [r"\begin{aligned} a &= b \\ c &= d \end{aligned}", r"\operatorname*{arg\,max}_x f"])
+def test_untypeset_equations_stay_tex_and_are_reported(tex: str) -> None:
+    _latex2mathml()
+    with pytest.raises(mathml.MathError, match="untypeset"):
+        mathml.tex_to_mathml(tex, display=True)
+    page = f'<div class="arithmatex">\\[{tex}\\]</div>'
+    html, errors = mathml.render_math(page, where="concepts.md")
+    assert html == page  # left as TeX, so that docs/check_site.py finds it too
+    assert len(errors) == 1 and errors[0].startswith("concepts.md: ")
+
+
+def test_every_equation_of_the_docs_typesets() -> None:
+    """Each page's Markdown through arithmatex, then the hook: no equation left as TeX."""
+    _latex2mathml()
+    markdown = pytest.importorskip("markdown")
+    pytest.importorskip("pymdownx")
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    count = 0
+    for page in pages:
+        html = markdown.markdown(
+            page.read_text(encoding="utf-8"),
+            extensions=["pymdownx.arithmatex", "pymdownx.superfences", "tables", "admonition"],
+            extension_configs={"pymdownx.arithmatex": {"generic": True}},
+        )
+        rendered, errors = mathml.render_math(html, where=page.name)
+        assert errors == []
+        count += rendered.count("<math")
+    assert count > 100
