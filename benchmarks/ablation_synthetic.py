@@ -2,7 +2,8 @@
 
 Trains step 0 once (as `incseg demo` does), then each run's later steps from that same model, and scores the
 final model of every run on the last step's test set with each CAF test strategy. Produces the ablation and
-strategy tables of docs/results.md:
+strategy tables of docs/results.md (and writes benchmarks/results/ablation_synthetic.json, which
+docs/figures/make_figures.py plots):
 
     python benchmarks/ablation_synthetic.py
     python benchmarks/ablation_synthetic.py --runs mib caf:lambda_ad=10 caf:lambda_ad=100 --seed 1
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _results import save_rows
 
 from incseg.data import IncrementalSegmentation, SyntheticScenes, TestTransform, TrainTransform
 from incseg.engine import TrainConfig, evaluate, train_scenario
@@ -83,6 +85,7 @@ def main() -> None:
     final_test = datasets(last)[1]
     print(f"{scenario.name} seed {args.seed}: mIoU % on the last step's test set (old / new / all, no background)")
     print(f"{'run':<28}{'strategy':<10}{'old':>7}{'new':>7}{'all':>7}{'time':>8}")
+    rows: list[dict[str, Any]] = []
     for text in args.runs:
         method, overrides = _parse_run(text)
         torch.manual_seed(args.seed)
@@ -101,10 +104,16 @@ def main() -> None:
         for strategy in strategies:
             g = evaluate(learner, final_test, device=device, batch_size=32, strategy=strategy).groups  # type: ignore[arg-type]
             label = strategy or "-"
+            rows.append(
+                {"task": args.task, "mode": args.mode, "seed": args.seed, "epochs_next": args.epochs_next,
+                 "run": text, "method": method, "overrides": overrides, "strategy": label, "seconds": round(seconds),
+                 **{k: round(100 * g[k], 2) for k in ("old", "new", "all")}}
+            )  # fmt: skip
             print(
                 f"{text:<28}{label:<10}{100 * g['old']:>7.1f}{100 * g['new']:>7.1f}{100 * g['all']:>7.1f}"
                 f"{seconds:>7.0f}s"
             )
+    save_rows("ablation_synthetic", rows, key=("task", "mode", "seed", "epochs_next", "run", "strategy"))
 
 
 if __name__ == "__main__":

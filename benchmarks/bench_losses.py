@@ -12,6 +12,8 @@ Usage::
 
     python benchmarks/bench_losses.py                     # B=4, K=21, H=W=128 on CPU
     python benchmarks/bench_losses.py --device cuda --size 4 21 512 512 --old 16
+
+Each run adds its rows to benchmarks/results/bench_losses.json (docs/figures/make_figures.py plots them).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _results import save_rows
 from torch import Tensor
 
 import incseg
@@ -235,6 +238,7 @@ def main() -> None:
     if device.type == "cuda":
         header += f" {'peak MiB':>9s} {'naive pk':>9s} {'peak ratio':>10s}"
     print(header)
+    rows = []
     for name, ours, naive in pairs:
         with torch.no_grad():
             torch.testing.assert_close(ours(), naive(), rtol=1e-4, atol=1e-5)  # both compute the same loss
@@ -251,6 +255,19 @@ def main() -> None:
             p_ours, p_naive = peak_cuda_bytes(ours, inputs, device), peak_cuda_bytes(naive, inputs, device)
             line += f" {p_ours / 2**20:9.1f} {p_naive / 2**20:9.1f} {p_ours / p_naive:10.2f}"
         print(line)
+        rows.append(
+            {
+                "device": device.type,
+                "size": [b, k, h, w],
+                "old": n_old,
+                "loss": name,
+                "time_ratio": round(t_ours / t_naive, 3),
+                "memory_ratio": round(m_ours / m_naive, 3),
+                "ms": round(t_ours * 1e3, 3),
+                "naive_ms": round(t_naive * 1e3, 3),
+            }
+        )
+    save_rows("bench_losses", rows, key=("device", "size", "old", "loss"))
     print("ratios are incseg / naive (below 1: incseg is faster or saves less for backward); 'saved MiB' counts")
     print("the tensors autograd keeps for backward beyond the inputs themselves.")
     if device.type != "cuda":

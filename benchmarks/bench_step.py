@@ -8,7 +8,8 @@ Paper setting on a GPU:
     python benchmarks/bench_step.py --device cuda --model deeplabv3_resnet101 --size 512 --batch 12 --amp bf16
 Quick CPU run:
     python benchmarks/bench_step.py
-Targets (issue 5): (a) <= 1.15, (d) <= 1.05. Also prints peak memory on CUDA.
+Targets (issue 5): (a) <= 1.15, (d) <= 1.05. Also prints peak memory on CUDA. Each run adds its row to
+benchmarks/results/bench_step.json (docs/figures/make_figures.py plots them).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _results import save_rows
 
 from incseg.engine import autocast_context
 from incseg.learner import IncrementalLearner, freeze
@@ -151,6 +153,21 @@ def main() -> None:
         print(f"    peak memory {m_caf:.0f} MiB vs {m_bound:.0f} MiB   ratio {m_caf / m_bound:.3f}")
     print(f"(d) inference, skip strategy {1e3 * t_skip:9.1f} ms")
     print(f"    bare network             {1e3 * t_bare:9.1f} ms   ratio {t_skip / t_bare:.3f}  (target <= 1.05)")
+    row = {
+        "device": device.type,
+        "model": args.model,
+        "batch": args.batch,
+        "size": args.size,
+        "amp": args.amp,
+        "caf_inner": args.caf_inner,
+        "step_ratio": round(t_caf / t_bound, 3),
+        "skip_ratio": round(t_skip / t_bare, 3),
+        "step_ms": round(1e3 * t_caf, 2),
+        "bound_ms": round(1e3 * t_bound, 2),
+        "skip_ms": round(1e3 * t_skip, 2),
+        "bare_ms": round(1e3 * t_bare, 2),
+    }
+    save_rows("bench_step", [row], key=("device", "model", "batch", "size", "amp", "caf_inner"))
 
 
 if __name__ == "__main__":

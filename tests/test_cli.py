@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from incseg.cli import main
@@ -21,6 +22,10 @@ def test_quick_demo_orders_ft_below_caf_on_old_classes(tmp_path: Path, capsys: p
     assert ft["old"] < caf["old"], (ft, caf)  # fine-tuning forgets the old classes, CAF keeps them
     assert (tmp_path / "results.csv").read_text().startswith("method,")
     assert (tmp_path / "predictions.png").stat().st_size > 1000
+    arrays = np.load(tmp_path / "predictions.npz", allow_pickle=False)  # what docs/figures/make_figures.py reads
+    assert sorted(arrays.files) == ["class_names", "image", "pred_caf", "pred_ft", "truth"]
+    assert arrays["pred_caf"].shape == arrays["truth"].shape and arrays["image"].shape == (*arrays["truth"].shape, 3)
+    assert arrays["class_names"].shape == (21,) and arrays["class_names"][0] == "background"  # of model indices
     # Determinism: a second run from scratch with the same seed gives identical results.
     other = tmp_path / "again"
     assert main(["demo", "--quick", "--methods", "ft,caf", "--out", str(other), "--no-progress"]) == 0

@@ -277,13 +277,15 @@ def _report(
         writer.writeheader()
         writer.writerows(rows)
     picture = _demo_picture(out / "predictions.png", scenario, learners, test_src, test_tf)
-    print(f"wrote {out / 'results.json'}, {out / 'results.csv'}, {picture}")
+    print(f"wrote {out / 'results.json'}, {out / 'results.csv'}, {picture} (and {picture.with_suffix('.npz').name})")
 
 
 @torch.no_grad()
 def _demo_picture(
     path: Path, scenario: Scenario, learners: dict[str, IncrementalLearner], test_src: Any, test_tf: Any
 ) -> Path:
+    import numpy as np
+
     from incseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from incseg.visualize import attention_heatmap, colorize, denormalize, save_grid
 
@@ -295,9 +297,17 @@ def _demo_picture(
     rows: list[dict[str, Any]] = [{"image": denormalize(im, IMAGENET_MEAN, IMAGENET_STD)} for im in images]
     for row, t in zip(rows, targets):
         row["truth"] = colorize(t)
+    # The same pictures as arrays (class indices of the final model), for figures drawn elsewhere
+    # (docs/figures/make_figures.py): image, truth, pred_<method>, class_names.
+    arrays: dict[str, np.ndarray] = {
+        "image": np.stack([row["image"] for row in rows]),
+        "truth": torch.stack(targets).numpy().astype(np.uint8),
+        "class_names": np.array(scenario.class_names_at(last)),
+    }
     for method, learner in learners.items():
         device = next(learner.model.parameters()).device
         pred = learner.predict(images.to(device)).argmax(1).cpu()
+        arrays[f"pred_{method}"] = pred.numpy().astype(np.uint8)
         for row, p in zip(rows, pred):
             row[method] = colorize(p)
         fusion = learner.model.fusion
@@ -307,6 +317,7 @@ def _demo_picture(
             _, maps = fusion(z, return_maps=True)
             for row, a in zip(rows, maps.spatial[:, 0]):
                 row[f"{method} A_SP"] = attention_heatmap(a, (images.shape[-2], images.shape[-1]))
+    np.savez_compressed(path.with_suffix(".npz"), **arrays)
     return save_grid(path, rows, scale=3)
 
 
