@@ -85,8 +85,8 @@ def main() -> None:
     final_test = datasets(last)[1]
     print(f"{scenario.name} seed {args.seed}: mIoU % on the last step's test set (old / new / all, no background)")
     print(f"{'run':<28}{'strategy':<10}{'old':>7}{'new':>7}{'all':>7}{'time':>8}")
-    rows: list[dict[str, Any]] = []
     for text in args.runs:
+        rows: list[dict[str, Any]] = []
         method, overrides = _parse_run(text)
         torch.manual_seed(args.seed)
         model = small_segmenter(scenario.num_classes_at(0))
@@ -113,7 +113,7 @@ def main() -> None:
                 f"{text:<28}{label:<10}{100 * g['old']:>7.1f}{100 * g['new']:>7.1f}{100 * g['all']:>7.1f}"
                 f"{seconds:>7.0f}s"
             )
-    save_rows("ablation_synthetic", rows, key=("task", "mode", "seed", "epochs_next", "run", "strategy"))
+        save_rows("ablation_synthetic", rows, key=("task", "mode", "seed", "epochs_next", "run", "strategy"))
 
 
 if __name__ == "__main__":

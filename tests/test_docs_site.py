@@ -3,17 +3,21 @@
 ``docs/check_site.py`` (run by CI after ``mkdocs build``) must pass on a self-contained site and fail on a
 page that loads a CDN script or a web font, shows raw TeX, or has a broken image or link. The tests build tiny
 HTML sites by hand; no ``mkdocs build`` runs here. ``docs/_ext/mathml.py`` needs ``latex2mathml`` (the
-``docs`` extra); its tests are skipped without it.
+``docs`` extra); its tests are skipped without it, as are those of ``docs/figures/make_figures.py``
+(matplotlib), which run it on tiny made-up outputs of the demo and the benchmarks.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
 from types import ModuleType
+from xml.etree import ElementTree
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,3 +197,111 @@ def test_every_equation_of_the_docs_typesets() -> None:
         assert errors == []
         count += rendered.count("<math")
     assert count > 100
+
+
+# ---------------------------------------------------------------- figures (need matplotlib, the docs extra)
+
+
+def _fake_outputs(root: Path) -> tuple[Path, Path]:
+    """A tiny demo folder and benchmark results with the fields the demo and the benchmarks write."""
+    rng = np.random.default_rng(0)
+    demo, results = root / "demo", root / "results"
+    demo.mkdir()
+    results.mkdir()
+    methods = ["ft", "mib", "caf", "joint"]
+    final = {
+        m: {"num_old_classes": 3, "groups": {"old": 0.1 * i, "new": 0.2, "all": 0.15, "all_bg": 0.3}}
+        for i, m in enumerate(methods)
+    }
+    (demo / "results.json").write_text(json.dumps({"scenario": {"name": "synthetic-2-2"}, "final": final}))
+    truth = rng.integers(0, 5, (6, 16, 16)).astype(np.uint8)
+    truth[:, 0] = 255
+    preds = {f"pred_{m}": rng.integers(0, 5, (6, 16, 16)).astype(np.uint8) for m in methods}
+    image = rng.integers(0, 256, (6, 16, 16, 3)).astype(np.uint8)
+    names = np.array(["background", "red-disc", "blue-square", "pink-ring", "yellow-star"])
+    np.savez_compressed(demo / "predictions.npz", image=image, truth=truth, class_names=names, **preds)
+    ablation = []
+    for run, method, overrides, fused in [
+        ("mib", "mib", {}, False),
+        ("caf:lambda_ad=1", "caf", {"lambda_ad": 1.0}, True),
+        ("caf:lambda_ad=10", "caf", {"lambda_ad": 10.0}, True),
+    ]:
+        for strategy in ("skip", "zero_pad", "concat") if fused else ("-",):
+            row = {"task": "15-5", "mode": "disjoint", "seed": 0, "epochs_next": 15, "run": run, "method": method}
+            ablation.append(
+                {**row, "overrides": overrides, "strategy": strategy, "old": 50.0, "new": 20.0, "all": 43.0}
+            )
+    robustness = [
+        {
+            "network": n,
+            "method": m,
+            "task": "15-5",
+            "seed": s,
+            "old": 50.0,
+            "new": 20.0,
+            "all": 40.0 + s,
+            "diverged": s == 1 and m == "caf",
+            "skip_all": 40.0,
+            "concat_all": 41.0,
+        }
+        for n in ("small", "deeplabv3")
+        for m in ("mib", "caf")
+        for s in (0, 1)
+    ]
+    step = [
+        {
+            "device": "cpu",
+            "model": "small",
+            "batch": 8,
+            "size": 128,
+            "amp": "none",
+            "caf_inner": None,
+            "step_ratio": 1.9,
+            "skip_ratio": 1.3,
+        }
+    ]
+    losses = [
+        {"device": "cpu", "size": [4, 21, 128, 128], "old": 16, "loss": name, "time_ratio": 0.9, "memory_ratio": 0.5}
+        for name in ("unbiased_cross_entropy", "CAFLoss (seg + kd + ad)")
+    ]
+    for name, rows in [
+        ("ablation_synthetic", ablation),
+        ("robustness", robustness),
+        ("bench_step", step),
+        ("bench_losses", losses),
+    ]:
+        (results / f"{name}.json").write_text(json.dumps({"rows": rows}))
+    return demo, results
+
+
+def test_make_figures_draws_every_figure_from_the_json_outputs(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the docs extra (matplotlib) is not installed")
+    figures = _load("docs/figures/make_figures.py")
+    demo, results = _fake_outputs(tmp_path)
+    written = figures.make_figures(demo, results, tmp_path / "out")
+    names = sorted(p.name for p in written)
+    expected = ["ablation.svg", "demo-miou.svg", "demo-predictions.png", "lambda-ad.svg", "robustness.svg"]
+    assert names == sorted([*expected, "speed.svg", "strategies.svg"])
+    assert (tmp_path / "out/demo-predictions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for path in written:
+        if path.suffix == ".svg":
+            text = path.read_text(encoding="utf-8")
+            ElementTree.fromstring(text)  # well-formed
+            assert not re.search(r'(href|src)="(https?:)?//', text), "an SVG that loads something from outside"
+    svg = (tmp_path / "out/demo-predictions.png").read_bytes()
+    again = figures.make_figures(demo, results, tmp_path / "again")
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in written], "figures are not deterministic"
+    assert svg == (tmp_path / "again/demo-predictions.png").read_bytes()
+
+
+def test_make_figures_skips_missing_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib", reason="the docs extra (matplotlib) is not installed")
+    figures = _load("docs/figures/make_figures.py")
+    demo, results = _fake_outputs(tmp_path)
+    for name in ("robustness", "bench_step", "bench_losses", "ablation_synthetic"):
+        (results / f"{name}.json").unlink()
+    written = figures.make_figures(demo, results, tmp_path / "out")
+    assert sorted(p.name for p in written) == ["demo-miou.svg", "demo-predictions.png"]
+    printed = capsys.readouterr().out
+    assert "skipped the robustness figure" in printed and "skipped the speed figure" in printed
+    assert figures.make_figures(tmp_path / "no-demo", results, tmp_path / "out") == []
