@@ -299,7 +299,7 @@ def _demo_picture(
         row["truth"] = colorize(t)
     # The same pictures as arrays (class indices of the final model), for figures drawn elsewhere
     # (docs/figures/make_figures.py): image, truth, pred_<method>, class_names.
-    arrays: dict[str, np.ndarray] = {
+    arrays: dict[str, Any] = {
         "image": np.stack([row["image"] for row in rows]),
         "truth": torch.stack(targets).numpy().astype(np.uint8),
         "class_names": np.array(scenario.class_names_at(last)),
