@@ -283,6 +283,8 @@ def test_make_figures_draws_every_figure_from_the_json_outputs(tmp_path: Path) -
     expected = ["ablation.svg", "demo-miou.svg", "demo-predictions.png", "lambda-ad.svg", "robustness.svg"]
     assert names == sorted([*expected, "speed.svg", "strategies.svg"])
     assert (tmp_path / "out/demo-predictions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for path in written:  # the snippet a page includes to show the figure
+        assert f"](assets/figures/{path.name})" in path.with_suffix(".md").read_text(encoding="utf-8")
     for path in written:
         if path.suffix == ".svg":
             text = path.read_text(encoding="utf-8")

@@ -13,8 +13,10 @@ the committed files as they are):
   ``strategies.svg`` and ``lambda-ad.svg``; ``robustness.json`` gives ``robustness.svg``; ``bench_step.json``
   and ``bench_losses.json`` give ``speed.svg``.
 
-Outputs go to ``--out`` (default ``docs/assets/figures``). Needs matplotlib (``pip install -e ".[docs]"``) and
-incseg (for the colour palette). The output is deterministic: the same inputs give byte-identical files.
+Outputs go to ``--out`` (default ``docs/assets/figures``), each with a ``<stem>.md`` snippet that shows it: the
+pages include the snippets, so a figure appears on its page as soon as it is drawn. Needs matplotlib
+(``pip install -e ".[docs]"``) and incseg (for the colour palette). The output is deterministic: the same inputs
+give byte-identical files.
 """
 
 from __future__ import annotations
@@ -57,11 +59,14 @@ plt.rcParams.update(
 )
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _save(fig: plt.Figure, path: Path, alt: str) -> Path:
+    """Write the figure, and next to it ``<stem>.md``: the Markdown that shows it, which the pages include with
+    ``--8<-- "docs/assets/figures/<stem>.md"`` (a figure not drawn yet has no snippet and shows nothing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata: dict[str, Any] = {"Date": None} if path.suffix == ".svg" else {"Software": None}
     fig.savefig(path, bbox_inches="tight", metadata=metadata, dpi=150 if path.suffix == ".png" else None)
     plt.close(fig)
+    path.with_suffix(".md").write_text(f"![{alt}](assets/figures/{path.name}){{ .figure }}\n", encoding="utf-8")
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return path
 
@@ -109,7 +114,12 @@ def demo_predictions(demo: Path, out: Path, *, samples: int = 4) -> Path:
     ]
     fig.legend(handles=handles, loc="lower center", ncol=min(5, len(handles)), fontsize=7, frameon=False)
     fig.subplots_adjust(wspace=0.04, hspace=0.04, bottom=0.06 + 0.035 * math.ceil(len(handles) / 5))
-    return _save(fig, out / "demo-predictions.png")
+    return _save(
+        fig,
+        out / "demo-predictions.png",
+        "Final predictions of each method on test images of the demo, next to the image and its ground truth, "
+        "with a colour legend of the classes",
+    )
 
 
 def _grouped_bars(ax: plt.Axes, labels: Sequence[str], values: dict[str, Sequence[float]], colours: dict[str, str]):
@@ -134,7 +144,7 @@ def demo_miou(demo: Path, out: Path) -> Path:
     ax.set_ylim(0, max(max(v) for v in values.values()) * 1.18 + 1)
     ax.legend(title=None, ncol=3, frameon=False, loc="upper left", fontsize=8)
     ax.set_title(f"incseg demo: {results['scenario']['name']}, after the last step", fontsize=9)
-    return _save(fig, out / "demo-miou.svg")
+    return _save(fig, out / "demo-miou.svg", "Bar chart of the final old, new and all-class mIoU of each method")
 
 
 # ------------------------------------------------------------------------------------------------ ablations
@@ -188,7 +198,7 @@ def ablation(results: Path, out: Path) -> list[Path]:
     ax.set_xlabel("mIoU (%) after the last step, test strategy skip")
     ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     ax.set_title(f"Ablations ({_setting(main)})", fontsize=9)
-    written.append(_save(fig, out / "ablation.svg"))
+    written.append(_save(fig, out / "ablation.svg", "Bar chart of old, new and all-class mIoU per ablation run"))
 
     fused = sorted({r["run"] for r in rows if r["strategy"] == "concat"}, key=[r["run"] for r in rows].index)
     if fused:
@@ -202,7 +212,7 @@ def ablation(results: Path, out: Path) -> list[Path]:
         ax.legend(title="test strategy", ncol=3, frameon=False, loc="upper left", fontsize=8, title_fontsize=8)
         ax.set_ylim(0, max(v for vs in values.values() for v in vs if not math.isnan(v)) * 1.25 + 1)
         ax.set_title(f"CAF test strategies ({_setting(rows)})", fontsize=9)
-        written.append(_save(fig, out / "strategies.svg"))
+        written.append(_save(fig, out / "strategies.svg", "All-class mIoU of each CAF run per test strategy"))
 
     sweep = [r for r in rows if r["method"] == "caf" and set(r["overrides"]) == {"lambda_ad"}]
     lambdas = sorted({r["overrides"]["lambda_ad"] for r in sweep})
@@ -229,7 +239,7 @@ def ablation(results: Path, out: Path) -> list[Path]:
         ax.grid(axis="x", alpha=0.3)
         ax.legend(ncol=1, frameon=False, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.set_title(f"λ_AD sweep of CAF ({_setting(sweep)})", fontsize=9)
-        written.append(_save(fig, out / "lambda-ad.svg"))
+        written.append(_save(fig, out / "lambda-ad.svg", "Old, new and all-class mIoU of CAF against the weight of AD"))
     return written
 
 
@@ -264,7 +274,7 @@ def robustness(results: Path, out: Path) -> Path:
     fig.colorbar(image, ax=ax, label="mIoU all classes (%)", shrink=0.8)
     seeds = sorted({r["seed"] for r in rows})
     ax.set_title(f"Robustness: mean over seeds {', '.join(map(str, seeds))}", fontsize=9)
-    return _save(fig, out / "robustness.svg")
+    return _save(fig, out / "robustness.svg", "All-class mIoU per method, network and task, mean over seeds")
 
 
 # ------------------------------------------------------------------------------------------------ speed
@@ -330,7 +340,7 @@ def speed(results: Path, out: Path) -> Path | None:
     for draw, ax in zip(panels, axes[0]):
         draw(ax)
     fig.tight_layout()
-    return _save(fig, out / "speed.svg")
+    return _save(fig, out / "speed.svg", "Time and memory ratios of the speed benchmarks")
 
 
 # ------------------------------------------------------------------------------------------------ main
