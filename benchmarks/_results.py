@@ -32,8 +32,12 @@ def save_rows(name: str, rows: Sequence[Mapping[str, Any]], *, key: Sequence[str
     path = RESULTS / f"{name}.json"
     old = json.loads(path.read_text())["rows"] if path.is_file() else []
     new = [{**row, "torch": torch.__version__, "machine": platform.machine()} for row in rows]
-    ids = {tuple(row.get(k) for k in key) for row in new}
-    kept = [row for row in old if tuple(row.get(k) for k in key) not in ids]
+
+    def ident(row: Mapping[str, Any]) -> str:
+        return json.dumps([row.get(k) for k in key])  # values may be lists (sizes)
+
+    ids = {ident(row) for row in new}
+    kept = [row for row in old if ident(row) not in ids]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"benchmark": name, "key": list(key), "rows": kept + new}, indent=1) + "\n")
     print(f"wrote {path}")
