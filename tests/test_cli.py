@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from incseg.cli import main
+from incseg._catalog import METHOD_DESCRIPTIONS
+from incseg.cli import _slow_run_warnings, build_parser, main, resolve_train_args
 
 
 @pytest.mark.slow
@@ -65,3 +68,61 @@ def test_train_runs_every_step_and_writes_history(tmp_path: Path, capsys: pytest
     # Running again resumes from the finished checkpoints: nothing is retrained, the history is the same.
     assert main(args) == 0
     assert json.loads((tmp_path / "history.json").read_text()) == history
+
+
+def test_help_shows_defaults_tasks_and_methods(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "(default: 0)" in text  # --seed
+    assert "synthetic small" in text and "synthetic 15-5" in text  # per-dataset defaults
+    assert "100-50, 100-10, 50-50" in text
+    for name, description in METHOD_DESCRIPTIONS.items():
+        assert f"{name}  " in text and description in text
+
+
+def test_help_runs_without_torch() -> None:
+    code = "import sys\nfrom incseg.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+    code += "assert 'torch' not in sys.modules\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "tasks per dataset" in done.stdout
+
+
+def test_synthetic_needs_no_other_flag() -> None:
+    args = resolve_train_args(build_parser().parse_args(["train", "--dataset", "synthetic"]))
+    assert (args.task, args.model, args.method) == ("15-5", "small", "caf")
+    assert (args.epochs, args.epochs_next, args.batch_size, args.lr, args.lr_next) == (30, 15, 16, 0.05, 0.01)
+    assert _slow_run_warnings(args, "cpu") == []
+
+
+def test_voc_keeps_the_paper_settings_and_epochs_applies_to_every_step() -> None:
+    args = resolve_train_args(build_parser().parse_args(["train", "--dataset", "voc", "--epochs", "3"]))
+    assert (args.model, args.batch_size, args.lr, args.lr_next, args.crop_size) == (
+        "deeplabv3_resnet101",
+        24,
+        0.01,
+        0.001,
+        512,
+    )
+    assert (args.epochs, args.epochs_next) == (3, 3)
+
+
+def test_hours_long_runs_are_announced() -> None:
+    args = resolve_train_args(build_parser().parse_args(["train", "--dataset", "voc"]))
+    lines = _slow_run_warnings(args, "cpu")
+    assert len(lines) == 2 and all("\n" not in line for line in lines)
+    assert "CPU" in lines[0] and "--backbone-weights" in lines[1]
+    args.backbone_weights = Path("r101.pth")
+    assert _slow_run_warnings(args, "cuda") == []
+
+
+def test_missing_dataset_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train"]) == 2
+    assert "--dataset is required" in capsys.readouterr().err
+
+
+def test_demo_device_help_matches_its_default() -> None:
+    demo = build_parser()._subparsers._group_actions[0].choices["demo"]  # type: ignore[union-attr]
+    device = next(a for a in demo._actions if a.dest == "device")
+    assert "default: cpu" in (device.help or "")

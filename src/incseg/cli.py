@@ -12,22 +12,87 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from incseg import distributed as D
+from incseg._catalog import DATASET_TASKS, METHOD_DESCRIPTIONS
 from incseg._version import __version__
-from incseg.data import ADE20K, IncrementalSegmentation, PascalVOC, SyntheticScenes, TestTransform, TrainTransform
-from incseg.engine import TrainConfig, evaluate, train_scenario
-from incseg.learner import METHODS, IncrementalLearner
-from incseg.metrics import IoUResult, StepHistory
-from incseg.models import IncrementalSegmenter, deeplabv3_resnet101, small_segmenter
-from incseg.scenarios import Scenario, get_scenario
+
+if TYPE_CHECKING:  # the command line imports torch only once a command runs, so --help is fast
+    from incseg.data import IncrementalSegmentation
+    from incseg.learner import IncrementalLearner
+    from incseg.metrics import IoUResult
+    from incseg.models import IncrementalSegmenter
+    from incseg.scenarios import Scenario
 
 __all__ = ["main"]
 
 DEMO_METHODS = ("ft", "mib", "caf", "joint")
+
+# Settings of ``incseg train`` that depend on the dataset (the paper's for VOC / ADE20K, the demo's for the
+# synthetic benchmark); a flag left out takes the value of its dataset.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "voc": {
+        "task": "15-5",
+        "model": "deeplabv3_resnet101",
+        "epochs": 30,
+        "epochs_next": None,
+        "batch_size": 24,
+        "lr": 1e-2,
+        "lr_next": 1e-3,
+        "crop_size": 512,
+    },
+    "ade20k": {
+        "task": "100-50",
+        "model": "deeplabv3_resnet101",
+        "epochs": 60,
+        "epochs_next": None,
+        "batch_size": 24,
+        "lr": 1e-2,
+        "lr_next": 1e-2,
+        "crop_size": 512,
+    },
+    "synthetic": {
+        "task": "15-5",
+        "model": "small",
+        "epochs": 30,
+        "epochs_next": 15,
+        "batch_size": 16,
+        "lr": 0.05,
+        "lr_next": 0.01,
+        "crop_size": 64,
+    },
+}
+_SYNTHETIC_IMAGES = {"train": 1200, "val": 300}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's line breaks and appends ``(default: X)`` to options that have a plain default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default is None
+            or default is argparse.SUPPRESS
+            or isinstance(default, bool)
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: {default})" if text else f"(default: {default})"
+
+
+def _per_dataset(key: str) -> str:
+    """``"default: voc 30, ade20k 60, synthetic 15"`` for a dataset-dependent option (values collapsed)."""
+    values = {name: d[key] for name, d in DATASET_DEFAULTS.items()}
+    return "default: " + ", ".join(f"{name} {v}" for name, v in values.items())
+
+
+def _catalog_text() -> str:
+    tasks = "\n".join(f"  {name:<10} {', '.join(t)} (or any A-B split)" for name, t in DATASET_TASKS.items())
+    width = max(map(len, METHOD_DESCRIPTIONS))
+    methods = "\n".join(f"  {name:<{width}}  {text}" for name, text in METHOD_DESCRIPTIONS.items())
+    return f"tasks per dataset:\n{tasks}\n\nmethods (--method):\n{methods}"
 
 
 def _positive_int(text: str) -> int:
@@ -37,10 +102,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, help="output folder (results, checkpoints, pictures)")
-    p.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+def _common(p: argparse.ArgumentParser, *, out_default: str, device_default: str) -> None:
+    p.add_argument("--out", type=Path, help=f"run folder: results, checkpoints, plots (default: {out_default})")
+    p.add_argument("--seed", type=int, default=0, help="seed of everything random")
+    p.add_argument("--device", default=None, help=f"cpu, cuda or cuda:N (default: {device_default})")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")
@@ -49,57 +114,122 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``incseg`` argument parser (sub-commands ``demo`` and ``train``)."""
-    parser = argparse.ArgumentParser(prog="incseg", description="Class-incremental semantic segmentation (CAF).")
+    """The ``incseg`` argument parser (sub-commands ``demo`` and ``train``); builds without importing torch."""
+    fmt = _HelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="incseg",
+        description="Class-incremental semantic segmentation (CAF). Run 'incseg COMMAND --help' for its options.",
+        epilog=_catalog_text(),
+        formatter_class=fmt,
+    )
     parser.add_argument("--version", action="version", version=f"incseg {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="incremental learning on the built-in synthetic benchmark (CPU, minutes)")
-    demo.add_argument("--task", default="15-5", help="task, e.g. 15-5, 15-1, 19-1 (default 15-5)")
-    demo.add_argument("--mode", choices=["disjoint", "overlapped"], default="disjoint")
-    demo.add_argument("--methods", default=",".join(DEMO_METHODS), help="comma-separated: " + ", ".join(METHODS))
-    demo.add_argument("--epochs", type=_positive_int, default=30, help="epochs of step 0 and of joint training")
-    demo.add_argument("--epochs-next", type=_positive_int, default=15, help="epochs of each later step")
-    demo.add_argument("--batch-size", type=_positive_int, default=16)
-    demo.add_argument("--lr", type=float, default=0.05, help="learning rate of step 0 and joint training")
-    demo.add_argument("--lr-next", type=float, default=0.01, help="learning rate of later steps")
+    synthetic = DATASET_DEFAULTS["synthetic"]
+    demo = sub.add_parser(
+        "demo",
+        help="incremental learning on the built-in synthetic benchmark (CPU, minutes)",
+        description="FT, MiB, CAF and joint training side by side on the built-in synthetic benchmark.",
+        formatter_class=fmt,
+    )
+    demo.add_argument("--task", default=synthetic["task"], help="task: " + ", ".join(DATASET_TASKS["synthetic"]))
+    demo.add_argument("--mode", choices=["disjoint", "overlapped"], default="disjoint", help="labelling of steps")
+    demo.add_argument("--methods", default=",".join(DEMO_METHODS), help="comma-separated method names")
+    demo.add_argument("--epochs", type=_positive_int, default=synthetic["epochs"], help="epochs of step 0 and joint")
+    demo.add_argument("--epochs-next", type=_positive_int, default=synthetic["epochs_next"], help="later steps")
+    demo.add_argument("--batch-size", type=_positive_int, default=synthetic["batch_size"], help="batch size")
+    demo.add_argument("--lr", type=float, default=synthetic["lr"], help="learning rate of step 0 and joint")
+    demo.add_argument("--lr-next", type=float, default=synthetic["lr_next"], help="learning rate of later steps")
     demo.add_argument(
         "--lambda-ad",
         type=float,
         default=10.0,
         help="attentive distillation weight for the small demo network (paper, DeepLabV3-R101: 1000)",
     )
-    demo.add_argument("--train-images", type=_positive_int, default=1200)
-    demo.add_argument("--val-images", type=_positive_int, default=300)
-    demo.add_argument("--size", type=_positive_int, default=64, help="image side in pixels")
+    demo.add_argument("--train-images", type=_positive_int, default=_SYNTHETIC_IMAGES["train"], help="train set")
+    demo.add_argument("--val-images", type=_positive_int, default=_SYNTHETIC_IMAGES["val"], help="test set")
+    demo.add_argument("--size", type=_positive_int, default=synthetic["crop_size"], help="image side in pixels")
     demo.add_argument("--width", type=_positive_int, default=32, help="width of the small network")
     demo.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
-    _common(demo)
+    _common(demo, out_default="incseg-demo", device_default="cpu; the small network gains little from a GPU")
 
-    train = sub.add_parser("train", help="train one method on a registered scenario (VOC, ADE20K, synthetic)")
-    train.add_argument("--dataset", choices=["voc", "ade20k", "synthetic"], required=True)
+    train = sub.add_parser(
+        "train",
+        help="train one method on a registered scenario (VOC, ADE20K, synthetic)",
+        description="Train one method on one task, with checkpoints and an evaluation after every step.\n"
+        "Options left out take their dataset's value: the paper's for voc and ade20k, the demo's for synthetic.",
+        epilog=_catalog_text(),
+        formatter_class=fmt,
+    )
+    train.add_argument("--dataset", choices=list(DATASET_TASKS), help="dataset (required)")
     train.add_argument("--root", type=Path, help="dataset root (VOCdevkit/.. or ADEChallengeData2016/..)")
-    train.add_argument("--task", required=True, help="e.g. 15-5, 15-1, 19-1 (VOC); 100-50, 100-10, 50-50 (ADE20K)")
-    train.add_argument("--mode", choices=["disjoint", "overlapped"], default="disjoint")
-    train.add_argument("--method", default="caf", help="one of: " + ", ".join(METHODS))
-    train.add_argument("--model", choices=["deeplabv3_resnet101", "small"], default="deeplabv3_resnet101")
+    train.add_argument("--task", help="task, listed below (" + _per_dataset("task") + ")")
+    train.add_argument("--mode", choices=["disjoint", "overlapped"], default="disjoint", help="labelling of steps")
+    train.add_argument(
+        "--method", default="caf", choices=list(METHOD_DESCRIPTIONS), metavar="METHOD", help="listed below"
+    )
+    train.add_argument(
+        "--model", choices=["deeplabv3_resnet101", "small"], help="network (" + _per_dataset("model") + ")"
+    )
     train.add_argument("--backbone-weights", type=Path, help="local ImageNet ResNet-101 state dict (.pth)")
-    train.add_argument("--output-stride", type=int, choices=[8, 16], default=16)
-    train.add_argument("--epochs", type=_positive_int, help="epochs per step (default 30 VOC, 60 ADE20K)")
-    train.add_argument("--batch-size", type=_positive_int, default=24, help="global batch size")
-    train.add_argument("--lr", type=float, default=1e-2, help="learning rate of step 0")
-    train.add_argument("--lr-next", type=float, help="learning rate of later steps (default 1e-3 VOC, 1e-2 ADE)")
-    train.add_argument("--crop-size", type=_positive_int, default=512)
-    train.add_argument("--lambda-d", type=float, help="weight of the knowledge distillation (default 10)")
-    train.add_argument("--lambda-ad", type=float, help="weight of the attentive distillation (default 1000)")
-    train.add_argument("--test-strategy", choices=["skip", "zero_pad", "concat"], help="CAF at test time")
+    train.add_argument("--output-stride", type=int, choices=[8, 16], default=16, help="of the ResNet-101")
+    train.add_argument("--epochs", type=_positive_int, help="epochs of step 0 (" + _per_dataset("epochs") + ")")
+    train.add_argument(
+        "--epochs-next", type=_positive_int, help="epochs of later steps (default: --epochs; synthetic alone: 15)"
+    )
+    train.add_argument(
+        "--batch-size", type=_positive_int, help="global batch size (" + _per_dataset("batch_size") + ")"
+    )
+    train.add_argument("--lr", type=float, help="learning rate of step 0 (" + _per_dataset("lr") + ")")
+    train.add_argument("--lr-next", type=float, help="learning rate of later steps (" + _per_dataset("lr_next") + ")")
+    train.add_argument(
+        "--crop-size",
+        type=_positive_int,
+        help="training crop; synthetic: image side (" + _per_dataset("crop_size") + ")",
+    )
+    train.add_argument("--lambda-d", type=float, help="weight of the knowledge distillation (default: the method's)")
+    train.add_argument("--lambda-ad", type=float, help="weight of the attentive distillation (default: the method's)")
+    train.add_argument(
+        "--test-strategy", choices=["skip", "zero_pad", "concat"], help="CAF at test time (default: the method's)"
+    )
     train.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP (CUDA only)")
     train.add_argument(
         "--void-as-background", action="store_true", help="train labels: void (255) -> background, as MiB"
     )
     train.add_argument("--max-iters-per-epoch", type=_positive_int, help="cap iterations (quick checks)")
-    _common(train)
+    _common(train, out_default="runs/DATASET-TASK-MODE-METHOD", device_default="cuda when available")
     return parser
+
+
+def resolve_train_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options of ``incseg train`` left out with their dataset's values (see ``DATASET_DEFAULTS``).
+
+    Raises:
+        ValueError: no ``--dataset``.
+    """
+    if args.dataset is None:
+        raise ValueError("--dataset is required: one of " + ", ".join(DATASET_TASKS))
+    if args.epochs_next is None and args.epochs is not None:
+        args.epochs_next = args.epochs
+    for key, value in DATASET_DEFAULTS[args.dataset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def _slow_run_warnings(args: argparse.Namespace, device_type: str) -> list[str]:
+    """One line per setting that will obviously take hours or learn little."""
+    warnings = []
+    if args.model == "deeplabv3_resnet101" and device_type == "cpu":
+        warnings.append(
+            "warning: DeepLabV3-ResNet101 on the CPU takes hours per step; use a GPU (--device cuda) or --model small"
+        )
+    if args.model == "deeplabv3_resnet101" and args.dataset != "synthetic" and args.backbone_weights is None:
+        warnings.append(
+            "warning: no --backbone-weights: a ResNet-101 trained from scratch needs far longer than the paper's "
+            "schedule; pass a local ImageNet state dict"
+        )
+    return warnings
 
 
 def _datasets(
@@ -112,6 +242,8 @@ def _datasets(
     *,
     void_as_background: bool = False,
 ) -> Callable[[int], tuple[IncrementalSegmentation, IncrementalSegmentation]]:
+    from incseg.data import IncrementalSegmentation
+
     def make(step: int) -> tuple[IncrementalSegmentation, IncrementalSegmentation]:
         return (
             IncrementalSegmentation(
@@ -149,6 +281,16 @@ def run_demo(args: argparse.Namespace) -> int:
     unbiased CE has nothing to aggregate yet and no teacher exists), so it is trained once and shared; each
     method then learns the later steps from that model. Joint training learns all classes in one step.
     """
+    import torch
+
+    from incseg import distributed as D
+    from incseg.data import IncrementalSegmentation, SyntheticScenes, TestTransform, TrainTransform
+    from incseg.engine import TrainConfig, evaluate, train_scenario
+    from incseg.learner import METHODS, IncrementalLearner
+    from incseg.metrics import StepHistory
+    from incseg.models import small_segmenter
+    from incseg.scenarios import get_scenario
+
     device = D.init_from_env(args.device or "cpu")
     out = args.out or Path("incseg-demo")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -280,12 +422,13 @@ def _report(
     print(f"wrote {out / 'results.json'}, {out / 'results.csv'}, {picture} (and {picture.with_suffix('.npz').name})")
 
 
-@torch.no_grad()
 def _demo_picture(
     path: Path, scenario: Scenario, learners: dict[str, IncrementalLearner], test_src: Any, test_tf: Any
 ) -> Path:
     import numpy as np
+    import torch
 
+    from incseg.data import IncrementalSegmentation
     from incseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from incseg.visualize import attention_heatmap, colorize, denormalize, save_grid
 
@@ -322,28 +465,52 @@ def _demo_picture(
 
 
 def _build_model(args: argparse.Namespace, num_classes: int) -> IncrementalSegmenter:
+    from incseg.models import deeplabv3_resnet101, small_segmenter
+
     if args.model == "small":
         return small_segmenter(num_classes)
     return deeplabv3_resnet101(num_classes, output_stride=args.output_stride, backbone_weights=args.backbone_weights)
 
 
+def _sources(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """``(train source, test source, train transform, test transform)`` of ``args.dataset``."""
+    from incseg.data import ADE20K, PascalVOC, SyntheticScenes, TestTransform, TrainTransform
+
+    if args.dataset == "synthetic":
+        size = args.crop_size
+        train_src: Any = SyntheticScenes("train", num_images=_SYNTHETIC_IMAGES["train"], size=size, seed=args.seed)
+        test_src: Any = SyntheticScenes("val", num_images=_SYNTHETIC_IMAGES["val"], size=size, seed=args.seed)
+        return train_src, test_src, TrainTransform(crop_size=size, scale=(0.75, 1.25), hflip=True), TestTransform()
+    if args.root is None:
+        raise ValueError(f"--root is required for --dataset {args.dataset} (the folder that holds the dataset)")
+    if args.dataset == "voc":
+        train_src, test_src = PascalVOC(args.root, "train"), PascalVOC(args.root, "val")
+    else:
+        train_src, test_src = ADE20K(args.root, "training"), ADE20K(args.root, "validation")
+    train_tf = TrainTransform(crop_size=args.crop_size, scale=(0.5, 2.0), hflip=True)
+    return train_src, test_src, train_tf, TestTransform(size=args.crop_size)
+
+
+def _default_out(args: argparse.Namespace) -> Path:
+    return Path("runs") / f"{args.dataset}-{args.task}-{args.mode}-{args.method}"
+
+
 def run_train(args: argparse.Namespace) -> int:
     """``incseg train``: one method on one registered scenario, with checkpoints and evaluation per step."""
-    device = D.init_from_env(args.device)
-    is_voc = args.dataset in ("voc", "synthetic")
-    if args.dataset != "synthetic" and args.root is None:
-        raise SystemExit(f"incseg train: --root is required for --dataset {args.dataset}")
+    import torch
+
+    from incseg import distributed as D
+    from incseg.engine import TrainConfig, train_scenario
+    from incseg.learner import IncrementalLearner
+    from incseg.scenarios import get_scenario
+
+    resolve_train_args(args)
     scenario = get_scenario(args.dataset, args.task, mode=args.mode)
-    if args.dataset == "voc":
-        train_src: Any = PascalVOC(args.root, "train")
-        test_src: Any = PascalVOC(args.root, "val")
-    elif args.dataset == "ade20k":
-        train_src, test_src = ADE20K(args.root, "training"), ADE20K(args.root, "validation")
-    else:
-        train_src, test_src = SyntheticScenes("train", seed=args.seed), SyntheticScenes("val", seed=args.seed)
-    crop = args.crop_size if args.dataset != "synthetic" else train_src.size
-    train_tf = TrainTransform(crop_size=crop, scale=(0.5, 2.0), hflip=True)
-    test_tf = TestTransform(size=crop if args.dataset != "synthetic" else None)
+    device = D.init_from_env(args.device)
+    if D.is_main_process():
+        for line in _slow_run_warnings(args, device.type):
+            print(line, file=sys.stderr)
+    train_src, test_src, train_tf, test_tf = _sources(args)
     overrides: dict[str, Any] = {
         k: v
         for k, v in {
@@ -367,10 +534,11 @@ def run_train(args: argparse.Namespace) -> int:
         overrides["void_as_background"] = True
     learner = IncrementalLearner(model, scn, method, **overrides)
     config = TrainConfig(
-        epochs=args.epochs or (30 if is_voc else 60),
+        epochs=args.epochs,
+        epochs_next=args.epochs_next,
         batch_size=args.batch_size,
         lr=args.lr,
-        lr_next=args.lr_next if args.lr_next is not None else (1e-3 if is_voc else 1e-2),
+        lr_next=args.lr_next,
         amp=args.amp,
         num_workers=args.workers,
         seed=args.seed,
@@ -378,7 +546,7 @@ def run_train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         max_iters_per_epoch=args.max_iters_per_epoch,
     )
-    out = args.out or Path("runs") / f"{args.dataset}-{args.task}-{args.mode}-{args.method}"
+    out = args.out or _default_out(args)
     history = train_scenario(
         learner,
         _datasets(

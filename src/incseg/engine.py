@@ -50,6 +50,7 @@ class TrainConfig:
 
     Attributes:
         epochs: epochs per step (paper: 30 on VOC, 60 on ADE20K).
+        epochs_next: epochs of the later steps; ``None`` keeps ``epochs``.
         batch_size: global batch size, split evenly over the processes (paper: 24).
         lr: learning rate of step 0 (paper: 1e-2).
         lr_next: learning rate of the later steps (paper: 1e-3 on VOC, 1e-2 on ADE20K); ``None`` keeps ``lr``.
@@ -67,6 +68,7 @@ class TrainConfig:
     """
 
     epochs: int = 30
+    epochs_next: int | None = None
     batch_size: int = 24
     lr: float = 1e-2
     lr_next: float | None = 1e-3
@@ -83,8 +85,8 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.epochs < 1 or (self.epochs_next is not None and self.epochs_next < 1):
+            raise ValueError(f"epochs must be >= 1, got {self.epochs} and epochs_next={self.epochs_next}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.amp not in ("none", "bf16", "fp16"):
@@ -97,6 +99,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-python view (for logs and checkpoints)."""
         return asdict(self)
+
+    def epochs_at(self, step: int) -> int:
+        """Epochs of ``step``: :attr:`epochs` at step 0, :attr:`epochs_next` (if set) later."""
+        return self.epochs if step == 0 or self.epochs_next is None else self.epochs_next
 
 
 def autocast_context(device: torch.device, amp: AmpMode) -> contextlib.AbstractContextManager[Any]:
@@ -300,13 +306,14 @@ def train_scenario(
         )
         if config.max_iters_per_epoch is not None:
             iters_per_epoch = min(iters_per_epoch, config.max_iters_per_epoch)
-        max_it = config.epochs * iters_per_epoch
+        epochs = config.epochs_at(step)
+        max_it = epochs * iters_per_epoch
         say(
             f"step {step}/{scenario.num_steps - 1}: classes {list(scenario.classes_at(step))}, "
             f"{len(train_set)} train / {len(test_set)} test images, method {learner.config.name}, lr {lr:g}"  # type: ignore[arg-type]
         )
         t0 = time.monotonic()
-        for epoch in range(first_epoch, config.epochs):
+        for epoch in range(first_epoch, epochs):
             torch.manual_seed(_seed_for(config.seed, step, epoch))
             loader = _loader(
                 train_set,
@@ -322,7 +329,7 @@ def train_scenario(
             bar = Progress(
                 _take(loader, iters_per_epoch),
                 total=iters_per_epoch,
-                desc=f"step {step} epoch {epoch + 1}/{config.epochs}",
+                desc=f"step {step} epoch {epoch + 1}/{epochs}",
                 enabled=config.progress and main,
             )
             running = 0.0
@@ -373,10 +380,8 @@ def train_scenario(
         if on_step_end is not None:
             on_step_end(step, result)
         if ckpt_dir is not None and last_path is not None:
-            _save(
-                learner, ckpt_dir / f"step{step}.pt", None, scaler, history, config, epoch=config.epochs, finished=True
-            )
-            _save(learner, last_path, None, scaler, history, config, epoch=config.epochs, finished=True)
+            _save(learner, ckpt_dir / f"step{step}.pt", None, scaler, history, config, epoch=epochs, finished=True)
+            _save(learner, last_path, None, scaler, history, config, epoch=epochs, finished=True)
         resume_state = None
     return history
 

@@ -110,3 +110,16 @@ def test_mixed_precision_run_trains_with_float32_losses(amp: str) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16 if amp == "bf16" else torch.float16):
         out = learner.training_step(images, torch.zeros(2, *images.shape[-2:], dtype=torch.long))
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+
+
+def test_epochs_next_sets_the_later_steps_only() -> None:
+    assert [TrainConfig(epochs=4, epochs_next=2).epochs_at(s) for s in (0, 1, 2)] == [4, 2, 2]
+    assert [TrainConfig(epochs=4).epochs_at(s) for s in (0, 3)] == [4, 4]
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs_next=0)
+
+
+def test_later_steps_run_epochs_next(tmp_path: Path) -> None:
+    tiny_run(tmp_path, epochs=2, epochs_next=1)
+    assert torch.load(tmp_path / "step0.pt", weights_only=True)["extra"]["epoch"] == 2
+    assert torch.load(tmp_path / "step1.pt", weights_only=True)["extra"]["epoch"] == 1

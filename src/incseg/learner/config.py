@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
-__all__ = ["METHODS", "ADMode", "CEMode", "InitMode", "KDMode", "MethodConfig", "TestStrategy"]
+from incseg._catalog import METHOD_DESCRIPTIONS
+
+__all__ = ["METHODS", "METHOD_DESCRIPTIONS", "ADMode", "CEMode", "InitMode", "KDMode", "MethodConfig", "TestStrategy"]
 
 CEMode = Literal["plain", "unbiased"]
 KDMode = Literal["plain", "unbiased", "balanced"]

@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from incseg._catalog import DATASET_TASKS
 from incseg.scenarios._names import ADE20K_CLASS_NAMES, VOC_CLASS_NAMES
 from incseg.scenarios.scenario import Mode, Scenario, _as_int
 
@@ -31,11 +32,10 @@ class _Dataset:
         return self.names()
 
 
-_VOC_TASKS = ("19-1", "15-5", "15-1", "10-1", "5-3", "offline")
 _DATASETS: dict[str, _Dataset] = {
-    "voc": _Dataset(lambda: VOC_CLASS_NAMES, _VOC_TASKS),
-    "ade20k": _Dataset(lambda: ADE20K_CLASS_NAMES, ("100-50", "100-10", "50-50", "offline")),
-    "synthetic": _Dataset(_synthetic_class_names, _VOC_TASKS),
+    "voc": _Dataset(lambda: VOC_CLASS_NAMES, DATASET_TASKS["voc"]),
+    "ade20k": _Dataset(lambda: ADE20K_CLASS_NAMES, DATASET_TASKS["ade20k"]),
+    "synthetic": _Dataset(_synthetic_class_names, DATASET_TASKS["synthetic"]),
 }
 _DATASET_ALIASES = {"pascal": "voc", "pascal-voc": "voc", "voc2012": "voc", "ade": "ade20k"}
 _TASK_ALIASES = {"joint": "offline", "15-5s": "15-1"}
