@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -65,6 +66,10 @@ def test_train_runs_every_step_and_writes_history(tmp_path: Path, capsys: pytest
     assert [entry["step"] for entry in history["steps"]] == [0, 1]
     assert (tmp_path / "checkpoints" / "step1.pt").exists()
     assert "mIoU all" in capsys.readouterr().out
+    metrics = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [(json.loads(m)["step"], json.loads(m)["iteration"]) for m in metrics] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    if importlib.util.find_spec("matplotlib") is not None:  # plotted at the end when matplotlib is there
+        assert {p.name for p in (tmp_path / "plots").iterdir()} == {"loss.png", "miou.png", "iou_heatmap.png"}
     # Running again resumes from the finished checkpoints: nothing is retrained, the history is the same.
     assert main(args) == 0
     assert json.loads((tmp_path / "history.json").read_text()) == history
@@ -126,3 +131,17 @@ def test_demo_device_help_matches_its_default() -> None:
     demo = build_parser()._subparsers._group_actions[0].choices["demo"]  # type: ignore[union-attr]
     device = next(a for a in demo._actions if a.dest == "device")
     assert "default: cpu" in (device.help or "")
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import incseg.cli as cli
+
+    def interrupted(_args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_train", interrupted)
+    assert main(["train", "--dataset", "synthetic"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == "incseg train: interrupted; resume with the same command"

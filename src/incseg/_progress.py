@@ -13,7 +13,7 @@ __all__ = ["Progress"]
 
 
 class Progress:
-    """Wraps an iterable and prints ``desc [=====>    ] 12/40 0:05<0:12 loss=0.53``.
+    """Wraps an iterable and prints ``desc [=====>    ] 12/40 0:05<0:12 2.4it/s step 1:10 left loss=0.53``.
 
     On a terminal the line is redrawn in place; otherwise (logs, CI) a line is printed at most every
     ``min_interval`` seconds and at the end, so log files stay short.
@@ -25,6 +25,8 @@ class Progress:
         enabled: print nothing when False (e.g. ranks other than 0).
         stream: where to print (default ``sys.stderr``).
         min_interval: seconds between two printed lines when not on a terminal.
+        remaining_after: items that follow this loop in the same larger task (e.g. the step's later epochs);
+            when given, the line ends with the estimated time left for the whole task.
     """
 
     def __init__(
@@ -36,6 +38,7 @@ class Progress:
         enabled: bool = True,
         stream: TextIO | None = None,
         min_interval: float = 10.0,
+        remaining_after: int | None = None,
     ) -> None:
         self.iterable = iterable
         self.total = total if total is not None else len(iterable)  # type: ignore[arg-type]
@@ -43,6 +46,7 @@ class Progress:
         self.enabled = enabled
         self.stream = stream if stream is not None else sys.stderr
         self.min_interval = min_interval
+        self.remaining_after = remaining_after
         self.postfix = ""
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
 
@@ -66,8 +70,12 @@ class Progress:
         frac = n / self.total if self.total else 1.0
         filled = int(width * frac)
         bar = "=" * filled + (">" if filled < width else "") + " " * max(0, width - filled - 1)
-        eta = elapsed / n * (self.total - n) if n else 0.0
-        line = f"{self.desc} [{bar}] {n}/{self.total} {_fmt(elapsed)}<{_fmt(eta)} {self.postfix}".rstrip()
+        per_item = elapsed / n if n else 0.0
+        rate = f"{n / elapsed:.1f}it/s" if elapsed > 0 else "-it/s"
+        line = f"{self.desc} [{bar}] {n}/{self.total} {_fmt(elapsed)}<{_fmt(per_item * (self.total - n))} {rate}"
+        if self.remaining_after is not None:
+            line += f" step {_fmt(per_item * (self.total - n + self.remaining_after))} left"
+        line = f"{line} {self.postfix}".rstrip()
         end = "\n" if final or not self._tty else ""
         self.stream.write(("\r" if self._tty else "") + line + end)
         self.stream.flush()

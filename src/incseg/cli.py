@@ -198,6 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--max-iters-per-epoch", type=_positive_int, help="cap iterations (quick checks)")
     _common(train, out_default="runs/DATASET-TASK-MODE-METHOD", device_default="cuda when available")
+
+    plot = sub.add_parser(
+        "plot",
+        help="figures of a run folder: loss terms and lr over iterations, mIoU per step, IoU heat map",
+        description="Write RUN_DIR/plots/*.png from metrics.jsonl and history.json (needs incseg[plot]).",
+        formatter_class=fmt,
+    )
+    plot.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the --out folder of incseg train")
     return parser
 
 
@@ -430,7 +438,7 @@ def _demo_picture(
 
     from incseg.data import IncrementalSegmentation
     from incseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from incseg.visualize import attention_heatmap, colorize, denormalize, save_grid
+    from incseg.visualize import attention_heatmap, colorize, denormalize, legend, save_grid
 
     last = scenario.num_steps - 1
     dataset = IncrementalSegmentation(test_src, scenario, last, train=False, transform=test_tf)
@@ -456,12 +464,12 @@ def _demo_picture(
         fusion = learner.model.fusion
         if fusion is not None:
             learner.model.eval()
-            z = learner.model.encoder(images.to(device))
-            _, maps = fusion(z, return_maps=True)
+            with torch.no_grad():
+                _, maps = fusion(learner.model.encoder(images.to(device)), return_maps=True)
             for row, a in zip(rows, maps.spatial[:, 0]):
                 row[f"{method} A_SP"] = attention_heatmap(a, (images.shape[-2], images.shape[-1]))
     np.savez_compressed(path.with_suffix(".npz"), **arrays)
-    return save_grid(path, rows, scale=3)
+    return save_grid(path, rows, scale=3, legend=legend(scenario.class_names_at(last)))
 
 
 def _build_model(args: argparse.Namespace, num_classes: int) -> IncrementalSegmenter:
@@ -500,7 +508,7 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
 
     from incseg import distributed as D
-    from incseg.engine import TrainConfig, train_scenario
+    from incseg.engine import MetricsLog, TrainConfig, train_scenario
     from incseg.learner import IncrementalLearner
     from incseg.scenarios import get_scenario
 
@@ -547,22 +555,27 @@ def run_train(args: argparse.Namespace) -> int:
         max_iters_per_epoch=args.max_iters_per_epoch,
     )
     out = args.out or _default_out(args)
-    history = train_scenario(
-        learner,
-        _datasets(
-            train_src,
-            test_src,
-            scn,
-            train_tf,
-            test_tf,
-            out / "cache",
-            void_as_background=learner.config.void_as_background,
-        ),
-        config,
-        device=device,
-        checkpoint_dir=out / "checkpoints",
-        resume=not args.no_resume,
-    )
+    metrics_log = MetricsLog(out / "metrics.jsonl")  # rank 0 only: the engine calls it there
+    try:
+        history = train_scenario(
+            learner,
+            _datasets(
+                train_src,
+                test_src,
+                scn,
+                train_tf,
+                test_tf,
+                out / "cache",
+                void_as_background=learner.config.void_as_background,
+            ),
+            config,
+            device=device,
+            checkpoint_dir=out / "checkpoints",
+            resume=not args.no_resume,
+            on_iteration=metrics_log,
+        )
+    finally:
+        metrics_log.close()
     if D.is_main_process():
         print(history.table())
         history.to_json(out / "history.json")
@@ -570,8 +583,31 @@ def run_train(args: argparse.Namespace) -> int:
         (out / "config.json").write_text(
             json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "train": config.to_dict()}, indent=2)
         )
-        print(f"wrote {out / 'history.json'} and {out / 'history.csv'}")
+        print(f"wrote {out / 'history.json'}, {out / 'history.csv'} and {out / 'metrics.jsonl'}")
+        if _has_matplotlib():
+            from incseg.plots import plot_run
+
+            print("wrote " + ", ".join(str(p) for p in plot_run(out)))
     D.cleanup()
+    return 0
+
+
+def _has_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    """``incseg plot RUN_DIR``: the PNG figures of a run folder (:func:`incseg.plots.plot_run`)."""
+    from incseg.plots import plot_run
+
+    try:
+        written = plot_run(args.run_dir)
+    except ImportError as err:  # matplotlib missing: say which extra installs it
+        print(f"incseg plot: error: {err}", file=sys.stderr)
+        return 2
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 
@@ -581,10 +617,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return run_demo(args)
+        if args.command == "plot":
+            return run_plot(args)
         return run_train(args)
     except (FileNotFoundError, ValueError) as err:
         print(f"incseg {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # checkpoints are written after every epoch: the same command resumes
+        print(f"\nincseg {args.command}: interrupted; resume with the same command", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,6 +10,7 @@ a dataset-level mIoU after every step.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +31,7 @@ from incseg.metrics import IoUResult, MeanIoU, StepHistory
 from incseg.nn import FusionStrategy
 
 __all__ = [
+    "MetricsLog",
     "NonFiniteLossError",
     "TrainConfig",
     "evaluate",
@@ -232,6 +234,7 @@ def train_scenario(
     log: Callable[[str], None] | None = None,
     on_step_end: Callable[[int, IoUResult], None] | None = None,
     history: StepHistory | None = None,
+    on_iteration: Callable[[dict[str, Any]], None] | None = None,
 ) -> StepHistory:
     """Train ``learner`` over every step of its scenario, evaluating after each step.
 
@@ -249,6 +252,9 @@ def train_scenario(
         on_step_end: called with ``(step, result)`` after each step's evaluation.
         history: results of earlier steps to continue (e.g. when ``steps`` starts after a step trained
             elsewhere); default: a new history.
+        on_iteration: called on rank 0 after every optimizer update with ``{"step", "epoch", "iteration"
+            (within the step), "lr", "loss", <term>: value}`` (plain floats, the terms of the loss on rank 0),
+            e.g. a :class:`~incseg.engine.MetricsLog`.
 
     Returns:
         The per-step history of results (per-class IoU, old/new/all, forgetting).
@@ -331,6 +337,7 @@ def train_scenario(
                 total=iters_per_epoch,
                 desc=f"step {step} epoch {epoch + 1}/{epochs}",
                 enabled=config.progress and main,
+                remaining_after=(epochs - epoch - 1) * iters_per_epoch,
             )
             running = 0.0
             images: torch.Tensor
@@ -361,6 +368,11 @@ def train_scenario(
                 scaler.step(optimizer)
                 scaler.update()
                 running = value if i == 0 else 0.9 * running + 0.1 * value
+                if on_iteration is not None and main:
+                    names = list(out.terms)
+                    values = torch.stack([out.terms[k].detach().float() for k in names]).tolist() if names else []
+                    record = {"step": step, "epoch": epoch, "iteration": it, "lr": optimizer.param_groups[0]["lr"]}
+                    on_iteration({**record, "loss": value, **dict(zip(names, values))})
                 bar.set_postfix(f"loss={running:.4f}")
             if last_path is not None:
                 _save(learner, last_path, optimizer, scaler, history, config, epoch=epoch + 1, finished=False)
@@ -384,6 +396,57 @@ def train_scenario(
             _save(learner, last_path, None, scaler, history, config, epoch=epochs, finished=True)
         resume_state = None
     return history
+
+
+class MetricsLog:
+    """Appends one JSON line per training iteration to a file (``metrics.jsonl`` of ``incseg train``).
+
+    Every line is flushed at once, so the curve survives a crash. A resumed run repeats the iterations after
+    its last checkpoint: the first record written drops every line of the file at or after its
+    ``(step, iteration)``, so the file never holds an iteration twice.
+
+    Args:
+        path: the file (created with its folder; an existing one is continued).
+
+    Example:
+        >>> import json, tempfile
+        >>> path = tempfile.mkdtemp() + "/metrics.jsonl"
+        >>> log = MetricsLog(path)
+        >>> log({"step": 0, "epoch": 0, "iteration": 0, "lr": 0.01, "loss": 2.5})
+        >>> log.close()
+        >>> [json.loads(line)["loss"] for line in open(path)]
+        [2.5]
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file: Any = None
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            self._open_at((int(record["step"]), int(record["iteration"])))
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def _open_at(self, key: tuple[int, int]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept: list[str] = []
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    old = json.loads(line)
+                    if (int(old["step"]), int(old["iteration"])) < key:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut by a crash
+        self._file = open(self.path, "w", encoding="utf-8")  # kept open across iterations
+        self._file.write("".join(line + "\n" for line in kept))
+
+    def close(self) -> None:
+        """Close the file (a later record reopens it)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def _take(loader: DataLoader[Any], n: int) -> Iterator[Any]:

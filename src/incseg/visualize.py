@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-__all__ = ["attention_heatmap", "colorize", "palette", "save_grid"]
+__all__ = ["attention_heatmap", "colorize", "legend", "palette", "save_grid"]
 
 
 def palette(num_colors: int = 256) -> np.ndarray:
@@ -59,13 +59,26 @@ def denormalize(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> n
     return (255 * x.permute(1, 2, 0).numpy()).astype(np.uint8)
 
 
-def save_grid(path: str | Path, rows: Sequence[Mapping[str, np.ndarray]], *, scale: int = 2) -> Path:
+def legend(class_names: Sequence[str]) -> list[tuple[str, tuple[int, int, int]]]:
+    """``(name, colour)`` of each class index as :func:`colorize` paints it, for :func:`save_grid`'s legend."""
+    return [(name, tuple(int(v) for v in _PALETTE[i])) for i, name in enumerate(class_names)]  # type: ignore[misc]
+
+
+def save_grid(
+    path: str | Path,
+    rows: Sequence[Mapping[str, np.ndarray]],
+    *,
+    scale: int = 2,
+    legend: Sequence[tuple[str, tuple[int, int, int]]] = (),
+) -> Path:
     """Save a grid of pictures: one row per sample, one titled column per key of the row mappings.
 
     Args:
         path: the PNG to write (parent folders are created).
         rows: each row maps a column title to an ``(H, W, 3)`` uint8 picture; all rows share the keys.
         scale: integer up-scaling (nearest) so small pictures stay readable.
+        legend: ``(label, RGB colour)`` pairs drawn as swatches under the grid (e.g. :func:`legend` of the
+            class names, so the colour-coded masks can be read).
 
     Returns:
         The path written.
@@ -75,8 +88,17 @@ def save_grid(path: str | Path, rows: Sequence[Mapping[str, np.ndarray]], *, sca
     titles = list(rows[0].keys())
     h, w = next(iter(rows[0].values())).shape[:2]
     ch, cw, pad, head = h * scale, w * scale, 4, 14
-    canvas = Image.new("RGB", (len(titles) * (cw + pad) + pad, head + len(rows) * (ch + pad) + pad), "white")
+    width = len(titles) * (cw + pad) + pad
+    entry_w, entry_h = 130, 14
+    per_line = max(1, (width - pad) // entry_w)
+    legend_h = (len(legend) + per_line - 1) // per_line * entry_h + (pad if legend else 0)
+    grid_h = head + len(rows) * (ch + pad) + pad
+    canvas = Image.new("RGB", (width, grid_h + legend_h), "white")
     draw = ImageDraw.Draw(canvas)
+    for k, (label, colour) in enumerate(legend):
+        x, y = pad + (k % per_line) * entry_w, grid_h + (k // per_line) * entry_h
+        draw.rectangle((x, y + 1, x + 10, y + 11), fill=colour, outline=(0, 0, 0))
+        draw.text((x + 14, y), label[:20], fill=(0, 0, 0))
     for j, title in enumerate(titles):
         draw.text((pad + j * (cw + pad), 2), title[: max(4, cw // 6)], fill=(0, 0, 0))
     for i, row in enumerate(rows):

@@ -52,7 +52,13 @@ def tiny_learner(scenario: Scenario, method: str = "caf", seed: int = 0) -> Incr
 
 
 def tiny_run(
-    out: Path | None, *, method: str = "caf", resume: bool = True, learner: IncrementalLearner | None = None, **kw: Any
+    out: Path | None,
+    *,
+    method: str = "caf",
+    resume: bool = True,
+    learner: IncrementalLearner | None = None,
+    on_iteration: Any = None,
+    **kw: Any,
 ) -> tuple[IncrementalLearner, StepHistory]:
     scenario = tiny_scenario()
     learner = learner if learner is not None else tiny_learner(scenario, method)
@@ -64,6 +70,7 @@ def tiny_run(
         checkpoint_dir=out,
         resume=resume,
         log=lambda _m: None,
+        on_iteration=on_iteration,
     )
     return learner, history
 

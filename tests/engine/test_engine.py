@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -123,3 +124,67 @@ def test_later_steps_run_epochs_next(tmp_path: Path) -> None:
     tiny_run(tmp_path, epochs=2, epochs_next=1)
     assert torch.load(tmp_path / "step0.pt", weights_only=True)["extra"]["epoch"] == 2
     assert torch.load(tmp_path / "step1.pt", weights_only=True)["extra"]["epoch"] == 1
+
+
+def test_poly_schedule_is_polynomial_lr_in_closed_form() -> None:
+    """The hand-written schedule equals PyTorch's ``PolynomialLR`` up to rounding; it is kept because its
+    closed form gives bit-identical learning rates after a resume (the scheduler's chained form does not)."""
+    from incseg.engine import _set_poly_lr
+
+    ours = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    theirs = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(theirs, total_iters=50, power=0.9)
+    for it in range(50):
+        _set_poly_lr(ours, it, 50, 0.9)
+        assert ours.param_groups[0]["lr"] == pytest.approx(theirs.param_groups[0]["lr"], rel=1e-12, abs=0)
+        theirs.step()
+        scheduler.step()
+
+
+def _records(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_metrics_log_has_every_iteration_with_lr_and_terms(tmp_path: Path) -> None:
+    from incseg.engine import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    tiny_run(tmp_path / "ckpt", epochs=2, on_iteration=log)
+    log.close()
+    records = _records(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["iteration"]) for r in records] == [(s, i) for s in (0, 1) for i in range(6)]
+    assert records[0]["lr"] == pytest.approx(0.02) and records[6]["lr"] == pytest.approx(0.005)
+    assert all(r["lr"] > s["lr"] for r, s in itertools.pairwise(records[:6]))  # poly decay within a step
+    assert {"seg", "kd", "ad", "total"} <= set(records[-1])  # CAF's terms at step 1
+    for r in records:
+        assert r["loss"] == pytest.approx(r["total"], rel=1e-6)
+
+
+def test_metrics_log_resumes_without_duplicates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from incseg.engine import MetricsLog
+
+    scenario = tiny_scenario()
+    victim = tiny_learner(scenario)
+    original = type(victim).training_step
+    calls = {"n": 0}
+
+    def dying_step(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] > 6 + 4:  # die in step 1's second epoch: its first epoch is logged twice
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(victim), "training_step", dying_step)
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run(tmp_path / "ckpt", learner=victim, on_iteration=log)
+    log.close()
+    monkeypatch.undo()
+    assert len(_records(tmp_path / "metrics.jsonl")) == 10
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    tiny_run(tmp_path / "ckpt", learner=tiny_learner(scenario), on_iteration=log)
+    log.close()
+    keys = [(r["step"], r["iteration"]) for r in _records(tmp_path / "metrics.jsonl")]
+    assert keys == [(s, i) for s in (0, 1) for i in range(6)]
