@@ -50,7 +50,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("kind", list(LOSSES))
-@pytest.mark.parametrize(("k", "n_old"), [(5, 1), (5, 3), (6, 6), (21, 16)])
+@pytest.mark.parametrize(("k", "n_old"), [(5, 1), (5, 2), (5, 3), (6, 6), (21, 16)])
 @pytest.mark.parametrize("class_reduction", ["mean", "sum"])
 def test_matches_reference(kind: str, k: int, n_old: int, class_reduction: str) -> None:
     logits, old_logits = torch.randn(2, k, 5, 7) * 3, torch.randn(2, n_old, 5, 7) * 3
@@ -91,9 +91,10 @@ def test_plain_ignores_new_classes() -> None:
 
 
 @pytest.mark.parametrize("kind", list(LOSSES))
-def test_gradcheck(kind: str) -> None:
+@pytest.mark.parametrize("n_old", [2, 3])  # 2: a single old foreground class
+def test_gradcheck(kind: str, n_old: int) -> None:
     logits = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
-    old_logits = torch.randn(2, 3, 3, 4, dtype=torch.float64, requires_grad=True)
+    old_logits = torch.randn(2, n_old, 3, 4, dtype=torch.float64, requires_grad=True)
     mask = torch.rand(2, 3, 4) < 0.7
     fn = LOSSES[kind]
     assert torch.autograd.gradcheck(lambda x: fn(x, old_logits.detach(), mask=mask), (logits,))

@@ -191,15 +191,21 @@ def test_student_classes_are_exponentiated_once(ce: str) -> None:
             self.channels = 0
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            if (
-                func in (torch.exp, torch.Tensor.exp, torch.Tensor.exp_)
-                and args[0].ndim == 4
-                and args[0].shape[-2:] == (6, 5)
-            ):
-                self.channels += args[0].shape[1]
+            # Class-sized tensors only: the teacher's softmax (N_OLD channels) and log-sums over stacked (B, H, W)
+            # maps (dim 0) are not counted.
+            first = args[0] if args else None
+            class_sized = (
+                isinstance(first, torch.Tensor)
+                and first.ndim == 4
+                and first.shape[-2:] == (6, 5)
+                and first.shape[1] != N_OLD
+            )
+            if func in (torch.exp, torch.Tensor.exp, torch.Tensor.exp_) and class_sized:
+                self.channels += first.shape[1]
             elif func in (torch.logsumexp, torch.log_softmax, torch.softmax, F.log_softmax, F.softmax):
-                if args[0].ndim == 4 and args[0].shape[1] != N_OLD:  # the teacher's softmax is not counted
-                    self.channels += args[0].shape[1]
+                dim = kwargs.get("dim") if kwargs and "dim" in kwargs else (args[1] if len(args) > 1 else None)
+                if class_sized and dim in (1, -3):
+                    self.channels += first.shape[1]
             return func(*args, **(kwargs or {}))
 
     for kd in ("plain", "unbiased", "balanced"):

@@ -2,14 +2,15 @@
 
 Everything works on logits in log space: an aggregated probability ``sum_{s in A} p_s`` is
 ``logsumexp(logits[A]) - logsumexp(logits)``, never ``log(softmax(...).sum())``. The log-sums over the class
-groups come from one autograd function that exponentiates each class once in the forward and once in the backward
-pass (and keeps nothing class-sized for backward); it expects finite logits and supports first-order gradients
-(no double backward).
+groups come from one autograd function that exponentiates each class once in the forward pass, keeps the
+exponentials and writes every gradient of the logits in one backward pass without another ``exp``; it expects
+finite logits, supports first-order gradients (no double backward) and compiles without graph breaks.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -25,74 +26,185 @@ __all__ = ["gamma_balance", "new_background_log_probs", "old_background_log_prob
 _MAX_LOG_GAMMA = 40.0
 
 
-class _UnionLogSumExp(torch.autograd.Function):
-    """``logsumexp`` of the logits over unions of contiguous class groups, with a fused backward.
+class _GroupLogSumExp(torch.autograd.Function):
+    """``logsumexp`` of the logits over unions of contiguous class groups, plus two linear maps, fused.
 
     The classes (dim 1) are split into contiguous groups of the given sizes. The forward pass exponentiates each
-    class once: per group ``g`` a shift ``m_g`` (the group maximum) and ``s_g = sum exp(x - m_g) >= 1``; a union
-    ``U`` is then ``M + log(sum_{g in U} s_g exp(m_g - M))`` with ``M = max_{g in U} m_g``, on ``(B, H, W)``
-    maps, free of overflow and underflow. The backward pass writes the gradient of every class in one pass:
-    for class ``s`` of group ``g``, ``sum_{U ∋ g} grad_U · exp(x_s - lse_U)``
-    ``= exp(x_s - lse_g) · sum_{U ∋ g} grad_U · exp(lse_g - lse_U)`` (each factor at most 1). It keeps no
-    class-sized tensor for backward beyond the logits themselves. First-order gradients only.
+    class of a group that some union uses once: per group ``g`` a shift ``m_g`` (the group maximum),
+    ``e_g = exp(x_g - m_g)`` and ``lse_g = m_g + log(sum e_g)``; a union ``U`` is ``logsumexp_{g in U} lse_g``
+    on ``(B, H, W)`` maps (``logaddexp`` folds), free of overflow and underflow. Two maps ride along, so that
+    every gradient of the logits comes out of one backward pass: ``x[index_start + index]`` (the label's logit
+    of a cross-entropy, indexed within the classes from ``index_start`` on: a gather over fewer classes is
+    faster) and, for weights
+    ``w`` over one group ``g`` (the teacher's probabilities of a distillation), ``D = sum_s w_s (x_s - lse_g)``
+    and ``W = sum_s w_s``. ``D`` is computed as ``sum_s w_s (x_s - m_g) - W log(sum e_g)``, a sum of
+    non-positive terms (no cancellation).
+
+    The backward pass writes the gradient of every class once, without another ``exp``: for class ``s`` of group
+    ``g``, ``sum_{U ∋ g} grad_U · exp(x_s - lse_U) = e_s · sum_{U ∋ g} grad_U · exp(m_g - lse_U)`` (the saved
+    ``e_s <= 1`` times a per-pixel factor), plus ``grad_index`` at the label and
+    ``grad_D · (w_s - W e_s exp(m_g - lse_g))`` in the weighted group. Classes of groups in no union get a zero
+    gradient and are never exponentiated. It keeps the exponentials (one class-sized float tensor) for
+    backward. First-order gradients only.
+
+    Outputs, each ``(B, H, W)``: the unions' log-sums, then ``x[index_start + index]``, ``D`` and ``W`` (each 0
+    without ``index`` / ``weights``). Outputs that receive no gradient cost nothing in the backward pass.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, sizes: tuple[int, ...], unions: tuple[tuple[int, ...], ...]) -> Tensor:
-        shifts, sums = [], []
-        for chunk in torch.split(x, list(sizes), dim=1):
-            shift = chunk.amax(dim=1, keepdim=True)
-            shifts.append(shift.squeeze(1))
-            sums.append((chunk - shift).exp_().sum(dim=1))
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        index: Tensor | None,
+        weights: Tensor | None,
+        sizes: tuple[int, ...],
+        unions: tuple[tuple[int, ...], ...],
+        index_start: int,
+        weighted_group: int,
+    ) -> tuple[Tensor, ...]:
+        ctx.set_materialize_grads(False)
+        used = {group for union in unions for group in union}
+        if weights is not None:
+            used.add(weighted_group)
+        shifts: list[Tensor | None] = []
+        exps: list[Tensor | None] = []
+        lse_groups: list[Tensor | None] = []
+        map_shape = (x.shape[0], *x.shape[2:])
+        weighted, weight_sum = x.new_zeros(map_shape), x.new_zeros(map_shape)  # distinct outputs, never aliased
+        for group, chunk in enumerate(torch.split(x, list(sizes), dim=1)):
+            if group not in used:
+                shifts.append(None)
+                exps.append(None)
+                lse_groups.append(None)
+                continue
+            is_weighted = weights is not None and group == weighted_group
+            if chunk.shape[1] == 1:  # exp(x - max) = 1: nothing to exponentiate
+                shift, e, log_sum = chunk, None, torch.zeros_like(chunk)
+                shifted = log_sum
+            else:
+                shift = chunk.amax(dim=1, keepdim=True)
+                shifted = torch.sub(chunk, shift)
+                e = shifted.exp() if is_weighted else shifted.exp_()
+                log_sum = e.sum(dim=1, keepdim=True).log_()
+            if weights is not None and is_weighted:
+                weight_sum = weights.sum(dim=1)
+                weighted = (weights * shifted).sum(dim=1) - weight_sum * log_sum.squeeze(1)
+            shifts.append(shift)
+            exps.append(e)
+            lse_groups.append((shift + log_sum).squeeze(1))
+        folded: dict[tuple[int, ...], Tensor] = {}  # unions as left folds of logaddexp, prefixes shared
         outputs = []
         for union in unions:
-            top = shifts[union[0]]
-            for group in union[1:]:
-                top = torch.maximum(top, shifts[group])
-            total = sums[union[0]] if len(union) == 1 else sums[union[0]] * (shifts[union[0]] - top).exp()
-            for group in union[1:]:
-                total = total + sums[group] * (shifts[group] - top).exp()
-            outputs.append(total.log() + top)
-        group_lse = torch.stack([total.log() + shift for total, shift in zip(sums, shifts)], dim=1)
-        out = torch.stack(outputs, dim=1)
-        ctx.save_for_backward(x, group_lse, out)
-        ctx.sizes, ctx.unions = sizes, unions
-        return out
+            for end in range(1, len(union) + 1):
+                prefix = union[:end]
+                if prefix not in folded:
+                    last = lse_groups[prefix[-1]]
+                    assert last is not None
+                    folded[prefix] = last if end == 1 else torch.logaddexp(folded[prefix[:-1]], last)
+            lse = folded[union]
+            outputs.append(lse.clone() if any(lse is other for other in outputs) else lse)  # never aliased
+        target = x.new_zeros(map_shape)
+        if index is not None:
+            target = x[:, index_start:].gather(1, index.unsqueeze(1)).squeeze(1)
+        outputs += [target, weighted, weight_sum]
+        lse_weighted = lse_groups[weighted_group] if weights is not None else None
+        ctx.save_for_backward(x, index, weights, lse_weighted, *outputs, *shifts, *exps)
+        ctx.sizes, ctx.unions, ctx.index_start, ctx.weighted_group = sizes, unions, index_start, weighted_group
+        return tuple(outputs)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None]:
-        x, group_lse, out = ctx.saved_tensors
-        grad_x = torch.empty_like(x)
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        x, index, weights, lse_weighted, *saved = ctx.saved_tensors
+        num_groups, num_unions = len(ctx.sizes), len(ctx.unions)
+        lse_unions = saved[:num_unions]
+        weight_sum = saved[num_unions + 2]
+        shifts, exps = saved[num_unions + 3 : num_unions + 3 + num_groups], saved[num_unions + 3 + num_groups :]
+        grad_target, grad_weighted, grad_weight_sum = grads[num_unions:]
+        if grad_weighted is not None:
+            grad_weighted = grad_weighted.unsqueeze(1)
+        compiling = torch.compiler.is_compiling()  # dynamo cannot trace out= into a strided slice: build by cat
+        grad_x = None if compiling else torch.empty_like(x)
+        chunks = []
         start = 0
         for group, size in enumerate(ctx.sizes):
-            weight = torch.zeros_like(group_lse[:, group])
-            for index, union in enumerate(ctx.unions):
-                if group in union:
-                    weight = weight + grad_out[:, index] * (group_lse[:, group] - out[:, index]).exp()
-            chunk = grad_x[:, start : start + size]
-            torch.sub(x[:, start : start + size], group_lse[:, group : group + 1], out=chunk)
-            chunk.exp_().mul_(weight.unsqueeze(1))
+            shift = shifts[group]
+            out = None if grad_x is None else grad_x[:, start : start + size]
             start += size
-        return grad_x, None, None
+            factor = None
+            if shift is not None:
+                for union, lse_union, grad_union in zip(ctx.unions, lse_unions, grads):
+                    if group in union and grad_union is not None:
+                        term = grad_union.unsqueeze(1) * (shift - lse_union.unsqueeze(1)).exp()
+                        factor = term if factor is None else factor + term
+            weighted = None
+            if weights is not None and group == ctx.weighted_group and grad_weighted is not None:
+                weighted = weights  # D = sum_s w_s (x_s - lse_g): its softmax part here, w_s below
+                term = grad_weighted * weight_sum.unsqueeze(1) * (shift - lse_weighted.unsqueeze(1)).exp()
+                factor = -term if factor is None else factor - term
+            e = exps[group]
+            if factor is None:
+                chunk = x.new_zeros(x.shape[0], size, *x.shape[2:]) if out is None else out.zero_()
+            elif e is None:
+                chunk = factor if out is None else out.copy_(factor)
+            else:
+                chunk = torch.mul(e, factor) if out is None else torch.mul(e, factor, out=out)
+            if weighted is not None and grad_weighted is not None:
+                add = chunk.addcmul if out is None else chunk.addcmul_
+                chunk = add(weighted, grad_weighted)
+            chunks.append(chunk)
+        if grad_x is None:
+            grad_x = torch.cat(chunks, dim=1)
+        if index is not None and grad_target is not None:
+            grad_x[:, ctx.index_start :].scatter_add_(1, index.unsqueeze(1), grad_target.unsqueeze(1))
+        grad_weights = None
+        needs_weights = grad_weighted is not None or grad_weight_sum is not None
+        if weights is not None and ctx.needs_input_grad[2] and needs_weights:
+            x_weighted = torch.split(x, list(ctx.sizes), dim=1)[ctx.weighted_group]
+            grad_weights = torch.zeros_like(weights)
+            if grad_weighted is not None:
+                grad_weights = grad_weights + grad_weighted * (x_weighted - lse_weighted.unsqueeze(1))
+            if grad_weight_sum is not None:
+                grad_weights = grad_weights + grad_weight_sum.unsqueeze(1)
+        return grad_x, None, grad_weights, None, None, None, None
+
+
+_UnionName = Literal["background", "old", "all", "background_new", "foreground"]
 
 
 class _ClassGroups:
     """The log-sums of the student's class probabilities that eq. 10, 14-15 and the distillation losses need.
 
     The classes split at ``n_bg = max(n_old, 1)`` into the background (class 0), the old foreground classes
-    ``1..n_bg-1`` and the new classes ``n_bg..K-1``. One :class:`_UnionLogSumExp` call (each class
-    exponentiated once, forward and backward) gives ``(B, H, W)`` maps of:
+    ``1..n_bg-1`` and the new classes ``n_bg..K-1``. One :class:`_GroupLogSumExp` call (each class
+    exponentiated once, and one backward pass for every gradient of the logits) gives ``(B, H, W)`` maps:
 
-    - ``background``: the background logit (``logsumexp`` over class 0 alone);
-    - ``lse_old``: ``logsumexp`` over the background and the old classes (eq. 15);
-    - ``lse_all``: ``logsumexp`` over every class;
-    - ``lse_background_new``: ``logsumexp`` over the background and the new classes (eq. 10).
+    - ``lse[name]`` for each requested union: ``"background"`` (the background logit), ``"old"`` (background
+      and old classes, eq. 15), ``"all"`` (every class), ``"background_new"`` (background and new classes,
+      eq. 10), ``"foreground"`` (the old foreground classes; the background logit when there is none);
+    - ``target``: ``x[index_start + index]`` when ``index`` ``(B, H, W)`` is given (the label's logit of a
+      cross-entropy), else 0;
+    - ``weighted_log_probs``: ``sum_{0 < s < n_bg} w_s (x_s - lse["foreground"])`` and ``weight_sum``:
+      ``sum_s w_s``, when ``old_foreground_weights`` ``w`` is given (the teacher's probabilities of the old
+      foreground classes in a distillation), else 0.
 
-    ``old_foreground`` is the view of the old foreground logits ``(B, n_bg - 1, H, W)``.
+    Only the requested unions are formed (each costs ``exp``/``log`` of ``(B, H, W)`` maps, forward and
+    backward). With ``old_only=True`` the new classes are left out (never exponentiated, zero gradient), as
+    the plain distillation of LwF needs: ``"all"`` is then the old classes and ``"background_new"`` the
+    background. ``old_foreground`` is the view of the old foreground logits ``(B, n_bg - 1, H, W)``.
     """
 
-    def __init__(self, x: Tensor, num_old_classes: int) -> None:
+    def __init__(
+        self,
+        x: Tensor,
+        num_old_classes: int,
+        unions: Sequence[_UnionName],
+        *,
+        index: Tensor | None = None,
+        index_start: int = 0,
+        old_foreground_weights: Tensor | None = None,
+        old_only: bool = False,
+    ) -> None:
         num_background = max(num_old_classes, 1)
         num_classes = x.shape[1]
         sizes = [1]
@@ -101,12 +213,30 @@ class _ClassGroups:
         if num_background > 1:
             foreground = (len(sizes),)
             sizes.append(num_background - 1)
+        else:
+            old_foreground_weights = None  # no old foreground class: the weighted sum is empty
         if num_classes > num_background:
-            new = (len(sizes),)
+            new = () if old_only else (len(sizes),)
             sizes.append(num_classes - num_background)
-        unions = ((0,), (0, *foreground), (0, *foreground, *new), (0, *new))
-        lse = _UnionLogSumExp.apply(x, tuple(sizes), unions)
-        self.background, self.lse_old, self.lse_all, self.lse_background_new = lse.unbind(dim=1)
+        groups: dict[str, tuple[int, ...]] = {
+            "background": (0,),
+            "old": (0, *foreground),
+            "all": (0, *foreground, *new),
+            "background_new": (0, *new),
+            "foreground": foreground or (0,),
+        }
+        names = tuple(dict.fromkeys(unions))
+        out = _GroupLogSumExp.apply(
+            x,
+            index,
+            old_foreground_weights,
+            tuple(sizes),
+            tuple(groups[name] for name in names),
+            index_start,
+            foreground[0] if foreground else 0,
+        )
+        self.lse: dict[str, Tensor] = dict(zip(names, out))
+        self.target, self.weighted_log_probs, self.weight_sum = out[len(names) :]
         self.background_size = num_background  # classes aggregated into the background of eq. 15
         self.old_foreground = x[:, 1:num_background]
         self.x = x
@@ -114,15 +244,17 @@ class _ClassGroups:
 
 def _old_background_log_probs(groups: _ClassGroups) -> Tensor:
     """Eq. 10: ``log φ̂`` ``(B, n_old, H, W)`` from the class groups of the student logits."""
-    log_background = (groups.lse_background_new - groups.lse_all).unsqueeze(1)
-    return torch.cat([log_background, groups.old_foreground - groups.lse_all.unsqueeze(1)], dim=1)
+    lse_all = groups.lse["all"]
+    log_background = (groups.lse["background_new"] - lse_all).unsqueeze(1)
+    return torch.cat([log_background, groups.old_foreground - lse_all.unsqueeze(1)], dim=1)
 
 
 def _new_background_log_probs(groups: _ClassGroups) -> Tensor:
     """Eq. 15: ``log φ̃`` ``(B, 1 + K - max(n_old, 1), H, W)`` from the class groups of the student logits."""
-    log_background = (groups.lse_old - groups.lse_all).unsqueeze(1)
+    lse_all = groups.lse["all"]
+    log_background = (groups.lse["old"] - lse_all).unsqueeze(1)
     new = groups.x[:, groups.background_size :]
-    return torch.cat([log_background, new - groups.lse_all.unsqueeze(1)], dim=1)
+    return torch.cat([log_background, new - lse_all.unsqueeze(1)], dim=1)
 
 
 def old_background_log_probs(logits: Tensor, num_old_classes: int) -> Tensor:
@@ -159,7 +291,7 @@ def old_background_log_probs(logits: Tensor, num_old_classes: int) -> Tensor:
     """
     check_logits(logits, "logits")
     n_old = check_num_old_classes(num_old_classes, logits.shape[1], minimum=1, allow_all=True)
-    return _old_background_log_probs(_ClassGroups(upcast(logits), n_old))
+    return _old_background_log_probs(_ClassGroups(upcast(logits), n_old, ("all", "background_new")))
 
 
 def new_background_log_probs(logits: Tensor, num_old_classes: int) -> Tensor:
@@ -194,7 +326,7 @@ def new_background_log_probs(logits: Tensor, num_old_classes: int) -> Tensor:
     """
     check_logits(logits, "logits")
     n_old = check_num_old_classes(num_old_classes, logits.shape[1], minimum=0, allow_all=False)
-    return _new_background_log_probs(_ClassGroups(upcast(logits), n_old))
+    return _new_background_log_probs(_ClassGroups(upcast(logits), n_old, ("all", "old")))
 
 
 def _gamma_balance(x_old: Tensor) -> Tensor:

@@ -7,34 +7,51 @@ from torch import Tensor
 
 from incseg._checks import check_labels, check_logits
 from incseg.functional._common import Reduction, check_choice, check_num_old_classes, reduce_pixels, resize_to, upcast
-from incseg.functional.background import _ClassGroups
+from incseg.functional.background import _ClassGroups, _UnionName
 
 __all__ = ["unbiased_cross_entropy"]
 
 
-def _nll(
-    groups: _ClassGroups, labels: Tensor, ignore_index: int | None, *, aggregate_old: bool = True
-) -> tuple[Tensor, Tensor | None]:
+def _label_index(labels: Tensor, ignore_index: int | None, start: int) -> tuple[Tensor, Tensor | None]:
+    """``(index, valid)`` for :class:`_ClassGroups`: ``labels - start`` where a label is a counted class
+    ``>= start``, else 0 (a valid gather index whose value is not used), and the bool mask of counted pixels
+    (``None`` when nothing is ignored)."""
+    labels = labels.long()
+    valid = None if ignore_index is None else labels != ignore_index
+    if start == 0:
+        return (labels if valid is None else torch.where(valid, labels, 0)), valid
+    counted = labels >= start if valid is None else valid & (labels >= start)
+    return torch.where(counted, labels - start, 0), valid
+
+
+def _nll_unions(aggregate_old: bool) -> tuple[_UnionName, ...]:
+    """The unions of :class:`_ClassGroups` that :func:`_nll` reads."""
+    return ("all", "old") if aggregate_old else ("all",)
+
+
+def _nll_index_start(num_old_classes: int, aggregate_old: bool) -> int:
+    """First class of the label gather: with ``aggregate_old`` only the new classes' logits are read."""
+    return max(num_old_classes, 1) if aggregate_old else 0
+
+
+def _nll(groups: _ClassGroups, labels: Tensor, *, aggregate_old: bool = True) -> Tensor:
     """Per-pixel ``-log φ̃[label]`` (eq. 15), or the plain cross-entropy with ``aggregate_old=False``.
 
     Args:
-        groups: class groups of the upcast logits at label resolution, split at ``n_old``.
+        groups: class groups of the upcast logits at label resolution, split at ``n_old``, built with the
+            unions of :func:`_nll_unions` and the ``index`` of :func:`_label_index` from
+            :func:`_nll_index_start` (so that ``groups.target`` is the label's logit where it is read).
         labels: ``(B, H, W)`` integer labels (already validated).
-        ignore_index: ignored label value or ``None``.
         aggregate_old: whether labels below ``max(n_old, 1)`` take the aggregated background probability
             (unbiased, eq. 15) or their own class probability (plain cross-entropy).
 
     Returns:
-        ``(nll, valid)``: the per-pixel loss ``(B, H, W)`` (arbitrary finite value on ignored pixels) and the
-        bool mask of counted pixels (``None`` when nothing is ignored).
+        The per-pixel loss ``(B, H, W)`` (an arbitrary finite value on ignored pixels).
     """
-    labels = labels.long()
-    valid = None if ignore_index is None else labels != ignore_index
-    index = labels if valid is None else torch.where(valid, labels, torch.zeros_like(labels))
-    target = groups.x.gather(1, index.unsqueeze(1)).squeeze(1)
-    if aggregate_old and groups.background_size > 1:
-        target = torch.where(labels < groups.background_size, groups.lse_old, target)
-    return groups.lse_all - target, valid
+    target = groups.target
+    if aggregate_old:
+        target = torch.where(labels < groups.background_size, groups.lse["old"], target)
+    return groups.lse["all"] - target
 
 
 def unbiased_cross_entropy(
@@ -94,5 +111,7 @@ def unbiased_cross_entropy(
     n_old = check_num_old_classes(num_old_classes, num_classes, minimum=0, allow_all=False)
     check_labels(labels, num_classes, ignore_index=ignore_index, batch_shape=(logits.shape[0],))
     x = resize_to(upcast(logits), labels.shape[-2:])
-    nll, valid = _nll(_ClassGroups(x, n_old), labels, ignore_index)
-    return reduce_pixels(nll, valid, reduction)
+    start = _nll_index_start(n_old, aggregate_old=True)
+    index, valid = _label_index(labels, ignore_index, start)
+    groups = _ClassGroups(x, n_old, _nll_unions(True), index=index, index_start=start)
+    return reduce_pixels(_nll(groups, labels), valid, reduction)

@@ -18,8 +18,8 @@ from incseg.functional._common import (
     upcast,
 )
 from incseg.functional.background import _ClassGroups, _gamma_balance
-from incseg.functional.cross_entropy import _nll
-from incseg.functional.distillation import _combine, _kd_parts
+from incseg.functional.cross_entropy import _label_index, _nll, _nll_index_start, _nll_unions
+from incseg.functional.distillation import _combine, _kd_parts, _kd_unions, _old_probs
 from incseg.losses.attentive import AttentiveDistillationLoss
 
 __all__ = ["CAFLoss", "LossOutput"]
@@ -201,12 +201,7 @@ class CAFLoss(nn.Module):
         ad_loss = self.ad_loss if distill else None
 
         x = resize_to(upcast(logits), labels.shape[-2:])
-        # One split of the student's classes at n_old, shared by L_SEG and L_D: each class goes through one exp.
-        groups = _ClassGroups(x, n_old)
-        nll, valid = _nll(groups, labels, self.ignore_index, aggregate_old=self.ce == "unbiased")
-        total = reduce_pixels(nll, valid, "mean")
-        terms = {"seg": total.detach()}
-
+        q = None
         if kd is not None:
             if old_logits is None:
                 raise ValueError(f"kd={kd!r} needs old_logits when num_old_classes > 0 (got num_old_classes={n_old})")
@@ -217,7 +212,21 @@ class CAFLoss(nn.Module):
                     f"old_logits must have num_old_classes={n_old} channels, got shape {tuple(old_logits.shape)}"
                 )
             x_old = resize_to(upcast(old_logits, x.dtype), x.shape[-2:])
-            background, others = _kd_parts(x, x_old, "plain" if kd == "plain" else "unbiased", groups)
+            q = _old_probs(x_old)
+        # One split of the student's classes at n_old, shared by L_SEG and L_D: each class goes through one exp,
+        # and every gradient of the logits comes out of one backward pass.
+        aggregate_old = self.ce == "unbiased"
+        start = _nll_index_start(n_old, aggregate_old)
+        index, valid = _label_index(labels, self.ignore_index, start)
+        kd_kind = "plain" if kd == "plain" else "unbiased"
+        unions = _nll_unions(aggregate_old) + (() if kd is None else _kd_unions(kd_kind))
+        weights = None if q is None else q[:, 1:]
+        groups = _ClassGroups(x, n_old, unions, index=index, index_start=start, old_foreground_weights=weights)
+        total = reduce_pixels(_nll(groups, labels, aggregate_old=aggregate_old), valid, "mean")
+        terms = {"seg": total.detach()}
+
+        if kd is not None and q is not None:
+            background, others = _kd_parts(groups, q, kd_kind)
             gamma = _gamma_balance(x_old) if kd == "balanced" else None
             kd_term = self.lambda_d * _combine(background, others, gamma, self.class_reduction, n_old).mean()
             terms["kd"] = kd_term.detach()
