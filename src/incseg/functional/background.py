@@ -93,7 +93,7 @@ class _GroupLogSumExp(torch.autograd.Function):
             exps.append(e)
             lse_groups.append((shift + log_sum).squeeze(1))
         folded: dict[tuple[int, ...], Tensor] = {}  # unions as left folds of logaddexp, prefixes shared
-        outputs = []
+        outputs: list[Tensor] = []
         for union in unions:
             for end in range(1, len(union) + 1):
                 prefix = union[:end]
