@@ -101,3 +101,31 @@ def test_distributed_data_parallel_one_process(
     assert expected.keys() == got.keys()
     assert all(torch.allclose(expected[k].float(), got[k].float(), atol=1e-6) for k in expected)
     assert wrapped.teacher is not None and not isinstance(wrapped.teacher, DistributedDataParallel)
+
+
+@pytest.mark.slow  # about 30 s on a loaded 2-core CPU, mostly tracing
+def test_fullgraph_compile_matches_eager(make_learner: MakeLearner, images: Tensor) -> None:
+    """The whole training module (student with CAF, CAFLoss) compiles without a graph break; same loss and grads."""
+    learner = make_learner("caf")
+    learner.begin_step(0)
+    learner.end_step()
+    learner.begin_step(1)
+    labels = torch.randint(
+        0, learner.scenario.num_classes_at(1), (2, 32, 32), generator=torch.Generator().manual_seed(3)
+    )
+    with torch.no_grad():
+        teacher_out = learner.teacher_forward(images)
+    learner.module.eval()  # batch statistics would differ between the two calls otherwise (running stats update)
+    torch._dynamo.reset()
+    compiled = torch.compile(learner.module, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (learner.module, compiled):
+        learner.module.zero_grad(set_to_none=True)
+        out = fn(images, labels, teacher_out)
+        out.loss.backward()
+        results.append((out.loss.detach(), [p.grad for p in learner.module.parameters() if p.grad is not None]))
+    (loss_eager, grads_eager), (loss_compiled, grads_compiled) = results
+    torch.testing.assert_close(loss_compiled, loss_eager)
+    assert len(grads_eager) == len(grads_compiled) > 0
+    for eager, compiled_grad in zip(grads_eager, grads_compiled):
+        torch.testing.assert_close(compiled_grad, eager, rtol=1e-4, atol=1e-5)
