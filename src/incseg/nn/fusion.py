@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from incseg._checks import check_feature_map, check_same_shape
-from incseg.nn.non_local import _check_positive_int
+from incseg.nn.non_local import _check_positive_int, _conv1x1
 
 __all__ = ["FeatureFusion"]
 
@@ -73,7 +73,7 @@ class FeatureFusion(nn.Module):
         check_feature_map(v_old, "v_old", channels=self.channels)
         check_feature_map(v_new, "v_new", channels=self.channels)
         check_same_shape(v_old, v_new, "v_old", "v_new")
-        return self.conv(torch.cat([v_old, v_new], dim=1))
+        return _conv1x1(torch.cat([v_old, v_new], dim=1), self.conv.weight, self.conv.bias)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}"

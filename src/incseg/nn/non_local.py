@@ -22,6 +22,21 @@ def _check_positive_int(value: object, name: str) -> int:
     return value
 
 
+def _conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """A 1x1 convolution ``(B, C, H, W) -> (B, O, H, W)`` with weight ``(O, C, 1, 1)``, as one matrix product.
+
+    The same numbers as :func:`torch.nn.functional.conv2d`. On the CPU PyTorch sends float32 1x1 convolutions
+    with a batch below 16 on one thread to its generic im2col kernel instead of oneDNN; the matmul (MKL) ran
+    about 1.3x faster there (``benchmarks/bench_step.py`` reports the CAF module's FLOP rate). On GPUs both are
+    one GEMM.
+    """
+    batch, _, height, width = x.shape
+    out = torch.matmul(weight.flatten(1).to(x.dtype), x.flatten(2))
+    if bias is not None:
+        out = out + bias.to(out.dtype)[:, None]
+    return out.reshape(batch, -1, height, width)
+
+
 def non_local_attention(query: Tensor, key: Tensor, value: Tensor, *, use_sdpa: bool = True) -> Tensor:
     """Unscaled softmax attention ``softmax(Q K^T) V`` (the embedded Gaussian affinity of non-local networks).
 
@@ -166,15 +181,23 @@ class NonLocalProjection(nn.Module):
             TypeError: ``z`` is not a floating-point tensor.
         """
         check_feature_map(z, "z", channels=self.in_channels)
-        height, width = z.shape[-2:]
+        batch, _, height, width = z.shape
+        inner = self.inner_channels
+        # theta, phi and g as one GEMM over the concatenated weights (the input is read once; a matmul also runs
+        # at a higher FLOP rate than a 1x1 convolution on the CPU, where those take PyTorch's slow im2col path).
+        weight = torch.cat([self.theta.weight, self.phi.weight, self.g.weight])
+        bias = torch.cat([self.theta.bias, self.phi.bias, self.g.bias])
+        projected = _conv1x1(z, weight, bias)
+        query = projected[:, :inner]
+        key_value = self._pool(projected[:, inner:])
         # Fused SDPA kernels (flash / memory-efficient, CPU and GPU) need a unit stride on the last dimension;
         # without it SDPA silently falls back to the math kernel, which materialises the (N, M) affinity.
-        query = rearrange(self.theta(z), "b d h w -> b 1 (h w) d").contiguous()
-        key = rearrange(self._pool(self.phi(z)), "b d h w -> b 1 (h w) d").contiguous()
-        value = rearrange(self._pool(self.g(z)), "b d h w -> b 1 (h w) d").contiguous()
+        query = rearrange(query, "b d h w -> b 1 (h w) d").contiguous()
+        key = rearrange(key_value[:, :inner], "b d h w -> b 1 (h w) d").contiguous()
+        value = rearrange(key_value[:, inner:], "b d h w -> b 1 (h w) d").contiguous()
         y = non_local_attention(query, key, value, use_sdpa=self.use_sdpa)
-        y = rearrange(y, "b 1 (h w) d -> b d h w", h=height, w=width)
-        out = self.norm(self.out_proj(y))
+        y = rearrange(y, "b 1 n d -> b d n").reshape(batch, inner, height, width)
+        out = self.norm(_conv1x1(y, self.out_proj.weight, self.out_proj.bias))
         return z + out if self.residual else out
 
     def extra_repr(self) -> str:
