@@ -30,6 +30,8 @@ def _conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     about 1.3x faster there (``benchmarks/bench_step.py`` reports the CAF module's FLOP rate). On GPUs both are
     one GEMM.
     """
+    if torch.compiler.is_compiling():  # compilers pick their own GEMM; AOT autograd trips on the reshapes
+        return F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     batch, _, height, width = x.shape
     out = torch.matmul(weight.flatten(1).to(x.dtype), x.flatten(2))
     if bias is not None:
@@ -186,7 +188,7 @@ class NonLocalProjection(nn.Module):
         # theta, phi and g as one GEMM over the concatenated weights (the input is read once; a matmul also runs
         # at a higher FLOP rate than a 1x1 convolution on the CPU, where those take PyTorch's slow im2col path).
         weight = torch.cat([self.theta.weight, self.phi.weight, self.g.weight])
-        bias = torch.cat([self.theta.bias, self.phi.bias, self.g.bias])
+        bias = torch.cat([conv.bias for conv in (self.theta, self.phi, self.g) if conv.bias is not None])
         projected = _conv1x1(z, weight, bias)
         query = projected[:, :inner]
         key_value = self._pool(projected[:, inner:])
