@@ -8,8 +8,10 @@ Paper setting on a GPU:
     python benchmarks/bench_step.py --device cuda --model deeplabv3_resnet101 --size 512 --batch 12 --amp bf16
 Quick CPU run:
     python benchmarks/bench_step.py
-Targets (issue 5): (a) <= 1.15, (d) <= 1.05. Also prints peak memory on CUDA. Each run adds its row to
-benchmarks/results/bench_step.json (docs/figures/make_figures.py plots them).
+(e) The CAF module's achieved FLOP rate (forward + backward, FLOPs from ``torch.utils.flop_counter``) against the
+    bare network's at the same input.
+Targets (issue 5): (a) <= 1.15, (d) <= 1.05; (issue 14): (e) >= 0.9. Also prints peak memory on CUDA. Each run
+adds its row to benchmarks/results/bench_step.json (docs/figures/make_figures.py plots them).
 """
 
 from __future__ import annotations
@@ -45,6 +47,15 @@ def _timeit(fn: Callable[[], object], device: torch.device, iters: int, warmup: 
     return times[len(times) // 2]  # median
 
 
+def _flops(fn: Callable[[], object]) -> float:
+    """FLOPs of one call of ``fn`` (``torch.utils.flop_counter``: matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
 def _peak(fn: Callable[[], object], device: torch.device) -> float:
     if device.type != "cuda":
         return float("nan")
@@ -77,6 +88,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--caf-inner", type=int, help="inner channels of CAF's projections (default C/2)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -143,6 +155,30 @@ def main() -> None:
     t_bare = _timeit(infer_bare, device, args.iters, args.warmup)
     m_caf, m_bound = _peak(caf_step, device), _peak(bound_step, device)
 
+    # (e) FLOP rate of the CAF module against the bare network's, forward + backward at the same input.
+    fusion = learner.model.fusion
+    assert fusion is not None
+    with torch.no_grad(), autocast_context(device, args.amp):
+        z_student = learner.model.forward_features(x)["z"].detach()
+        z_teacher = learner.teacher_forward(x)["z"].detach()  # type: ignore[index]
+    z_student.requires_grad_(True)
+    out_grad = torch.randn_like(z_student)
+
+    def caf_module_step() -> None:
+        with autocast_context(device, args.amp):
+            out = fusion(z_student, z_teacher)
+        out.backward(out_grad.to(out.dtype))
+
+    def bare_step() -> None:
+        with autocast_context(device, args.amp):
+            logits = bare(x)
+        logits.float().sum().backward()
+
+    flops_caf, flops_bare = _flops(caf_module_step), _flops(bare_step)
+    t_caf_module = _timeit(caf_module_step, device, args.iters, args.warmup)
+    t_bare_step = _timeit(bare_step, device, args.iters, args.warmup)
+    rate_caf, rate_bare = flops_caf / t_caf_module, flops_bare / t_bare_step
+
     inner = args.caf_inner or "C/2"
     print(f"device={device} model={args.model} batch={args.batch} size={args.size} amp={args.amp} caf_inner={inner}")
     print(f"(a) CAF training step        {1e3 * t_caf:9.1f} ms")
@@ -153,6 +189,14 @@ def main() -> None:
         print(f"    peak memory {m_caf:.0f} MiB vs {m_bound:.0f} MiB   ratio {m_caf / m_bound:.3f}")
     print(f"(d) inference, skip strategy {1e3 * t_skip:9.1f} ms")
     print(f"    bare network             {1e3 * t_bare:9.1f} ms   ratio {t_skip / t_bare:.3f}  (target <= 1.05)")
+    print(
+        f"(e) CAF module fwd+bwd {flops_caf / 1e9:8.1f} GFLOP {1e3 * t_caf_module:9.1f} ms  "
+        f"{rate_caf / 1e9:7.1f} GFLOP/s"
+    )
+    print(
+        f"    bare network fwd+bwd {flops_bare / 1e9:8.1f} GFLOP {1e3 * t_bare_step:9.1f} ms  {rate_bare / 1e9:7.1f} "
+        f"GFLOP/s   rate ratio {rate_caf / rate_bare:.3f}  (target >= 0.9)"
+    )
     row = {
         "device": device.type,
         "model": args.model,
@@ -166,8 +210,22 @@ def main() -> None:
         "bound_ms": round(1e3 * t_bound, 2),
         "skip_ms": round(1e3 * t_skip, 2),
         "bare_ms": round(1e3 * t_bare, 2),
+        "flop_rate_ratio": round(rate_caf / rate_bare, 3),
     }
     save_rows("bench_step", [row], key=("device", "model", "batch", "size", "amp", "caf_inner"))
+    if args.json:
+        from bench_losses import write_json
+
+        setting = {"device": str(device), "model": args.model, "batch": args.batch, "size": args.size}
+        setting.update({"amp": args.amp, "caf_inner": str(inner), "threads": torch.get_num_threads()})
+        results = {"caf_step_ms": 1e3 * t_caf, "lower_bound_ms": 1e3 * t_bound, "step_ratio": t_caf / t_bound}
+        results.update({"skip_ms": 1e3 * t_skip, "bare_ms": 1e3 * t_bare, "inference_ratio": t_skip / t_bare})
+        results.update({"caf_gflop": flops_caf / 1e9, "caf_gflops_per_s": rate_caf / 1e9})
+        results.update({"bare_gflop": flops_bare / 1e9, "bare_gflops_per_s": rate_bare / 1e9})
+        results["flop_rate_ratio"] = rate_caf / rate_bare
+        if device.type == "cuda":
+            results.update({"caf_peak_mib": m_caf, "bound_peak_mib": m_bound})
+        write_json(args.json, {"benchmark": "step", "setting": setting, "results": results})
 
 
 if __name__ == "__main__":
