@@ -143,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--lambda-ad",
         type=float,
-        default=10.0,
-        help="attentive distillation weight for the small demo network (paper, DeepLabV3-R101: 1000)",
+        default=None,
+        help="attentive distillation weight (default: the method's, 1000 with CAF's gradient balance)",
     )
     demo.add_argument("--train-images", type=_positive_int, default=_SYNTHETIC_IMAGES["train"], help="train set")
     demo.add_argument("--val-images", type=_positive_int, default=_SYNTHETIC_IMAGES["val"], help="test set")
@@ -356,7 +356,7 @@ def run_demo(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         model = small_segmenter(scenario.num_classes_at(0), width=args.width).to(device)
         model.load_state_dict(step0_state)
-        overrides = {"lambda_ad": args.lambda_ad} if METHODS[method].ad is not None else {}
+        overrides = {"lambda_ad": args.lambda_ad} if METHODS[method].ad is not None and args.lambda_ad else {}
         learner = IncrementalLearner(model, scenario, method, **overrides)
         learner.begin_step(0)
         learner.end_step()

@@ -191,11 +191,13 @@ def test_resume_mid_step_matches_uninterrupted_run(
     path = tmp_path / "last.pt"
     learner.save(path, optimizer=optimizer, extra={"iteration": 2})
     labels = labels_for(learner.scenario, 1)
+    torch.manual_seed(0)  # training draws random numbers (CAF's fusion dropout): same draws in both runs
     train_iters(learner, optimizer, images, labels, 3)
 
     resumed = IncrementalLearner.from_checkpoint(path, small_segmenter(3, width=8))
     fresh_optimizer = torch.optim.SGD(resumed.param_groups(1e-3), lr=1e-3, momentum=0.9)
     assert resumed.load(path, optimizer=fresh_optimizer) == {"iteration": 2}
+    torch.manual_seed(0)
     train_iters(resumed, fresh_optimizer, images, labels, 3)
 
     expected, got = learner.model.state_dict(), resumed.model.state_dict()

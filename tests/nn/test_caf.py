@@ -200,3 +200,28 @@ def test_torch_compile_inductor_eval() -> None:
     with torch.no_grad():
         out = compiled(z_new)
         torch.testing.assert_close(out, caf(z_new), rtol=1e-5, atol=1e-5)
+
+
+def test_fusion_dropout_trains_the_skip_path() -> None:
+    """fusion_dropout=1 trains exactly what ``skip`` computes at test time; 0 is the paper; 0.5 mixes per image."""
+    z_new, z_old = torch.randn(16, C, 5, 4), torch.randn(16, C, 5, 4)
+    caf = _trained_caf(fusion_dropout=1.0)
+    skip = caf.train()(z_new)  # no old features: the skip path, with the same (batch) statistics
+    torch.testing.assert_close(caf.train()(z_new, z_old), skip)
+    caf.fusion_dropout = 0.0
+    fused = caf.train()(z_new, z_old)
+    assert not torch.allclose(fused, skip)
+    caf.fusion_dropout = 0.5
+    torch.manual_seed(0)
+    mixed = caf.train()(z_new, z_old)
+    from_skip = [torch.allclose(mixed[i], skip[i]) for i in range(16)]
+    from_fused = [torch.allclose(mixed[i], fused[i]) for i in range(16)]
+    assert all(a != b for a, b in zip(from_skip, from_fused))  # each image is one or the other
+    assert 0 < sum(from_skip) < 16
+    assert "fusion_dropout=0.5" in repr(caf)
+
+
+@pytest.mark.parametrize(("bad", "error"), [(-0.1, ValueError), (1.01, ValueError), ("0.5", TypeError)])
+def test_fusion_dropout_is_validated(bad: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="fusion_dropout"):
+        ContinualAttentiveFusion(C, fusion_dropout=bad)  # type: ignore[arg-type]

@@ -11,13 +11,24 @@ from typing import Any, Literal
 
 from incseg._catalog import METHOD_DESCRIPTIONS
 
-__all__ = ["METHODS", "METHOD_DESCRIPTIONS", "ADMode", "CEMode", "InitMode", "KDMode", "MethodConfig", "TestStrategy"]
+__all__ = [
+    "METHODS",
+    "METHOD_DESCRIPTIONS",
+    "ADMode",
+    "CEMode",
+    "InitMode",
+    "KDMode",
+    "MethodConfig",
+    "NormPolicy",
+    "TestStrategy",
+]
 
 CEMode = Literal["plain", "unbiased"]
 KDMode = Literal["plain", "unbiased", "balanced"]
 ADMode = Literal["plain", "spatial", "channel", "both"]
 InitMode = Literal["mib", "random"]
 TestStrategy = Literal["skip", "zero_pad", "concat"]
+NormPolicy = Literal["train", "frozen"]
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "ce": ("plain", "unbiased"),
@@ -26,6 +37,8 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "init": ("mib", "random"),
     "class_reduction": ("mean", "sum"),
     "test_strategy": ("skip", "zero_pad", "concat"),
+    "bn": ("train", "frozen"),
+    "dropout": ("train", "frozen"),
 }
 
 
@@ -59,6 +72,21 @@ class MethodConfig:
             datasets; in your own pipeline give it to :class:`~incseg.data.IncrementalSegmentation`).
         caf_inner_channels: inner channels of CAF's non-local projections (``None``: ``C / 2`` as the paper);
             fewer trade accuracy for speed (the module's cost is mostly these projections, see the results).
+        ad_balance: cap ``κ`` of the attentive distillation's pull: at every iteration the weight of each
+            feature map's ``L_AD`` term is ``min(λ_AD, κ ||∂L_task/∂m|| / ||∂L_AD/∂m||)``, so that distillation
+            never pulls a feature map ``m`` harder than ``κ`` times the segmentation and output distillation
+            losses do (``None``: the fixed ``λ_AD`` of eq. 13, which diverges or freezes the features depending
+            on the network and learning rate; see docs/protocol.md).
+        gamma_max: upper bound of the balance ``γ`` of eq. 11 (``None``: the paper's unbounded ``γ``; ``1.0``:
+            ``γ`` only ever down-weights the background term, the paper's stated intent).
+        bn: ``"frozen"`` keeps the student's batch-norm layers in evaluation mode (running statistics of
+            step 0) at steps > 0, as the teacher's, while their affine weights still train (MiB's
+            ``--fix_bn``); ``"train"`` updates them from each batch.
+        dropout: ``"frozen"`` switches the student's dropout layers off at steps > 0, so that the distilled
+            features of the student and the teacher are computed the same way; ``"train"`` keeps them on.
+        fusion_dropout: probability, per image and training iteration, that CAF's fusion is replaced by its
+            ``skip`` path (``v_new`` alone), so that the test-time strategy ``skip`` is trained too (0: the
+            paper, which always fuses in training).
 
     Raises:
         ValueError: a value outside its allowed set (the message lists the valid ones) or a negative or
@@ -85,6 +113,11 @@ class MethodConfig:
     test_strategy: TestStrategy = "skip"
     void_as_background: bool = False
     caf_inner_channels: int | None = None
+    ad_balance: float | None = 1.0
+    gamma_max: float | None = 1.0
+    bn: NormPolicy = "frozen"
+    dropout: NormPolicy = "frozen"
+    fusion_dropout: float = 0.5
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -107,6 +140,21 @@ class MethodConfig:
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{field_name} must be a finite number >= 0, got {value}")
             object.__setattr__(self, field_name, float(value))
+        for field_name in ("ad_balance", "gamma_max"):
+            value = getattr(self, field_name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{field_name} must be None or a float, got {type(value).__name__}")
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{field_name} must be None or a finite number > 0, got {value}")
+            object.__setattr__(self, field_name, float(value))
+        p = self.fusion_dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)):
+            raise TypeError(f"fusion_dropout must be a float, got {type(p).__name__}")
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"fusion_dropout must be in [0, 1], got {p}")
+        object.__setattr__(self, "fusion_dropout", float(p))
 
     @property
     def uses_teacher(self) -> bool:
@@ -159,11 +207,20 @@ class MethodConfig:
         if not isinstance(data, Mapping):
             raise TypeError(f"data must be a mapping, got {type(data).__name__}")
         _check_fields(data)
-        optional = {"caf_inner_channels"}  # added after format 1 was defined: older checkpoints lack it
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and f.name not in optional]
+        # Fields added after format 1 was defined: older checkpoints lack them and get the values they were
+        # trained with (the 0.1 behaviour), not today's defaults.
+        legacy = {
+            "caf_inner_channels": None,
+            "ad_balance": None,
+            "gamma_max": None,
+            "bn": "train",
+            "dropout": "train",
+            "fusion_dropout": 0.0,
+        }
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and f.name not in legacy]
         if missing:
             raise ValueError(f"method configuration is missing fields {missing}")
-        return cls(**dict(data))
+        return cls(**{**{k: v for k, v in legacy.items() if k not in data}, **dict(data)})
 
 
 def _check_fields(data: Mapping[str, Any]) -> None:
@@ -173,33 +230,53 @@ def _check_fields(data: Mapping[str, Any]) -> None:
         raise ValueError(f"unknown method configuration fields {unknown}; valid fields: {', '.join(valid)}")
 
 
+# The stabilisers of the default recipe (docs/protocol.md, "A recipe that holds on any network"), each attached
+# to the component it stabilises: attentive distillation gets its gradient balance and deterministic student
+# features (frozen batch norm and dropout), CAF its fusion dropout, the balanced KD its bounded γ. The fields'
+# defaults are the recipe; presets without a component get the paper's (neutral) value of its stabilisers.
+_NO_AD: dict[str, Any] = {"ad_balance": None, "bn": "train", "dropout": "train"}
+_NO_CAF: dict[str, Any] = {"fusion_dropout": 0.0}
+_NO_BKD: dict[str, Any] = {"gamma_max": None}
+_NEUTRAL = {**_NO_AD, **_NO_CAF, **_NO_BKD}
+
+
 def _presets() -> dict[str, MethodConfig]:
-    plain = MethodConfig(name="ft", ce="plain", kd=None, ad=None, caf=False, init="random")
-    baseline = MethodConfig(name="baseline", ce="unbiased", kd=None, ad=None, caf=False, init="mib")
+    plain = MethodConfig(name="ft", ce="plain", kd=None, ad=None, caf=False, init="random", **_NEUTRAL)
+    baseline = MethodConfig(name="baseline", ce="unbiased", kd=None, ad=None, caf=False, init="mib", **_NEUTRAL)
+    recipe = MethodConfig(name="caf")
+    ad = {k: getattr(recipe, k) for k in _NO_AD}
+    caf = {k: getattr(recipe, k) for k in _NO_CAF}
+    bkd = {k: getattr(recipe, k) for k in _NO_BKD}
     presets = {
         "ft": plain,
         "joint": plain.replace(name="joint"),
         "lwf": plain.replace(name="lwf", kd="plain"),
         "mib": baseline.replace(name="mib", kd="unbiased"),
-        "caf": MethodConfig(name="caf"),
-        # ablations of the paper's Table III (baseline = unbiased CE, MiB init) and Table VI (AD variants)
+        "caf": recipe,
+        "caf-paper": recipe.replace(name="caf-paper", **_NEUTRAL),
+        # the authors' public release: MiB plus plain MSE feature distillation x1000 on the encoder output and
+        # the refined features; its CAF module is commented out and its gamma never used
+        "caf-release": baseline.replace(name="caf-release", kd="unbiased", ad="plain"),
+        # ablations of the paper's Table III (baseline = unbiased CE, MiB init) and Table VI (AD variants), each
+        # with the stabilisers of the components it has
         "baseline": baseline,
         "baseline+kd": baseline.replace(name="baseline+kd", kd="unbiased"),
-        "baseline+bkd": baseline.replace(name="baseline+bkd", kd="balanced"),
-        "baseline+ad": baseline.replace(name="baseline+ad", ad="both"),
-        "baseline+ad+bkd": baseline.replace(name="baseline+ad+bkd", ad="both", kd="balanced"),
-        "baseline+caf": baseline.replace(name="baseline+caf", caf=True),
-        "baseline+caf+bkd": baseline.replace(name="baseline+caf+bkd", caf=True, kd="balanced"),
-        "baseline+caf+ad": baseline.replace(name="baseline+caf+ad", caf=True, ad="both"),
-        "baseline+fd": baseline.replace(name="baseline+fd", ad="plain"),
-        "baseline+ad_sp": baseline.replace(name="baseline+ad_sp", ad="spatial"),
-        "baseline+ad_ch": baseline.replace(name="baseline+ad_ch", ad="channel"),
+        "baseline+bkd": baseline.replace(name="baseline+bkd", kd="balanced", **bkd),
+        "baseline+ad": baseline.replace(name="baseline+ad", ad="both", **ad),
+        "baseline+ad+bkd": baseline.replace(name="baseline+ad+bkd", ad="both", kd="balanced", **ad, **bkd),
+        "baseline+caf": baseline.replace(name="baseline+caf", caf=True, **caf),
+        "baseline+caf+bkd": baseline.replace(name="baseline+caf+bkd", caf=True, kd="balanced", **caf, **bkd),
+        "baseline+caf+ad": baseline.replace(name="baseline+caf+ad", caf=True, ad="both", **ad, **caf),
+        "baseline+fd": baseline.replace(name="baseline+fd", ad="plain", **ad),
+        "baseline+ad_sp": baseline.replace(name="baseline+ad_sp", ad="spatial", **ad),
+        "baseline+ad_ch": baseline.replace(name="baseline+ad_ch", ad="channel", **ad),
     }
     return presets
 
 
 METHODS: Mapping[str, MethodConfig] = MappingProxyType(_presets())
-"""Named method presets (read-only): ``ft``, ``joint``, ``lwf``, ``mib``, ``caf`` and the ablations
+"""Named method presets (read-only): ``ft``, ``joint``, ``lwf``, ``mib``, ``caf`` (the default recipe),
+``caf-paper`` (eq. 1-13 with the paper's fixed weights), ``caf-release`` (the authors' public code) and the ablations
 ``baseline``, ``baseline+kd``, ``baseline+bkd``, ``baseline+ad``, ``baseline+ad+bkd``, ``baseline+caf``,
 ``baseline+caf+bkd``, ``baseline+caf+ad`` (Table III) and ``baseline+fd``, ``baseline+ad_sp``,
 ``baseline+ad_ch`` (Table VI). ``joint`` equals ``ft``: train it on ``scenario.joint()``."""

@@ -173,6 +173,8 @@ class IncrementalLearner:
             lambda_d=config.lambda_d,
             lambda_ad=config.lambda_ad,
             class_reduction=config.class_reduction,
+            ad_balance=config.ad_balance,
+            gamma_max=config.gamma_max,
         )
         found = _device_of(unwrapped)
         if found is not None:
@@ -180,7 +182,7 @@ class IncrementalLearner:
         criterion.requires_grad_(False)  # the SE blocks only train once there is a teacher (step > 0)
         self._scenario = scenario
         self._config = config
-        self._module = TrainingModule(unwrapped, criterion, num_old_classes=0)
+        self._module = TrainingModule(unwrapped, criterion, num_old_classes=0, bn=config.bn, dropout=config.dropout)
         self._teacher: IncrementalSegmenter | None = None
         self._step = -1
         self._step_finished = False
@@ -307,6 +309,7 @@ class IncrementalLearner:
         self._step = step
         self._step_finished = False
         self._module.num_old_classes = self._scenario.num_old_classes(step)
+        self._module.train(self._module.training)  # apply the bn / dropout policy of steps > 0
         self.criterion.requires_grad_(step > 0)
 
     def end_step(self) -> None:
@@ -335,7 +338,10 @@ class IncrementalLearner:
 
     def _new_caf(self, channels: int) -> ContinualAttentiveFusion:
         return ContinualAttentiveFusion(
-            channels, inner_channels=self._config.caf_inner_channels, test_strategy=self._config.test_strategy
+            channels,
+            inner_channels=self._config.caf_inner_channels,
+            test_strategy=self._config.test_strategy,
+            fusion_dropout=self._config.fusion_dropout,
         )
 
     # ------------------------------------------------------------------ training
@@ -761,6 +767,7 @@ class IncrementalLearner:
         self._step = step
         self._step_finished = state["step_finished"]
         self._module.num_old_classes = scenario.num_old_classes(step)
+        self._module.train(self._module.training)
         self.criterion.requires_grad_(step > 0)
         return dict(extra)
 

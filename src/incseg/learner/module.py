@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
+from incseg.learner.config import NormPolicy
 from incseg.losses import CAFLoss, LossOutput
 from incseg.models import IncrementalSegmenter
 
@@ -46,7 +47,15 @@ class TrainingModule(nn.Module):
         ['seg', 'total']
     """
 
-    def __init__(self, model: IncrementalSegmenter, criterion: CAFLoss, *, num_old_classes: int = 0) -> None:
+    def __init__(
+        self,
+        model: IncrementalSegmenter,
+        criterion: CAFLoss,
+        *,
+        num_old_classes: int = 0,
+        bn: NormPolicy = "train",
+        dropout: NormPolicy = "train",
+    ) -> None:
         super().__init__()
         if not isinstance(model, IncrementalSegmenter):
             raise TypeError(f"model must be an IncrementalSegmenter, got {type(model).__name__}")
@@ -55,6 +64,22 @@ class TrainingModule(nn.Module):
         self.model = model
         self.criterion = criterion
         self.num_old_classes = num_old_classes
+        if bn not in ("train", "frozen") or dropout not in ("train", "frozen"):
+            raise ValueError(f"bn and dropout must be 'train' or 'frozen', got {bn!r} and {dropout!r}")
+        self.bn: NormPolicy = bn
+        self.dropout: NormPolicy = dropout
+
+    def train(self, mode: bool = True) -> TrainingModule:
+        """Set training mode; at steps > 0, ``bn="frozen"`` / ``dropout="frozen"`` keep the student's batch-norm
+        / dropout layers in evaluation mode (the affine weights of batch norm still train)."""
+        super().train(mode)
+        if mode and self.num_old_classes > 0:
+            for m in self.model.modules():
+                if (self.bn == "frozen" and isinstance(m, nn.modules.batchnorm._BatchNorm)) or (
+                    self.dropout == "frozen" and isinstance(m, nn.modules.dropout._DropoutNd)
+                ):
+                    m.eval()
+        return self
 
     def forward(self, images: Tensor, labels: Tensor, teacher_out: Mapping[str, Tensor] | None = None) -> LossOutput:
         """Compute the training loss of one batch.
@@ -111,4 +136,4 @@ class TrainingModule(nn.Module):
             )
 
     def extra_repr(self) -> str:
-        return f"num_old_classes={self.num_old_classes}"
+        return f"num_old_classes={self.num_old_classes}, bn={self.bn!r}, dropout={self.dropout!r}"

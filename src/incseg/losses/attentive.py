@@ -100,6 +100,14 @@ class AttentiveDistillationLoss(nn.Module):
         ``z`` and ``z_old`` are dicts level -> feature map when ``channels_z`` is a mapping (keys compared as
         ``str(level)``).
         """
+        loss_z, loss_h = self.terms(z, z_old, h, h_old)
+        return loss_z + loss_h
+
+    def terms(
+        self, z: Tensor | Mapping[Any, Tensor], z_old: Tensor | Mapping[Any, Tensor], h: Tensor, h_old: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Return the two terms of ``L_AD`` (eq. 8), ``(||AD(z̄) - AD(z̄_old)||², ||AD(h) - AD(h_old)||²)``; the
+        first sums over the levels of a multi-scale ``z``."""
         for name, x, channels in (("h", h, self.channels_h), ("h_old", h_old, self.channels_h)):
             check_feature_map(x, name, channels=channels)
         if isinstance(self.channels_z, Mapping):
@@ -125,7 +133,7 @@ class AttentiveDistillationLoss(nn.Module):
             se_z = self.se_z if isinstance(self.se_z, SqueezeExcitation) else None
             loss_z = attentive_distillation_loss(z, z_old, se_z, attention=self.attention, reduction=self.reduction)
         loss_h = attentive_distillation_loss(h, h_old, self.se_h, attention=self.attention, reduction=self.reduction)
-        return loss_z + loss_h
+        return loss_z, loss_h
 
     def extra_repr(self) -> str:
         return (

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Literal, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from incseg._checks import check_labels, check_logits
@@ -43,10 +45,13 @@ class LossOutput(NamedTuple):
         loss: the scalar to call ``backward()`` on.
         terms: detached scalars by name (for :class:`CAFLoss`: ``"seg"``, ``"kd"``, ``"ad"``, ``"total"``,
             only those active), each already multiplied by its weight so that they add up to ``"total"``.
+        stats: other detached scalars worth logging that are not terms of the loss (for :class:`CAFLoss` with
+            ``ad_balance``: ``"lambda_ad"``, the mean weight the AD terms got); empty by default.
     """
 
     loss: Tensor
     terms: dict[str, Tensor]
+    stats: Mapping[str, Tensor] = MappingProxyType({})
 
 
 class CAFLoss(nn.Module):
@@ -99,6 +104,15 @@ class CAFLoss(nn.Module):
         class_reduction: class normalisation of ``L_D`` (``"mean"``: divide by ``n_old``; ``"sum"``: eq. 9).
         ignore_index: label value of ignored pixels (``None``: every pixel counts).
         se_reduction: channel reduction of the SE blocks.
+        ad_balance: ``None`` (default: the fixed ``λ_AD`` of eq. 13) or the cap ``κ > 0`` of the gradient
+            balance: the AD term of each feature map ``m`` (``z̄`` and ``h``) gets the weight
+            ``λ_m = min(λ_AD, κ ||∂L_task/∂m|| / ||∂L_AD(m)/∂m||)`` (detached), with ``L_task = L_SEG + λ_D L_D``
+            the output losses, so that attentive distillation never pulls a feature map harder than ``κ`` times
+            the output losses. It needs the features to be ancestors of the logits (as in
+            :class:`~incseg.learner.TrainingModule`); where they are not, or without gradients, ``λ_AD`` is used.
+            ``stats["lambda_ad"]`` of the output reports the mean weight used.
+        gamma_max: ``None`` (default: the paper's γ) or an upper bound of the balance γ of eq. 11
+            (``1.0``: γ only ever lowers the background term).
 
     Shape:
         - logits: :math:`(B, K, h, w)`; labels: :math:`(B, H, W)` int64.
@@ -110,8 +124,7 @@ class CAFLoss(nn.Module):
             see :meth:`forward`.
 
     Example:
-        >>> import torch
-        >>> criterion = CAFLoss(64, 32)
+        >>>         >>> criterion = CAFLoss(64, 32)
         >>> logits, labels = torch.randn(2, 6, 16, 16), torch.randint(0, 6, (2, 16, 16))
         >>> old_logits = torch.randn(2, 4, 16, 16)
         >>> feats = {"z": torch.randn(2, 64, 4, 4), "h": torch.randn(2, 32, 4, 4)}
@@ -137,6 +150,8 @@ class CAFLoss(nn.Module):
         class_reduction: ClassReduction = "mean",
         ignore_index: int | None = 255,
         se_reduction: int = 16,
+        ad_balance: float | None = None,
+        gamma_max: float | None = None,
     ) -> None:
         super().__init__()
         check_choice(ce, "ce", _CE)
@@ -146,6 +161,13 @@ class CAFLoss(nn.Module):
         for name, value in (("lambda_d", lambda_d), ("lambda_ad", lambda_ad)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        for name, opt in (("ad_balance", ad_balance), ("gamma_max", gamma_max)):
+            if opt is not None and (
+                not isinstance(opt, (int, float)) or isinstance(opt, bool) or not 0 < opt < float("inf")
+            ):
+                raise ValueError(f"{name} must be None or a finite number > 0, got {opt!r}")
+        self.ad_balance = None if ad_balance is None else float(ad_balance)
+        self.gamma_max = None if gamma_max is None else float(gamma_max)
         self.ce = ce
         self.kd = kd
         self.ad = ad
@@ -224,22 +246,59 @@ class CAFLoss(nn.Module):
         groups = _ClassGroups(x, n_old, unions, index=index, index_start=start, old_foreground_weights=weights)
         total = reduce_pixels(_nll(groups, labels, aggregate_old=aggregate_old), valid, "mean")
         terms = {"seg": total.detach()}
+        stats: dict[str, Tensor] = {}
 
         if kd is not None and q is not None:
             background, others = _kd_parts(groups, q, kd_kind)
             gamma = _gamma_balance(x_old) if kd == "balanced" else None
+            if gamma is not None and self.gamma_max is not None:
+                gamma = gamma.clamp(max=self.gamma_max)
             kd_term = self.lambda_d * _combine(background, others, gamma, self.class_reduction, n_old).mean()
             terms["kd"] = kd_term.detach()
             total = total + kd_term
 
         if ad_loss is not None:
             z, z_old, h, h_old = self._features(features, old_features)
-            ad_term = self.lambda_ad * ad_loss(z, z_old, h, h_old)
+            loss_z, loss_h = ad_loss.terms(z, z_old, h, h_old)
+            if self.ad_balance is None:
+                ad_term = self.lambda_ad * (loss_z + loss_h)
+            else:
+                lam_z, lam_h = self._balanced_weights(total, (z, h), (loss_z, loss_h))
+                ad_term = lam_z * loss_z + lam_h * loss_h
+                stats["lambda_ad"] = (0.5 * (lam_z + lam_h)).detach()
             terms["ad"] = ad_term.detach()
             total = total + ad_term
 
         terms["total"] = total.detach()
-        return LossOutput(total, terms)
+        return LossOutput(total, terms, stats)
+
+    def _balanced_weights(
+        self, task: Tensor, maps: tuple[Tensor, Tensor], losses: tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """``λ_m = min(λ_AD, κ ||∂task/∂m|| / ||∂L_AD(m)/∂m||)`` per feature map (detached; ``λ_AD`` where
+        a gradient is unavailable)."""
+        lam = self.lambda_ad
+        assert self.ad_balance is not None
+        fixed = (task.new_tensor(lam), task.new_tensor(lam))
+        if not (torch.is_grad_enabled() and task.requires_grad and all(m.requires_grad for m in maps)):
+            return fixed
+        g_task = torch.autograd.grad(task, maps, retain_graph=True, allow_unused=True)
+        weights = []
+        for m, loss, g in zip(maps, losses, g_task):
+            if g is None or not loss.requires_grad:
+                weights.append(task.new_tensor(lam))
+                continue
+            (g_ad,) = torch.autograd.grad(loss, m, retain_graph=True, allow_unused=True)
+            if g_ad is None:
+                weights.append(task.new_tensor(lam))
+                continue
+            wide = torch.promote_types(g.dtype, torch.float32)  # norms of half gradients in float32
+            ratio = (
+                self.ad_balance * torch.linalg.vector_norm(g, dtype=wide) / torch.linalg.vector_norm(g_ad, dtype=wide)
+            )
+            # A zero AD gradient (identical features) gives an infinite ratio: the cap then does not bind.
+            weights.append(torch.nan_to_num(ratio, nan=lam, posinf=lam).clamp(max=lam).detach())
+        return weights[0], weights[1]
 
     def _features(
         self, features: Mapping[str, Any] | None, old_features: Mapping[str, Any] | None
@@ -260,5 +319,6 @@ class CAFLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"ce={self.ce!r}, kd={self.kd!r}, ad={self.ad!r}, lambda_d={self.lambda_d}, lambda_ad={self.lambda_ad}, "
-            f"class_reduction={self.class_reduction!r}, ignore_index={self.ignore_index}"
+            f"class_reduction={self.class_reduction!r}, ignore_index={self.ignore_index}, "
+            f"ad_balance={self.ad_balance}, gamma_max={self.gamma_max}"
         )

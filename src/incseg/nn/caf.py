@@ -45,6 +45,9 @@ class ContinualAttentiveFusion(nn.Module):
         subsample: 2x2 max-pool keys and values in the non-local projections.
         test_strategy: ``"skip"``, ``"zero_pad"`` or ``"concat"``; a settable attribute.
         gate: ``None`` (paper) or ``"sigmoid"`` for the structured attention maps.
+        fusion_dropout: in training with old features, the probability per image that the fusion is replaced
+            by the ``skip`` path (``v_new`` alone), so that ``skip`` at test time sees what it was trained on
+            (0, the paper: always fuse in training).
 
     Shape:
         - z_new: ``(B, C, H, W)``
@@ -75,9 +78,15 @@ class ContinualAttentiveFusion(nn.Module):
         subsample: bool = True,
         test_strategy: FusionStrategy = "skip",
         gate: Gate | None = None,
+        fusion_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.channels = _check_positive_int(channels, "channels")
+        if isinstance(fusion_dropout, bool) or not isinstance(fusion_dropout, (int, float)):
+            raise TypeError(f"fusion_dropout must be a float, got {type(fusion_dropout).__name__}")
+        if not 0.0 <= fusion_dropout <= 1.0:
+            raise ValueError(f"fusion_dropout must be in [0, 1], got {fusion_dropout}")
+        self.fusion_dropout = float(fusion_dropout)
         self.test_strategy = test_strategy
         self.projection_new = NonLocalProjection(channels, inner_channels=inner_channels, subsample=subsample)
         self.projection_old = NonLocalProjection(channels, inner_channels=inner_channels, subsample=subsample)
@@ -122,7 +131,11 @@ class ContinualAttentiveFusion(nn.Module):
             raise ValueError(
                 'test_strategy="concat" needs the old features z_old, got None; pass z_old or use "skip"/"zero_pad"'
             )
-        return self.fusion(self.projection_old(z_old), v_new)
+        fused = self.fusion(self.projection_old(z_old), v_new)
+        if self.training and self.fusion_dropout > 0:
+            keep = torch.rand(v_new.shape[0], 1, 1, 1, device=v_new.device) >= self.fusion_dropout
+            fused = torch.where(keep, fused, v_new)
+        return fused
 
     def forward(
         self, z_new: Tensor, z_old: Tensor | None = None, *, return_maps: bool = False
@@ -145,4 +158,5 @@ class ContinualAttentiveFusion(nn.Module):
         return self.attention(self.fuse(z_new, z_old), return_maps=return_maps)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, test_strategy={self._test_strategy!r}"
+        extra = f", fusion_dropout={self.fusion_dropout}" if self.fusion_dropout else ""
+        return f"channels={self.channels}, test_strategy={self._test_strategy!r}{extra}"

@@ -1,0 +1,82 @@
+"""Networks of the robustness benchmark: the library's own and networks written as a user would, adapted."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from incseg.models import IncrementalSegmenter, from_named_submodules, from_torchvision_deeplabv3, small_segmenter
+
+__all__ = ["NETWORKS", "build_network"]
+
+
+def _small(num_classes: int) -> IncrementalSegmenter:
+    return small_segmenter(num_classes)
+
+
+class _Outsider(nn.Module):
+    """An 8-layer conv network a user might write: GroupNorm, no BatchNorm, no residuals, plain 3x3 head."""
+
+    def __init__(self, num_classes: int, width: int = 32) -> None:
+        super().__init__()
+
+        def block(i: int, o: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(i, o, 3, stride=stride, padding=dilation, dilation=dilation),
+                nn.GroupNorm(8, o),
+                nn.ReLU(inplace=True),
+            )
+
+        self.encoder = nn.Sequential(
+            block(3, width, 2), block(width, width), block(width, 2 * width, 2), block(2 * width, 2 * width),
+            block(2 * width, 4 * width, 2), block(4 * width, 4 * width, dilation=2),
+        )  # fmt: skip
+        self.refiner = nn.Sequential(block(4 * width, 2 * width, dilation=2), nn.Dropout2d(0.1))
+        self.classifier = nn.Conv2d(2 * width, num_classes, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.refiner(self.encoder(x)))  # type: ignore[no-any-return]
+
+
+def _outsider(num_classes: int) -> IncrementalSegmenter:
+    return from_named_submodules(_Outsider(num_classes), z_channels=128, h_channels=64, in_channels=3)
+
+
+def _mobilenet(num_classes: int) -> IncrementalSegmenter:
+    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+
+    net = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
+    return from_torchvision_deeplabv3(net)
+
+
+class _FCNEncoder(nn.Module):
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)["out"]  # type: ignore[no-any-return]
+
+
+def _fcn_resnet50(num_classes: int) -> IncrementalSegmenter:
+    from torchvision.models.segmentation import fcn_resnet50
+
+    net = fcn_resnet50(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
+    encoder = _FCNEncoder(net.backbone)
+    refiner = nn.Sequential(*list(net.classifier)[:-1])
+    holder = nn.Module()
+    holder.encoder, holder.refiner, holder.classifier = encoder, refiner, net.classifier[-1]
+    return from_named_submodules(holder, z_channels=2048, h_channels=512, in_channels=3)
+
+
+NETWORKS: dict[str, Callable[[int], IncrementalSegmenter]] = OrderedDict(
+    small=_small, outsider=_outsider, mobilenet=_mobilenet, fcn_resnet50=_fcn_resnet50
+)
+
+
+def build_network(name: str, num_classes: int, seed: int) -> IncrementalSegmenter:
+    torch.manual_seed(seed)
+    return NETWORKS[name](num_classes)
