@@ -273,29 +273,31 @@ class CAFLoss(nn.Module):
         return LossOutput(total, terms, stats)
 
     def _balanced_weights(
-        self, task: Tensor, maps: tuple[Tensor, Tensor], losses: tuple[Tensor, Tensor]
+        self, task: Tensor, maps: tuple[Any, Tensor], losses: tuple[Tensor, Tensor]
     ) -> tuple[Tensor, Tensor]:
         """``λ_m = min(λ_AD, κ ||∂task/∂m|| / ||∂L_AD(m)/∂m||)`` per feature map (detached; ``λ_AD`` where
-        a gradient is unavailable)."""
+        a gradient is unavailable). A multi-scale ``z̄`` (dict of levels) counts as one map: the norms run over
+        all its levels."""
         lam = self.lambda_ad
         assert self.ad_balance is not None
+        groups = [list(m.values()) if isinstance(m, Mapping) else [m] for m in maps]
         fixed = (task.new_tensor(lam), task.new_tensor(lam))
-        if not (torch.is_grad_enabled() and task.requires_grad and all(m.requires_grad for m in maps)):
+        if not (torch.is_grad_enabled() and task.requires_grad and all(t.requires_grad for g in groups for t in g)):
             return fixed
-        g_task = torch.autograd.grad(task, maps, retain_graph=True, allow_unused=True)
         weights = []
-        for m, loss, g in zip(maps, losses, g_task):
-            if g is None or not loss.requires_grad:
+        for tensors, loss in zip(groups, losses):
+            if not loss.requires_grad:
                 weights.append(task.new_tensor(lam))
                 continue
-            (g_ad,) = torch.autograd.grad(loss, m, retain_graph=True, allow_unused=True)
-            if g_ad is None:
+            g_task = torch.autograd.grad(task, tensors, retain_graph=True, allow_unused=True)
+            g_ad = torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
+            if any(g is None for g in g_task) or any(g is None for g in g_ad):
                 weights.append(task.new_tensor(lam))
                 continue
-            wide = torch.promote_types(g.dtype, torch.float32)  # norms of half gradients in float32
-            ratio = (
-                self.ad_balance * torch.linalg.vector_norm(g, dtype=wide) / torch.linalg.vector_norm(g_ad, dtype=wide)
-            )
+            wide = torch.promote_types(tensors[0].dtype, torch.float32)  # norms of half gradients in float32
+            norm_task = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=wide) for g in g_task]))
+            norm_ad = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=wide) for g in g_ad]))
+            ratio = self.ad_balance * norm_task / norm_ad
             # A zero AD gradient (identical features) gives an infinite ratio: the cap then does not bind.
             weights.append(torch.nan_to_num(ratio, nan=lam, posinf=lam).clamp(max=lam).detach())
         return weights[0], weights[1]
