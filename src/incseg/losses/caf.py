@@ -272,6 +272,7 @@ class CAFLoss(nn.Module):
         terms["total"] = total.detach()
         return LossOutput(total, terms, stats)
 
+    @torch.compiler.disable  # autograd.grad inside a traced graph: run eagerly (a graph break under compile)
     def _balanced_weights(
         self, task: Tensor, maps: tuple[Any, Tensor], losses: tuple[Tensor, Tensor]
     ) -> tuple[Tensor, Tensor]:
