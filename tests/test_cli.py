@@ -24,6 +24,8 @@ def test_quick_demo_orders_ft_below_caf_on_old_classes(tmp_path: Path, capsys: p
     results = json.loads((tmp_path / "results.json").read_text())["final"]
     ft, caf = results["ft"]["groups"], results["caf"]["groups"]
     assert ft["old"] < caf["old"], (ft, caf)  # fine-tuning forgets the old classes, CAF keeps them
+    assert results["caf"]["num_old_classes"] == 16  # old = the classes of step 0
+    assert set(json.loads((tmp_path / "results.json").read_text())["final_per_step"]) == {"ft", "caf"}
     assert (tmp_path / "results.csv").read_text().startswith("method,")
     assert (tmp_path / "predictions.png").stat().st_size > 1000
     arrays = np.load(tmp_path / "predictions.npz", allow_pickle=False)  # what docs/figures/make_figures.py reads
@@ -64,6 +66,8 @@ def test_train_runs_every_step_and_writes_history(tmp_path: Path, capsys: pytest
     assert main(args) == 0
     history = json.loads((tmp_path / "history.json").read_text())
     assert [entry["step"] for entry in history["steps"]] == [0, 1]
+    assert [entry["result"]["num_old_classes"] for entry in history["steps"]] == [16, 16]  # old = step 0's
+    assert history["steps"][1]["per_step"]["num_old_classes"] == 16
     assert (tmp_path / "checkpoints" / "step1.pt").exists()
     assert "mIoU all" in capsys.readouterr().out
     metrics = (tmp_path / "metrics.jsonl").read_text().splitlines()

@@ -385,7 +385,8 @@ def run_demo(args: argparse.Namespace) -> int:
             resume=not args.no_resume,
         )
         learners["joint"] = learner
-    # Score every method on the same final test set with the incremental scenario's old/new split.
+    # Score every method on the same final test set with the incremental scenario's old/new split: old = the
+    # classes of step 0, new = all later ones (the field's convention; the joint model has a one-step scenario).
     final_test = IncrementalSegmentation(test_src, scenario, last, train=False, transform=test_tf)
     for method in methods:
         final[method] = evaluate(
@@ -393,7 +394,7 @@ def run_demo(args: argparse.Namespace) -> int:
             final_test,
             device=device,
             batch_size=args.batch_size,
-            num_old_classes=scenario.num_old_classes(last),
+            num_old_classes=scenario.num_classes_at(0),
         )
     if main:
         _report(out, scenario, final, learners, test_src, test_tf, time.monotonic() - t_start)
@@ -419,8 +420,18 @@ def _report(
     )
     print(_print_table(rows, keys))
     out.mkdir(parents=True, exist_ok=True)
+    per_step = {m: r.regroup(scenario.num_old_classes(last)) for m, r in final.items()}
     (out / "results.json").write_text(
-        json.dumps({"scenario": scenario.to_dict(), "final": {m: r.to_dict() for m, r in final.items()}}, indent=2)
+        json.dumps(
+            {
+                "scenario": scenario.to_dict(),
+                "groups": "old = classes of step 0, new = classes of steps 1.. (final: its num_old_classes); "
+                "final_per_step: old = classes learnt before the last step, new = those of the last step",
+                "final": {m: r.to_dict() for m, r in final.items()},
+                "final_per_step": {m: _row(m, r) for m, r in per_step.items()},
+            },
+            indent=2,
+        )
     )
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["method", *sorted({k for r in rows for k in r if k != "method"})])

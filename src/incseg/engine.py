@@ -10,10 +10,11 @@ a dataset-level mIoU after every step.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -115,6 +116,9 @@ def autocast_context(device: torch.device, amp: AmpMode) -> contextlib.AbstractC
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+_ORDER_SALT = 0x9E3779B9  # keeps the image order's generator apart from the global (augmentation) RNG
+
+
 def _seed_for(seed: int, step: int, epoch: int = -1) -> int:
     return seed * 1_000_003 + step * 1009 + (epoch + 1)
 
@@ -156,11 +160,18 @@ def evaluate(
     strategy: FusionStrategy | None = None,
     progress: bool = False,
     num_old_classes: int | None = None,
+    split: Literal["base", "step"] = "base",
 ) -> IoUResult:
     """Dataset-level mIoU of the learner's current model on ``dataset`` (all ranks take part).
 
+    The old/new groups follow the field's convention by default (``split="base"``): *old* are the classes of
+    step 0 and *new* every class learnt after it, whatever the step (for VOC 15-1 after step 5: old = 1-15,
+    new = 16-20). ``split="step"`` gives the per-step split instead: old = the classes learnt before the
+    learner's step, new = those of that step (VOC 15-1 after step 5: old = 1-19, new = 20).
+    :class:`~incseg.metrics.StepHistory` reports both.
+
     Args:
-        learner: the learner (its current step sets the number of classes and the old/new split).
+        learner: the learner (its current step sets the number of classes).
         dataset: yields ``(image (3,H,W), target (H,W))`` in incremental indices (future classes = 255).
         device: where to run.
         batch_size: images per batch (per process).
@@ -168,17 +179,26 @@ def evaluate(
         num_workers: DataLoader workers.
         strategy: CAF test strategy override (``None``: the learner's).
         progress: show a progress bar on rank 0.
-        num_old_classes: override of the old/new split (default: the scenario's at the learner's step), e.g.
-            to score the joint model with the incremental scenario's split.
+        num_old_classes: ``n_old`` (background included) overriding ``split``, e.g. to score the joint model
+            with the incremental scenario's split (``scenario.num_classes_at(0)``).
+        split: ``"base"`` (default, ``n_old = scenario.num_classes_at(0)``) or ``"step"``
+            (``n_old = scenario.num_old_classes(learner.step)``).
 
     Returns:
         The :class:`~incseg.metrics.IoUResult` of the whole dataset (synchronised over processes).
+
+    Raises:
+        ValueError: unknown ``split``.
     """
+    if split not in ("base", "step"):
+        raise ValueError(f"split must be 'base' (old = classes of step 0) or 'step', got {split!r}")
     step = learner.step
     scenario = learner.scenario
+    if num_old_classes is None:
+        num_old_classes = scenario.num_classes_at(0) if split == "base" else scenario.num_old_classes(step)
     metric = MeanIoU(
         scenario.num_classes_at(step),
-        num_old_classes=scenario.num_old_classes(step) if num_old_classes is None else num_old_classes,
+        num_old_classes=num_old_classes,
         class_names=scenario.class_names_at(step),
         device=device,
     )
@@ -321,11 +341,14 @@ def train_scenario(
         t0 = time.monotonic()
         for epoch in range(first_epoch, epochs):
             torch.manual_seed(_seed_for(config.seed, step, epoch))
+            # A new image order every epoch: single-process from the seed of (seed, step, epoch), DDP from the
+            # sampler's set_epoch; both depend on nothing else, so a resumed run draws the same orders.
+            distributed = D.is_distributed()
             loader = _loader(
                 train_set,
                 config.batch_size,
                 shuffle=True,
-                seed=_seed_for(config.seed, step),
+                seed=_seed_for(config.seed, step) if distributed else _seed_for(config.seed, step, epoch) + _ORDER_SALT,
                 num_workers=config.num_workers,
                 drop_last=True,
             )
@@ -333,7 +356,7 @@ def train_scenario(
                 loader.sampler.set_epoch(epoch)
             learner.module.train()
             bar = Progress(
-                _take(loader, iters_per_epoch),
+                itertools.islice(loader, iters_per_epoch),  # loads exactly the batches it trains on
                 total=iters_per_epoch,
                 desc=f"step {step} epoch {epoch + 1}/{epochs}",
                 enabled=config.progress and main,
@@ -447,13 +470,6 @@ class MetricsLog:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def _take(loader: DataLoader[Any], n: int) -> Iterator[Any]:
-    for i, batch in enumerate(loader):
-        if i >= n:
-            break
-        yield batch
 
 
 def _summary(result: IoUResult) -> str:

@@ -10,8 +10,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _tiny import tiny_config, tiny_datasets, tiny_learner, tiny_run, tiny_scenario
 
-from incseg.engine import NonFiniteLossError, TrainConfig, train_scenario
+from incseg.engine import NonFiniteLossError, TrainConfig, evaluate, train_scenario
+from incseg.learner import IncrementalLearner
 from incseg.losses import LossOutput
+from incseg.models import small_segmenter
+from incseg.scenarios import Scenario
 
 
 def _weights(learner) -> dict[str, torch.Tensor]:
@@ -188,3 +191,53 @@ def test_metrics_log_resumes_without_duplicates(tmp_path: Path, monkeypatch: pyt
     log.close()
     keys = [(r["step"], r["iteration"]) for r in _records(tmp_path / "metrics.jsonl")]
     assert keys == [(s, i) for s in (0, 1) for i in range(6)]
+
+
+class _Recording(torch.utils.data.Dataset):
+    """Wraps a dataset and records which indices were loaded."""
+
+    def __init__(self, base) -> None:  # type: ignore[no-untyped-def]
+        self.base, self.loaded = base, []
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):  # type: ignore[no-untyped-def]
+        self.loaded.append(i)
+        return self.base[i]
+
+
+def test_single_process_training_shuffles_every_epoch_and_loads_no_extra_batch() -> None:
+    scenario = tiny_scenario()
+    base = tiny_datasets(scenario)
+    recorded = {}
+
+    def datasets(step: int):  # type: ignore[no-untyped-def]
+        train, test = base(step)
+        recorded[step] = _Recording(train)
+        return recorded[step], test
+
+    config = tiny_config(epochs=3, max_iters_per_epoch=2, batch_size=4)
+    train_scenario(tiny_learner(scenario, "ft"), datasets, config, device=torch.device("cpu"), steps=range(0, 1))
+    loaded = recorded[0].loaded
+    assert len(loaded) == 3 * 2 * 4  # exactly the batches trained on, none thrown away
+    epochs = [loaded[i * 8 : (i + 1) * 8] for i in range(3)]
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2], epochs  # a new order every epoch
+
+
+def test_evaluate_old_means_classes_of_step_0_at_every_step() -> None:
+    # VOC 15-1 style: after the last of several steps, "old" is still the classes of step 0 (the field's
+    # convention); split="step" gives the per-step split (old = everything learnt before the last step).
+    scenario = Scenario([[1, 2], [3], [4]])
+    learner = IncrementalLearner(small_segmenter(3, width=8), scenario, "ft")
+    for step in range(3):
+        learner.begin_step(step)
+        learner.end_step()
+    data = torch.utils.data.TensorDataset(torch.randn(2, 3, 16, 16), torch.randint(0, 5, (2, 16, 16)))
+    base = evaluate(learner, data, device=torch.device("cpu"))
+    per_step = evaluate(learner, data, device=torch.device("cpu"), split="step")
+    assert base.num_old_classes == 3 and per_step.num_old_classes == 4
+    assert base.groups["new"] == pytest.approx(float(base.iou[3:].nanmean()))
+    torch.testing.assert_close(base.confusion, per_step.confusion, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="split"):
+        evaluate(learner, data, device=torch.device("cpu"), split="last")  # type: ignore[arg-type]

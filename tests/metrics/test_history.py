@@ -163,3 +163,24 @@ def test_csv_round_trip(tmp_path: Path) -> None:
     assert rows[0]["forgetting/background"] == ""
     assert math.isnan(float(rows[2]["forgetting/bicycle"]))
     assert float(rows[2]["mean_forgetting"]) == pytest.approx(0.25)
+
+
+def test_per_step_split_of_a_long_task_next_to_the_step_0_split(tmp_path: Path) -> None:
+    # Results computed with the field's split (old = classes of step 0, n_old = 3 at every step).
+    h = StepHistory(class_names=NAMES)
+    h.add(0, result_with_iou([0.9, 0.8, 0.6], 3))
+    h.add(1, result_with_iou([0.8, 0.5, 0.7, 0.4], 3))
+    h.add(2, result_with_iou([0.7, 0.6, 0.2, 0.1, 0.9], 3))
+    assert h[2].groups["old"] == pytest.approx(0.4) and h[2].groups["new"] == pytest.approx(0.5)
+    per_step = h.per_step(2)  # old = classes learnt before step 2 (1-3), new = class 4
+    assert per_step.num_old_classes == 4
+    assert per_step.groups["old"] == pytest.approx(0.3) and per_step.groups["new"] == pytest.approx(0.9)
+    assert h.per_step(0).num_old_classes == 0
+    entry = h.to_dict()["steps"][2]
+    assert entry["result"]["num_old_classes"] == 3 and entry["per_step"]["num_old_classes"] == 4
+    assert entry["per_step"]["new"] == pytest.approx(0.9)
+    h.to_csv(tmp_path / "h.csv")
+    with open(tmp_path / "h.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[2]["new"]) == pytest.approx(0.5) and float(rows[2]["new_step"]) == pytest.approx(0.9)
+    assert "mIoU new (step t)" in h.table()

@@ -52,6 +52,12 @@ class StepHistory:
     at ``t`` averages the non-NaN ``F_t(c)`` over the old classes (learned before ``t``), background
     excluded by default like the ``old`` group.
 
+    Old/new groups: each result keeps the split it was computed with (``IoUResult.num_old_classes``; with
+    :func:`incseg.engine.evaluate` the field's convention, old = classes of step 0). The history also reports
+    the *per-step* split of every step (old = classes learnt before it, new = those it learnt, computed from
+    the confusion matrix with :meth:`IoUResult.regroup`): rows ``mIoU old (before t)`` / ``mIoU new (step t)``
+    of :meth:`table`, ``per_step`` of :meth:`to_dict` and the ``*_step`` columns of :meth:`to_csv`.
+
     Args:
         class_names: optional unique names indexed by class (at least as many as the largest ``K`` added);
             by default the names carried by the results are used, else the indices.
@@ -165,6 +171,16 @@ class StepHistory:
                 return e
         raise KeyError(f"step {step} is not recorded (steps: {list(self.steps)})")
 
+    def per_step(self, step: int | None = None) -> IoUResult:
+        """The result of ``step`` (default: the last) with the per-step split: old = classes learnt before.
+
+        Returns:
+            ``self[step].regroup(n)`` with ``n`` the number of classes learnt at earlier recorded steps.
+        """
+        entry = self._entry(step)
+        n_old = sum(1 for s in self._learned_at.values() if s < entry.step)
+        return entry.result.regroup(min(n_old, entry.result.num_classes))
+
     def __getitem__(self, step: int) -> IoUResult:
         """The result recorded for ``step`` (``KeyError`` if absent)."""
         return self._entry(step).result
@@ -249,6 +265,9 @@ class StepHistory:
         summary: list[list[str]] = []
         for key, label in _GROUP_LABELS.items():
             summary.append(["", label, *(fmt(e.result.groups[key]) for e in self._entries), ""])
+        per_step = [self.per_step(e.step) for e in self._entries]
+        summary.append(["", "mIoU old (before t)", *(fmt(r.groups["old"]) for r in per_step), ""])
+        summary.append(["", "mIoU new (step t)", *(fmt(r.groups["new"]) for r in per_step), ""])
         summary.append(["", "hmean old/new", *(fmt(e.result.hmean) for e in self._entries), ""])
         summary.append(["", "pixel accuracy", *(fmt(e.result.pixel_accuracy) for e in self._entries), ""])
         summary.append(["", "mean forgetting", *(fmt(self.mean_forgetting(e.step)) for e in self._entries), ""])
@@ -265,10 +284,16 @@ class StepHistory:
 
     def _step_dict(self, entry: _Entry) -> dict[str, Any]:
         forgetting = self.forgetting(entry.step)
+        per_step = self.per_step(entry.step)
         return {
             "step": entry.step,
             "new_classes": list(entry.new_classes),
             "result": entry.result.to_dict(),
+            "per_step": {
+                "num_old_classes": per_step.num_old_classes,
+                **{k: _json_float(per_step.groups[k]) for k in ("old", "new", "old_bg")},
+                "hmean": _json_float(per_step.hmean),
+            },
             "forgetting": [
                 _json_float(forgetting[c]) if c in forgetting else None for c in range(entry.result.num_classes)
             ],
@@ -279,9 +304,11 @@ class StepHistory:
         """Plain, JSON-safe copy (NaN as ``None``), loadable by :meth:`from_dict`.
 
         Returns:
-            ``{"format", "version", "class_names", "steps": [{"step", "new_classes", "result",
+            ``{"format", "version", "class_names", "steps": [{"step", "new_classes", "result", "per_step",
             "forgetting", "mean_forgetting"}, ...]}``; ``result`` is :meth:`IoUResult.to_dict` (with the
-            confusion matrix); ``forgetting`` lists ``F_t(c)`` by class index (``None`` when undefined) and
+            confusion matrix and its ``num_old_classes``); ``per_step`` holds ``num_old_classes``, ``old``,
+            ``new``, ``old_bg`` and ``hmean`` of the per-step split (see :meth:`per_step`), recomputed, not read,
+            by :meth:`from_dict`; ``forgetting`` lists ``F_t(c)`` by class index (``None`` when undefined) and
             is recomputed, not read, by :meth:`from_dict`.
         """
         return {
@@ -329,6 +356,9 @@ class StepHistory:
             "new_classes",
             *IoUResult.GROUP_NAMES,
             "hmean",
+            "old_step",
+            "new_step",
+            "hmean_step",
             "pixel_accuracy",
             "mean_accuracy",
             "mean_forgetting",
@@ -337,7 +367,8 @@ class StepHistory:
         ]
 
     def to_csv(self, path: str | os.PathLike[str]) -> None:
-        """Write one row per step: group means, accuracies, mean forgetting, then per-class IoU and forgetting.
+        """Write one row per step: group means (``old_step``, ``new_step``, ``hmean_step``: the per-step split of
+        :meth:`per_step`), accuracies, mean forgetting, then per-class IoU and forgetting.
 
         Values are fractions in ``[0, 1]`` written with full precision (``repr``); ``nan`` for NaN, an empty
         cell where a class is not in that step's result (IoU) or has no forgetting yet. ``new_classes`` is a
@@ -354,12 +385,16 @@ class StepHistory:
             for e in self._entries:
                 r = e.result
                 forgetting = self.forgetting(e.step)
+                per_step = self.per_step(e.step)
                 writer.writerow(
                     [
                         str(e.step),
                         " ".join(str(c) for c in e.new_classes),
                         *(cell(r.groups[g]) for g in IoUResult.GROUP_NAMES),
                         cell(r.hmean),
+                        cell(per_step.groups["old"]),
+                        cell(per_step.groups["new"]),
+                        cell(per_step.hmean),
                         cell(r.pixel_accuracy),
                         cell(r.mean_accuracy),
                         cell(self.mean_forgetting(e.step)),

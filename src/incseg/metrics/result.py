@@ -1,7 +1,10 @@
 """Result of a mean-IoU evaluation: per-class IoU and the old / new / all means of incremental segmentation.
 
 Groups of classes in the incremental index space (``0`` background, then old classes, then new ones), with
-``n_old = num_old_classes`` counting the background (``Scenario.num_old_classes(t)``):
+``n_old = num_old_classes`` counting the background. The field's convention (and the default of
+:func:`incseg.engine.evaluate`) is ``n_old = Scenario.num_classes_at(0)``: *old* are the classes of step 0 and
+*new* every class learnt later, at every step. The per-step split ``n_old = Scenario.num_old_classes(t)``
+(old = classes learnt before step ``t``, new = those of step ``t``) is :meth:`IoUResult.regroup` away:
 
 ========== ============================== =====================================================
 key        classes                        used by
@@ -173,6 +176,25 @@ class IoUResult:
             mean_accuracy=_nanmean(accuracy),
             class_names=names,
             absent=absent,
+        )
+
+    def regroup(self, num_old_classes: int | None) -> IoUResult:
+        """The same result with another old/new split (recomputed from the confusion matrix).
+
+        Args:
+            num_old_classes: the new ``n_old`` (background included) in ``[0, K]``, or ``None``.
+
+        Returns:
+            A new :class:`IoUResult`; per-class values are unchanged, the groups and ``hmean`` follow the split.
+
+        Example:
+            >>> conf = torch.tensor([[5, 1, 0, 0], [1, 3, 0, 0], [0, 0, 2, 0], [0, 0, 1, 1]])
+            >>> r = IoUResult.from_confusion(conf, num_old_classes=2)  # old = step 0 ({1}), new = {2, 3}
+            >>> r.groups["new"], r.regroup(3).groups["new"]  # per-step split of step 2: new = {3}
+            (0.5833333333333333, 0.5)
+        """
+        return IoUResult.from_confusion(
+            self.confusion, num_old_classes=num_old_classes, class_names=self.class_names, absent=self.absent
         )
 
     @property
