@@ -13,6 +13,7 @@ import pytest
 
 from incseg._catalog import METHOD_DESCRIPTIONS
 from incseg.cli import _slow_run_warnings, build_parser, main, resolve_train_args
+from incseg.learner import DivergenceError
 
 
 @pytest.mark.slow
@@ -149,3 +150,15 @@ def test_ctrl_c_prints_one_line_and_exits_130(
     assert main(["train", "--dataset", "synthetic"]) == 130
     err = capsys.readouterr().err.strip()
     assert err == "incseg train: interrupted; resume with the same command"
+
+
+def test_divergence_is_a_one_line_error(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from incseg import cli
+
+    def diverged(_args: object) -> int:
+        raise DivergenceError("loss term 'ad' exploded at step 1 on rank 1")
+
+    monkeypatch.setattr(cli, "run_train", diverged)
+    assert main(["train", "--dataset", "synthetic"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("incseg train: error: ") and "exploded" in err and "Traceback" not in err

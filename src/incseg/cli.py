@@ -634,6 +634,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"incseg {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from incseg.learner.guard import DivergenceError
+
+        if not isinstance(err, DivergenceError):
+            raise
+        print(f"incseg {args.command}: error: {err}", file=sys.stderr)  # names the term, values, rank and fix
+        return 1
     except KeyboardInterrupt:  # checkpoints are written after every epoch: the same command resumes
         print(f"\nincseg {args.command}: interrupted; resume with the same command", file=sys.stderr)
         return 130

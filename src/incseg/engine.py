@@ -28,10 +28,13 @@ from incseg import distributed as D
 from incseg._checks import NonFiniteError
 from incseg._progress import Progress
 from incseg.learner import IncrementalLearner
+from incseg.learner.guard import DivergenceError, DivergenceGuard, NonFiniteLossError, check_finite_module
+from incseg.losses import LossOutput
 from incseg.metrics import IoUResult, MeanIoU, StepHistory
 from incseg.nn import FusionStrategy
 
 __all__ = [
+    "DivergenceError",
     "MetricsLog",
     "NonFiniteLossError",
     "TrainConfig",
@@ -41,10 +44,6 @@ __all__ = [
 
 AmpMode = Literal["none", "bf16", "fp16"]
 DatasetFactory = Callable[[int], "tuple[Dataset[Any], Dataset[Any]]"]
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised when a training loss is NaN or infinite and ``nan_policy="stop"``."""
 
 
 @dataclass
@@ -63,8 +62,10 @@ class TrainConfig:
         amp: ``"none"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast with a gradient scaler).
         num_workers: DataLoader workers per process.
         seed: seed of everything random (initialisation of new heads, shuffling, augmentation).
-        nan_policy: on a NaN/Inf loss, ``"stop"`` raises :class:`NonFiniteLossError` with the step and batch
-            index, ``"skip"`` drops the batch (reported) and goes on. The weights are never updated with it.
+        nan_policy: on a NaN/Inf loss, ``"stop"`` raises :class:`NonFiniteLossError` with the step, batch,
+            rank and recent values, ``"skip"`` drops the batch (reported) and goes on. The weights are never
+            updated with it. Whatever the policy, non-finite weights and an exploding loss term (the learner's
+            :class:`~incseg.learner.DivergenceGuard`) raise :class:`DivergenceError`.
         eval_batch_size: batch size for evaluation (default: ``batch_size``).
         progress: print a progress bar on rank 0.
         max_iters_per_epoch: cap on iterations per epoch (for quick runs); ``None`` for full epochs.
@@ -189,6 +190,7 @@ def evaluate(
 
     Raises:
         ValueError: unknown ``split``.
+        NonFiniteError: the model's weights or its logits are NaN/Inf (a diverged model has no score).
     """
     if split not in ("base", "step"):
         raise ValueError(f"split must be 'base' (old = classes of step 0) or 'step', got {split!r}")
@@ -202,17 +204,27 @@ def evaluate(
         class_names=scenario.class_names_at(step),
         device=device,
     )
+    check_finite_module(learner.model, "the model to evaluate")  # argmax of NaN logits would invent a score
     loader = _loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers, drop_last=False)
     bar = Progress(loader, desc=f"  eval step {step}", enabled=progress and D.is_main_process())
     images: torch.Tensor
     targets: torch.Tensor
+    non_finite = torch.zeros((), device=device)  # checked once at the end: no host sync per batch
     for images, targets in bar:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with autocast_context(device, amp):
             logits = learner.predict(images, strategy=strategy)
+        non_finite += (~torch.isfinite(logits)).any()
         metric.update(logits.argmax(1), targets)
     metric.sync()
+    if D.is_distributed():
+        torch.distributed.all_reduce(non_finite, op=torch.distributed.ReduceOp.SUM)
+    if float(non_finite) > 0:
+        raise NonFiniteError(
+            f"the model produced NaN/Inf logits on {int(non_finite)} evaluation batches at step {step} (finite "
+            "weights: check the inputs, or evaluate with amp='none'); no score was computed"
+        )
     return metric.compute()
 
 
@@ -228,18 +240,11 @@ def _set_poly_lr(optimizer: torch.optim.Optimizer, it: int, max_it: int, power: 
         group["lr"] = group["initial_lr"] * factor
 
 
-def _mean_loss(loss: torch.Tensor | None) -> float:
-    """The loss averaged over processes, NaN unless it is finite on every process (one host sync per iteration).
-
-    ``None`` (this process could not compute its loss) counts as non-finite, so all processes agree to skip: a
-    sum over processes is finite only if every term is.
-    """
-    value = loss.detach().float().reshape(1) if loss is not None else torch.full((1,), float("nan"))
-    if D.is_distributed():
-        value = value.clone()
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.SUM)
-        value /= D.get_world_size()
-    return float(value)
+def _guard_terms(out: LossOutput | None) -> dict[str, torch.Tensor]:
+    """The loss first, then the named terms (``total`` is the loss); a NaN loss when none was computed."""
+    if out is None:
+        return {"loss": torch.full((), math.nan)}
+    return {"loss": out.loss, **{k: v for k, v in out.terms.items() if k != "total"}}
 
 
 def train_scenario(
@@ -281,6 +286,9 @@ def train_scenario(
 
     Raises:
         NonFiniteLossError: a NaN/Inf loss with ``nan_policy="stop"``.
+        DivergenceError: non-finite weights or an exploding loss term (any ``nan_policy``); the message names
+            the term, its recent values, the rank and the likely fix.
+        NonFiniteError: evaluation or a checkpoint met non-finite weights or logits.
     """
     main = D.is_main_process()
     say = log if log is not None else (print if main else (lambda _msg: None))
@@ -339,6 +347,10 @@ def train_scenario(
             f"{len(train_set)} train / {len(test_set)} test images, method {learner.config.name}, lr {lr:g}"  # type: ignore[arg-type]
         )
         t0 = time.monotonic()
+        guard = learner.guard if learner.guard is not None else DivergenceGuard(check_weights=False)
+        guard.reset()
+        guarded = learner.guarded_tensors()
+        hints = learner.divergence_hints()
         for epoch in range(first_epoch, epochs):
             torch.manual_seed(_seed_for(config.seed, step, epoch))
             # A new image order every epoch: single-process from the seed of (seed, step, epoch), DDP from the
@@ -373,13 +385,22 @@ def train_scenario(
                 out, refused = None, ""
                 try:
                     with autocast_context(device, config.amp):
-                        out = learner.training_step(images, labels, module=module)
+                        out = learner.training_step(images, labels, module=module, guard=False)
                 except NonFiniteError as err:  # the loss refused non-finite logits (value checks on)
                     refused = str(err)
-                value = _mean_loss(out.loss if out is not None else None)
-                if not math.isfinite(value):
-                    detail = refused or ", ".join(f"{k}={float(v):.4g}" for k, v in out.terms.items())  # type: ignore[union-attr]
-                    msg = f"non-finite loss at step {step}, epoch {epoch}, batch {i}: {detail}"
+                # One host sync: every term, the loss and the largest weight of every process (the weights after
+                # the previous optimizer step). Non-finite weights and exploding terms always stop the run.
+                report = guard.check(
+                    _guard_terms(out),
+                    tensors=guarded,
+                    where=f"step {step}, epoch {epoch}, batch {i}",
+                    hints=hints,
+                    reduce=True,
+                    skip_nonfinite=True,
+                )
+                value = report.values.get("loss", math.nan)
+                if not report.finite:
+                    msg = report.message + (f" ({refused})" if refused else "")
                     if config.nan_policy == "stop":
                         raise NonFiniteLossError(msg + " (use nan_policy='skip' to drop such batches)")
                     say(msg + " -> batch skipped")

@@ -89,3 +89,33 @@ def ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None
         )
     finally:
         dist.destroy_process_group()
+
+
+def ddp_nan_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    """Rank 1 computes a NaN loss at its first batch: every rank must stop with a message naming rank 1."""
+    import torch.distributed as dist
+
+    from incseg.learner import NonFiniteLossError
+    from incseg.losses import LossOutput
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    original = IncrementalLearner.training_step
+
+    def nan_on_rank_1(self, images, labels, *, module=None, guard=True):  # type: ignore[no-untyped-def]
+        out = original(self, images, labels, module=module, guard=guard)
+        if rank == 1:
+            bad = out.loss * float("nan")
+            return LossOutput(bad, {**out.terms, "seg": bad.detach(), "total": bad.detach()})
+        return out
+
+    IncrementalLearner.training_step = nan_on_rank_1  # type: ignore[method-assign]
+    try:
+        tiny_run(None, batch_size=4, epochs=1)
+        message = "no error"
+    except NonFiniteLossError as err:
+        message = str(err)
+    finally:
+        IncrementalLearner.training_step = original  # type: ignore[method-assign]
+        dist.destroy_process_group()
+    (Path(out_dir) / f"rank{rank}.txt").write_text(message)

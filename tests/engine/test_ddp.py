@@ -36,3 +36,12 @@ def test_two_process_training_agrees_across_ranks(tmp_path: Path) -> None:
     learner = IncrementalLearner.from_checkpoint(tmp_path / "ckpt" / "step1.pt", tiny_learner(scenario).model)
     for key, value in learner.model.state_dict().items():
         torch.testing.assert_close(value, r0["model"][key], rtol=0, atol=0, msg=key)
+
+
+def test_nan_on_one_rank_stops_every_rank_and_names_it(tmp_path: Path) -> None:
+    from _tiny import ddp_nan_worker
+
+    mp.spawn(ddp_nan_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "non-finite loss at step 0, epoch 0, batch 0 on rank 1" in message, message

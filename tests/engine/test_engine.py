@@ -61,7 +61,7 @@ def test_kill_and_resume_gives_identical_results(tmp_path: Path, monkeypatch: py
         torch.testing.assert_close(resumed[step].confusion, reference[step].confusion, rtol=0, atol=0)
 
 
-def _nan_step(self, images, labels, *, module=None):  # type: ignore[no-untyped-def]
+def _nan_step(self, images, labels, *, module=None, guard=True):  # type: ignore[no-untyped-def]
     loss = torch.full((), float("nan"), requires_grad=True)
     return LossOutput(loss, {"seg": loss.detach(), "total": loss.detach()})
 

@@ -4,12 +4,14 @@
   ``predict`` / ``save`` / ``load`` around an :class:`~incseg.models.IncrementalSegmenter`.
 - :class:`MethodConfig` and :data:`METHODS`: the methods (``ft``, ``lwf``, ``mib``, ``caf``, ``joint``, ablations).
 - :class:`TrainingModule`: student + criterion, the module to wrap in ``DistributedDataParallel``.
+- :class:`DivergenceGuard`, :class:`DivergenceError`: divergence is never silent.
 - :func:`freeze`, :func:`unwrap_module`, :class:`CheckpointError`.
 """
 
 from incseg.learner._freeze import freeze, is_frozen
 from incseg.learner.checkpoint import FORMAT_VERSION, CheckpointError
 from incseg.learner.config import METHODS, MethodConfig
+from incseg.learner.guard import DivergenceError, DivergenceGuard, NonFiniteLossError
 from incseg.learner.learner import IncrementalLearner, unwrap_module
 from incseg.learner.module import TrainingModule
 
@@ -17,8 +19,11 @@ __all__ = [
     "FORMAT_VERSION",
     "METHODS",
     "CheckpointError",
+    "DivergenceError",
+    "DivergenceGuard",
     "IncrementalLearner",
     "MethodConfig",
+    "NonFiniteLossError",
     "TrainingModule",
     "freeze",
     "is_frozen",

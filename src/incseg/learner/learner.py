@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from incseg._checks import check_feature_map
+from incseg._checks import NonFiniteError, check_feature_map
 from incseg._version import __version__
 from incseg.learner._freeze import freeze
 from incseg.learner.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, check_plain, read_checkpoint
 from incseg.learner.config import MethodConfig, TestStrategy
+from incseg.learner.guard import DivergenceGuard, check_finite_tensors
 from incseg.learner.module import TrainingModule
 from incseg.losses import CAFLoss, LossOutput
 from incseg.models import IncrementalSegmenter
@@ -125,6 +126,8 @@ class IncrementalLearner:
         module: the training module (model + criterion).
         scenario: the scenario.
         config: the :class:`~incseg.learner.MethodConfig`.
+        guard: the :class:`~incseg.learner.DivergenceGuard` run by :meth:`training_step` (set thresholds on it;
+            ``None`` turns it off).
 
     Raises:
         TypeError: ``model`` is not an ``IncrementalSegmenter`` or ``scenario`` not a ``Scenario``.
@@ -186,6 +189,7 @@ class IncrementalLearner:
         self._teacher: IncrementalSegmenter | None = None
         self._step = -1
         self._step_finished = False
+        self.guard: DivergenceGuard | None = DivergenceGuard()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -311,6 +315,8 @@ class IncrementalLearner:
         self._module.num_old_classes = self._scenario.num_old_classes(step)
         self._module.train(self._module.training)  # apply the bn / dropout policy of steps > 0
         self.criterion.requires_grad_(step > 0)
+        if self.guard is not None:
+            self.guard.reset()  # the loss terms of a new step start from new values
 
     def end_step(self) -> None:
         """Mark the current step as finished (saved in checkpoints; :meth:`begin_step` of the next needs it).
@@ -371,14 +377,23 @@ class IncrementalLearner:
         with torch.no_grad():
             return teacher.forward_features(images)
 
-    def training_step(self, images: Tensor, labels: Tensor, *, module: nn.Module | None = None) -> LossOutput:
+    def training_step(
+        self, images: Tensor, labels: Tensor, *, module: nn.Module | None = None, guard: bool = True
+    ) -> LossOutput:
         """Loss of one batch: teacher forward (no grad), then the training module (student and criterion).
+
+        With ``guard`` (default) the learner's :attr:`guard` checks the loss terms and the weights (as left by
+        the previous optimizer step) with one host synchronisation, and raises
+        :class:`~incseg.learner.DivergenceError` naming the term, its recent values and the likely fix when
+        one is NaN/Inf or explodes (grows more than 100x within a few iterations, see
+        :class:`~incseg.learner.DivergenceGuard`).
 
         Args:
             images: input images ``(B, C, H, W)``.
             labels: labels ``(B, H, W)`` int64 in incremental indices of the current step (``255`` ignored).
             module: the training module to call, e.g. its ``DistributedDataParallel`` or ``torch.compile``
                 wrapper (default :attr:`module`).
+            guard: run :attr:`guard` (if set); ``False`` saves its host synchronisation.
 
         Returns:
             :class:`~incseg.losses.LossOutput`: ``loss`` to back-propagate and detached ``terms`` for logs.
@@ -387,6 +402,7 @@ class IncrementalLearner:
             RuntimeError: no step begun yet.
             ValueError: ``module`` does not wrap this learner's :attr:`module`; bad shapes or labels (from the
                 model and the criterion).
+            DivergenceError: a loss term or the weights are non-finite, or a term exploded (``guard``).
         """
         if self._step < 0:
             raise RuntimeError("call begin_step(0) before training_step()")
@@ -398,8 +414,38 @@ class IncrementalLearner:
                 f"got a {type(module).__name__} around another module"
             )
         teacher_out = self.teacher_forward(images) if self._needs_teacher() else None
-        out = module(images, labels, teacher_out)
-        return out  # type: ignore[no-any-return]
+        try:
+            out: LossOutput = module(images, labels, teacher_out)
+        except NonFiniteError:  # non-finite logits (value checks): say whether the weights are the cause
+            if guard and self.guard is not None:
+                self.guard.check(
+                    {"loss": torch.full((), math.nan)},
+                    tensors=self.guarded_tensors(),
+                    where=f"step {self._step}",
+                    hints=self.divergence_hints(),
+                )
+            raise
+        if guard and self.guard is not None:
+            terms = {"loss": out.loss, **{k: v for k, v in out.terms.items() if k != "total"}}
+            self.guard.check(
+                terms, tensors=self.guarded_tensors(), where=f"step {self._step}", hints=self.divergence_hints()
+            )
+        return out
+
+    def guarded_tensors(self) -> list[Tensor]:
+        """What the divergence guard checks after each optimizer step: trained parameters, floating buffers."""
+        params = [p for p in self._module.parameters() if p.requires_grad]
+        return params + [b for b in self._module.buffers() if b.is_floating_point()]
+
+    def divergence_hints(self) -> dict[str, str]:
+        """Likely fix of a diverging loss term, by term name (used in :class:`~incseg.learner.DivergenceError`)."""
+        cfg = self._config
+        docs = "see 'Divergence' in docs/protocol.md"
+        return {
+            "ad": f"lower lambda_ad (now {cfg.lambda_ad:g}) or the learning rate; {docs}",
+            "kd": f"lower lambda_d (now {cfg.lambda_d:g}) or the learning rate; {docs}",
+            "*": f"lower the learning rate, check the inputs and labels, or train without fp16; {docs}",
+        }
 
     def param_groups(
         self, lr: float, *, weight_decay: float = 1e-4, head_lr: float | None = None
@@ -579,9 +625,14 @@ class IncrementalLearner:
         Raises:
             RuntimeError: no step begun yet.
             TypeError: ``extra`` is not plain data.
+            NonFiniteError: NaN/Inf weights (a diverged run is not saved over a good checkpoint).
             FileNotFoundError: the folder of ``path`` does not exist.
         """
-        atomic_save(self.state_dict(optimizer=optimizer, extra=extra), path)
+        state = self.state_dict(optimizer=optimizer, extra=extra)
+        for what in ("model", "teacher", "criterion"):
+            if state[what] is not None:
+                check_finite_tensors(state[what], f"the {what} to save")
+        atomic_save(state, path)
 
     def load(
         self,
@@ -611,8 +662,8 @@ class IncrementalLearner:
         Raises:
             FileNotFoundError: no such file.
             CheckpointError: the file is corrupt or truncated, holds pickled objects, has another format
-                version, or was written for another scenario, method or network (mismatched keys or shapes),
-                or the optimizer does not match.
+                version, holds NaN/Inf weights, or was written for another scenario, method or network
+                (mismatched keys or shapes), or the optimizer does not match.
 
         Example:
             >>> import tempfile, torch
@@ -724,6 +775,12 @@ class IncrementalLearner:
         if (state["teacher"] is None) != (step == 0):
             raise CheckpointError(f"checkpoint at step {step} must {'not ' if step == 0 else ''}hold teacher weights")
         extra = state["extra"]
+        for what in ("model", "teacher", "criterion"):
+            if isinstance(state[what], dict):
+                try:
+                    check_finite_tensors(state[what], f"checkpoint {what}")
+                except NonFiniteError as exc:
+                    raise CheckpointError(str(exc)) from exc
 
         # Build and fill copies: any mismatch surfaces here, before the learner changes.
         with _rng_preserved(self.model):
