@@ -162,3 +162,23 @@ def test_divergence_is_a_one_line_error(capsys: pytest.CaptureFixture[str], monk
     assert main(["train", "--dataset", "synthetic"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("incseg train: error: ") and "exploded" in err and "Traceback" not in err
+
+
+def test_config_json_is_written_once_and_a_changed_resume_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "train", "--dataset", "synthetic", "--task", "15-5", "--model", "small", "--method", "ft", "--epochs", "1",
+        "--max-iters-per-epoch", "1", "--batch-size", "2", "--device", "cpu", "--out", str(tmp_path), "--no-progress",
+    ]  # fmt: skip
+    assert main(args) == 0
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["args"]["epochs"] == 1 and config["args"]["seed"] == 0 and config["args"]["out"] == str(tmp_path)
+    assert isinstance(config["train"]["lr"], float)
+    capsys.readouterr()
+    assert main([*args, "--seed", "7", "--lr", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("incseg train: error:") and "-> 0.5" in err and "seed: 0 -> 7" in err
+    assert main([*args, "--seed", "7", "--allow-config-change"]) == 0
+    again = json.loads((tmp_path / "config.json").read_text())
+    assert again["args"]["seed"] == 0 and again["resumed_with_changes"] == [{"seed": [0, 7]}]

@@ -19,6 +19,7 @@ from incseg._version import __version__
 
 if TYPE_CHECKING:  # the command line imports torch only once a command runs, so --help is fast
     from incseg.data import IncrementalSegmentation
+    from incseg.engine import TrainConfig
     from incseg.learner import IncrementalLearner
     from incseg.metrics import IoUResult
     from incseg.models import IncrementalSegmenter
@@ -111,6 +112,11 @@ def _common(p: argparse.ArgumentParser, *, out_default: str, device_default: str
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--nan-policy", choices=["stop", "skip"], default="stop", help="what to do on a NaN/Inf loss")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even if settings that change results differ from the run's config.json / checkpoint",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -514,6 +520,40 @@ def _default_out(args: argparse.Namespace) -> Path:
     return Path("runs") / f"{args.dataset}-{args.task}-{args.mode}-{args.method}"
 
 
+_NON_RESULT_ARGS = frozenset({"command", "out", "no_resume", "no_progress", "nan_policy", "allow_config_change"})
+
+
+def _write_run_config(out: Path, args: argparse.Namespace, config: TrainConfig, *, resume: bool) -> None:
+    """Write ``out/config.json`` once (real JSON types); on a resume, refuse settings that change results.
+
+    A resumed run keeps the file of its first start; with ``--allow-config-change`` the changes are appended
+    to its ``resumed_with_changes`` list, so the file never claims settings the run was not trained with.
+    """
+    from incseg.engine import config_differences, format_differences
+
+    path = out / "config.json"
+    now = {"args": {k: _json_value(v) for k, v in sorted(vars(args).items())}, "train": config.to_dict()}
+    if resume and path.is_file():
+        saved = json.loads(path.read_text())
+        differences = config_differences(saved.get("args", {}), now["args"], ignore=_NON_RESULT_ARGS)
+        if not differences:
+            return
+        if not args.allow_config_change:
+            raise ValueError(
+                f"{out} holds a run started with other settings that change its results "
+                f"({format_differences(differences)}, config.json -> now): resume with the original settings, "
+                "use another --out or --no-resume, or pass --allow-config-change to resume anyway"
+            )
+        saved.setdefault("resumed_with_changes", []).append({k: list(v) for k, v in differences.items()})
+        now = saved
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(now, indent=2, allow_nan=False) + "\n")
+
+
+def _json_value(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value
+
+
 def run_train(args: argparse.Namespace) -> int:
     """``incseg train``: one method on one registered scenario, with checkpoints and evaluation per step."""
     import torch
@@ -566,6 +606,8 @@ def run_train(args: argparse.Namespace) -> int:
         max_iters_per_epoch=args.max_iters_per_epoch,
     )
     out = args.out or _default_out(args)
+    if D.is_main_process():
+        _write_run_config(out, args, config, resume=not args.no_resume)
     metrics_log = MetricsLog(out / "metrics.jsonl")  # rank 0 only: the engine calls it there
     try:
         history = train_scenario(
@@ -584,6 +626,7 @@ def run_train(args: argparse.Namespace) -> int:
             checkpoint_dir=out / "checkpoints",
             resume=not args.no_resume,
             on_iteration=metrics_log,
+            allow_config_change=args.allow_config_change,
         )
     finally:
         metrics_log.close()
@@ -591,9 +634,6 @@ def run_train(args: argparse.Namespace) -> int:
         print(history.table())
         history.to_json(out / "history.json")
         history.to_csv(out / "history.csv")
-        (out / "config.json").write_text(
-            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "train": config.to_dict()}, indent=2)
-        )
         print(f"wrote {out / 'history.json'}, {out / 'history.csv'} and {out / 'metrics.jsonl'}")
         if _has_matplotlib():
             from incseg.plots import plot_run

@@ -14,7 +14,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,18 +27,22 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from incseg import distributed as D
 from incseg._checks import NonFiniteError
 from incseg._progress import Progress
-from incseg.learner import IncrementalLearner
+from incseg.learner import CheckpointError, IncrementalLearner
+from incseg.learner.checkpoint import read_checkpoint
 from incseg.learner.guard import DivergenceError, DivergenceGuard, NonFiniteLossError, check_finite_module
 from incseg.losses import LossOutput
 from incseg.metrics import IoUResult, MeanIoU, StepHistory
 from incseg.nn import FusionStrategy
 
 __all__ = [
+    "NON_RESULT_FIELDS",
     "DivergenceError",
     "MetricsLog",
     "NonFiniteLossError",
     "TrainConfig",
+    "config_differences",
     "evaluate",
+    "format_differences",
     "train_scenario",
 ]
 
@@ -107,6 +111,59 @@ class TrainConfig:
     def epochs_at(self, step: int) -> int:
         """Epochs of ``step``: :attr:`epochs` at step 0, :attr:`epochs_next` (if set) later."""
         return self.epochs if step == 0 or self.epochs_next is None else self.epochs_next
+
+
+NON_RESULT_FIELDS = frozenset({"progress", "nan_policy", "eval_batch_size"})
+"""Fields of :class:`TrainConfig` that do not change the trained weights (a resume may change them freely)."""
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-like view for comparisons: tuples as lists, paths and other objects as strings."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def config_differences(
+    saved: Mapping[str, Any], current: Mapping[str, Any], *, ignore: Iterable[str] = ()
+) -> dict[str, tuple[Any, Any]]:
+    """The settings that differ between a saved run configuration and the current one.
+
+    Used to refuse resuming a run with settings that change its results (``train_scenario``, ``incseg train``).
+    Values are compared in their JSON form (tuples equal lists, paths equal their strings); a key missing on
+    one side counts as a difference (``None`` shown for the missing side).
+
+    Args:
+        saved: the configuration the run was started with (e.g. ``TrainConfig.to_dict()`` from a checkpoint).
+        current: the configuration now.
+        ignore: keys that do not change results.
+
+    Returns:
+        ``{key: (saved value, current value)}`` for every differing key, sorted by key; empty when they agree.
+
+    Example:
+        >>> config_differences({"lr": 0.01, "epochs": 30, "progress": True}, {"lr": 0.5, "epochs": 30,
+        ...     "progress": False}, ignore={"progress"})
+        {'lr': (0.01, 0.5)}
+    """
+    skip = set(ignore)
+    out: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(saved) | set(current)):
+        if key in skip:
+            continue
+        a, b = _plain(saved.get(key)), _plain(current.get(key))
+        if a != b or (key in saved) != (key in current):
+            out[key] = (saved.get(key), current.get(key))
+    return out
+
+
+def format_differences(differences: Mapping[str, tuple[Any, Any]]) -> str:
+    """``"lr: 0.01 -> 0.5, seed: 0 -> 7"`` (saved -> now)."""
+    return ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differences.items())
 
 
 def autocast_context(device: torch.device, amp: AmpMode) -> contextlib.AbstractContextManager[Any]:
@@ -260,6 +317,7 @@ def train_scenario(
     on_step_end: Callable[[int, IoUResult], None] | None = None,
     history: StepHistory | None = None,
     on_iteration: Callable[[dict[str, Any]], None] | None = None,
+    allow_config_change: bool = False,
 ) -> StepHistory:
     """Train ``learner`` over every step of its scenario, evaluating after each step.
 
@@ -280,6 +338,8 @@ def train_scenario(
         on_iteration: called on rank 0 after every optimizer update with ``{"step", "epoch", "iteration"
             (within the step), "lr", "loss", <term>: value}`` (plain floats, the terms of the loss on rank 0),
             e.g. a :class:`~incseg.engine.MetricsLog`.
+        allow_config_change: resume even when ``config`` differs from the checkpoint's in a setting that
+            changes results (every field but those of :data:`NON_RESULT_FIELDS`); the differences are logged.
 
     Returns:
         The per-step history of results (per-class IoU, old/new/all, forgetting).
@@ -289,6 +349,9 @@ def train_scenario(
         DivergenceError: non-finite weights or an exploding loss term (any ``nan_policy``); the message names
             the term, its recent values, the rank and the likely fix.
         NonFiniteError: evaluation or a checkpoint met non-finite weights or logits.
+        ValueError: resuming with a ``config`` that changes results (the message lists the differences),
+            unless ``allow_config_change``.
+        CheckpointError: ``last.pt`` was not written by this loop (e.g. by ``learner.save``) or is unreadable.
     """
     main = D.is_main_process()
     say = log if log is not None else (print if main else (lambda _msg: None))
@@ -301,13 +364,15 @@ def train_scenario(
 
     start_step, start_epoch, resume_state = steps.start, 0, None
     if resume and last_path is not None and last_path.exists():
-        extra = learner.load(last_path, map_location=device)
+        saved = read_checkpoint(last_path, map_location=device)
+        _check_resume(last_path, saved, config, allow_config_change, say)
+        extra = learner.load_state_dict(saved)
         history = StepHistory.from_dict(extra["history"])
         if extra.get("step_finished", False):
             start_step, start_epoch = learner.step + 1, 0
         else:
             start_step, start_epoch = learner.step, int(extra["epoch"])
-            resume_state = torch.load(last_path, map_location=device, weights_only=True)
+            resume_state = saved
         say(f"resumed from {last_path}: step {start_step}, epoch {start_epoch}")
 
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
@@ -491,6 +556,33 @@ class MetricsLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _check_resume(
+    path: Path, saved: Mapping[str, Any], config: TrainConfig, allow: bool, say: Callable[[str], None]
+) -> None:
+    """Refuse a ``last.pt`` without the loop's state, or one trained with settings that change results."""
+    extra = saved.get("extra")
+    missing = [
+        k
+        for k in ("history", "epoch", "step_finished", "train_config")
+        if not isinstance(extra, dict) or k not in extra
+    ]
+    if missing or not isinstance(extra, dict):
+        raise CheckpointError(
+            f"{path} was not written by train_scenario (no {', '.join(missing)} in its extra data; a file from "
+            "learner.save?): to start from its weights, load them with learner.load() and train into another "
+            "checkpoint_dir, or move the file away"
+        )
+    differences = config_differences(extra["train_config"], config.to_dict(), ignore=NON_RESULT_FIELDS)
+    if differences and not allow:
+        raise ValueError(
+            f"cannot resume {path}: the run was started with other settings that change its results "
+            f"({format_differences(differences)}, checkpoint -> now); use the original settings, another output "
+            "folder, or allow_config_change=True (incseg train --allow-config-change) to resume anyway"
+        )
+    if differences:
+        say(f"resuming {path} with changed settings: {format_differences(differences)}")
 
 
 def _summary(result: IoUResult) -> str:

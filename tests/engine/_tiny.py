@@ -58,6 +58,7 @@ def tiny_run(
     resume: bool = True,
     learner: IncrementalLearner | None = None,
     on_iteration: Any = None,
+    allow_config_change: bool = False,
     **kw: Any,
 ) -> tuple[IncrementalLearner, StepHistory]:
     scenario = tiny_scenario()
@@ -71,6 +72,7 @@ def tiny_run(
         resume=resume,
         log=lambda _m: None,
         on_iteration=on_iteration,
+        allow_config_change=allow_config_change,
     )
     return learner, history
 

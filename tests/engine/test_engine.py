@@ -10,8 +10,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _tiny import tiny_config, tiny_datasets, tiny_learner, tiny_run, tiny_scenario
 
-from incseg.engine import NonFiniteLossError, TrainConfig, evaluate, train_scenario
-from incseg.learner import IncrementalLearner
+from incseg.engine import NonFiniteLossError, TrainConfig, config_differences, evaluate, train_scenario
+from incseg.learner import CheckpointError, IncrementalLearner
 from incseg.losses import LossOutput
 from incseg.models import small_segmenter
 from incseg.scenarios import Scenario
@@ -241,3 +241,26 @@ def test_evaluate_old_means_classes_of_step_0_at_every_step() -> None:
     torch.testing.assert_close(base.confusion, per_step.confusion, rtol=0, atol=0)
     with pytest.raises(ValueError, match="split"):
         evaluate(learner, data, device=torch.device("cpu"), split="last")  # type: ignore[arg-type]
+
+
+def test_resume_refuses_settings_that_change_results(tmp_path: Path) -> None:
+    tiny_run(tmp_path, epochs=1)
+    with pytest.raises(ValueError, match=r"cannot resume .*epochs: 1 -> 3.*lr: 0.02 -> 0.5.*seed: 0 -> 7"):
+        tiny_run(tmp_path, epochs=3, lr=0.5, seed=7)
+    tiny_run(tmp_path, epochs=1, progress=False, nan_policy="skip")  # settings that do not change results
+    learner, history = tiny_run(tmp_path, epochs=3, allow_config_change=True)
+    assert list(history.steps) == [0, 1] and learner.step == 1
+
+
+def test_a_learner_save_file_as_last_pt_is_a_clear_error(tmp_path: Path) -> None:
+    learner = tiny_learner(tiny_scenario())
+    learner.begin_step(0)
+    learner.save(tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match=r"not written by train_scenario .*learner.save"):
+        tiny_run(tmp_path)
+
+
+def test_config_differences_compares_json_values() -> None:
+    assert config_differences({"a": (1, 2), "b": Path("x")}, {"a": [1, 2], "b": "x"}) == {}
+    assert config_differences({"a": 1}, {"a": 1, "c": None}) == {"c": (None, None)}
+    assert config_differences({"a": 1, "p": True}, {"a": 2, "p": False}, ignore={"p"}) == {"a": (1, 2)}
