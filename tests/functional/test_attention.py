@@ -188,3 +188,21 @@ M = torch.randn(2, 8, 3, 3)
 def test_bad_inputs_raise(call, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e30, 1e-30])
+def test_spatial_attention_of_huge_and_tiny_features_matches_float64(scale: float) -> None:
+    m = torch.randn(2, 16, 5, 4)
+    expected = _spatial_ref(m.double())  # the map does not depend on the scale of the features
+    got = spatial_attention(m * scale)
+    assert torch.isfinite(got).all()
+    if scale > 1:
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_empty_batch_gives_a_graph_connected_zero() -> None:
+    m = torch.randn(0, 8, 4, 4, requires_grad=True)
+    loss = attentive_distillation_loss(m, torch.randn(0, 8, 4, 4), None, attention="spatial")
+    assert float(loss.detach()) == 0.0
+    loss.backward()
+    assert m.grad is not None

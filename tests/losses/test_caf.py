@@ -321,3 +321,52 @@ def test_ad_needs_channels() -> None:
     with pytest.raises(ValueError, match="z_channels"):
         CAFLoss(None, CH)
     assert "kd='balanced'" in repr(CAFLoss(CZ, CH))
+
+
+def _caf() -> CAFLoss:
+    return CAFLoss(CZ, CH, ce="unbiased", kd="balanced", ad="both", lambda_d=10.0, lambda_ad=1000.0)
+
+
+def test_empty_batch_gives_zero_terms_not_nan() -> None:
+    logits, labels, old_logits, features, old_features = _batch()
+    empty = {k: v[:0] for k, v in features.items()}
+    out = _caf()(
+        logits[:0].requires_grad_(),
+        labels[:0],
+        num_old_classes=N_OLD,
+        old_logits=old_logits[:0],
+        features=empty,
+        old_features={k: v[:0] for k, v in old_features.items()},
+    )
+    assert {k: float(v) for k, v in out.terms.items()} == {"seg": 0.0, "kd": 0.0, "ad": 0.0, "total": 0.0}
+    out.loss.backward()
+
+
+def test_features_of_another_batch_size_are_refused() -> None:
+    logits, labels, old_logits, features, old_features = _batch()
+    features = {k: v[:1] for k, v in features.items()}
+    with pytest.raises(ValueError, match=r"logits and features\['z'\] must have the same batch size"):
+        _caf()(
+            logits, labels, num_old_classes=N_OLD, old_logits=old_logits, features=features, old_features=old_features
+        )
+
+
+def test_non_finite_features_raise_non_finite_error() -> None:
+    from incseg._checks import NonFiniteError
+
+    logits, labels, old_logits, features, old_features = _batch()
+    old_features["h"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"old_features\['h'\]"):
+        _caf()(
+            logits, labels, num_old_classes=N_OLD, old_logits=old_logits, features=features, old_features=old_features
+        )
+
+
+def test_huge_features_give_a_finite_attentive_distillation() -> None:
+    logits, labels, old_logits, features, old_features = _batch()
+    features = {k: v * 1e19 for k, v in features.items()}
+    old_features = {k: v * 1.01 for k, v in features.items()}
+    out = _caf()(
+        logits, labels, num_old_classes=N_OLD, old_logits=old_logits, features=features, old_features=old_features
+    )
+    assert torch.isfinite(out.terms["ad"])

@@ -22,9 +22,13 @@ _EPS = 1e-12
 
 
 def _spatial_attention(x: Tensor) -> Tensor:
-    energy = x.square().sum(dim=1, keepdim=True)  # (B, 1, H, W)
+    # Computed on x / s with s = max |x| per image (the map does not depend on the scale), so that the squared
+    # sums cannot overflow for large features (float32 overflows at |x| ~ 1e19); the floor scales with s^2.
+    s = x.detach().abs().amax(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    y = x / s.clamp_min(torch.finfo(x.dtype).tiny)
+    energy = y.square().sum(dim=1, keepdim=True)  # (B, 1, H, W)
     norm = torch.linalg.vector_norm(energy, dim=(2, 3), keepdim=True)  # (B, 1, 1, 1)
-    return energy / norm.clamp_min(_EPS)
+    return energy / torch.maximum(norm, _EPS / s.square())
 
 
 def spatial_attention(m: Tensor) -> Tensor:
@@ -144,4 +148,4 @@ def attentive_distillation_loss(
     diff = (_attend(x, se, attention) - target).square()
     if reduction == "none":
         return diff
-    return diff.sum() if reduction == "sum" else diff.mean()
+    return diff.sum() if reduction == "sum" or diff.numel() == 0 else diff.mean()  # empty batch: 0, not NaN

@@ -9,7 +9,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from incseg._checks import check_labels, check_logits
+from incseg._checks import check_feature_map, check_finite, check_labels, check_logits
 from incseg.functional._common import (
     ClassReduction,
     check_batch,
@@ -253,12 +253,21 @@ class CAFLoss(nn.Module):
             gamma = _gamma_balance(x_old) if kd == "balanced" else None
             if gamma is not None and self.gamma_max is not None:
                 gamma = gamma.clamp(max=self.gamma_max)
-            kd_term = self.lambda_d * _combine(background, others, gamma, self.class_reduction, n_old).mean()
+            per_pixel = _combine(background, others, gamma, self.class_reduction, n_old)
+            kd_term = self.lambda_d * (per_pixel.mean() if per_pixel.numel() else per_pixel.sum())  # empty: 0
             terms["kd"] = kd_term.detach()
             total = total + kd_term
 
         if ad_loss is not None:
             z, z_old, h, h_old = self._features(features, old_features)
+            for name, feat in (
+                ("features['z']", z),
+                ("old_features['z']", z_old),
+                ("features['h']", h),
+                ("old_features['h']", h_old),
+            ):
+                check_batch(logits, check_feature_map(feat, name), "logits", name)
+                check_finite(feat, name)
             loss_z, loss_h = ad_loss.terms(z, z_old, h, h_old)
             if self.ad_balance is None:
                 ad_term = self.lambda_ad * (loss_z + loss_h)
