@@ -81,7 +81,7 @@ def test_read_garbage_truncated_pickled_and_versions(tmp_path: Path) -> None:
 
     pickled = tmp_path / "pickled.pt"
     torch.save({"format_version": FORMAT_VERSION, "obj": _Opaque()}, pickled)
-    with pytest.raises(CheckpointError, match=r"pickled python objects.*_Opaque"):
+    with pytest.raises(CheckpointError, match=r"python code or objects.*_Opaque.*refused as unsafe"):
         read_checkpoint(pickled)
 
     for version in (None, FORMAT_VERSION + 1):
@@ -419,3 +419,44 @@ def test_load_earlier_step_into_later_learner(
     assert learner.step == 1 and learner.model.classifier.classes_per_step == [3, 1]
     assert learner.teacher is not None and learner.teacher.fusion is None
     assert torch.equal(learner.predict(images), expected)
+
+
+class _Evil:
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, ("echo pwned",))
+
+
+def test_code_in_a_checkpoint_is_reported_as_unsafe_without_suggesting_the_unsafe_load(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"format_version": FORMAT_VERSION, "x": _Evil()}, path)
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path)
+    message = str(info.value)
+    assert "refused as unsafe" in message and "system" in message and "corrupt" not in message
+    assert "weights_only" not in message.replace("weights_only=True", "")
+
+
+def test_directory_device_and_unreadable_files_get_their_own_messages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(CheckpointError, match="is a directory"):
+        read_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        read_checkpoint("/dev/null")
+    locked = tmp_path / "locked.pt"
+    torch.save({"format_version": FORMAT_VERSION}, locked)
+
+    def denied(*_args: Any, **_kwargs: Any) -> None:  # as open() of a mode-000 file for a non-root user
+        raise PermissionError(13, "Permission denied", str(locked))
+
+    monkeypatch.setattr(torch, "load", denied)
+    with pytest.raises(PermissionError, match="permission denied"):
+        read_checkpoint(locked)
+
+
+@pytest.mark.parametrize("version", [1.0, True, "1"])
+def test_format_version_must_be_an_int(tmp_path: Path, version: object) -> None:
+    path = tmp_path / "v.pt"
+    torch.save({"format_version": version}, path)
+    with pytest.raises(CheckpointError, match="format_version"):
+        read_checkpoint(path)

@@ -176,7 +176,7 @@ def test_two_steps_train_predict_and_round_trip(name: str, method: str, tmp_path
     assert all(torch.isfinite(torch.tensor(losses)))
     if method == "caf":
         assert learner.model.fusion is not None
-        assert "ad" in learner.training_step(_images(), _labels(1)).terms
+        assert "ad" in learner.training_step(_images(), _labels(1), guard=False).terms  # a probe, not training
     x = _images(seed=5)
     predicted = learner.predict(x)
     assert predicted.shape == (2, SCENARIO.num_classes_at(1), SIZE, SIZE)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -129,20 +130,31 @@ def read_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        CheckpointError: the file is truncated or corrupt, holds pickled objects (refused by
-            ``weights_only``), is not a dictionary or has another ``format_version``.
+        PermissionError: the file cannot be read.
+        CheckpointError: ``path`` is a directory or not a regular file; the file is truncated or corrupt, holds
+            python code or objects (refused as unsafe by ``weights_only``), is not a dictionary or has another
+            ``format_version`` (an int).
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file (e.g. <out>/last.pt)")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a regular file (a device or pipe such as /dev/null)")
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError as exc:
+        raise PermissionError(
+            f"cannot read checkpoint {path}: permission denied (check the file's owner and mode)"
+        ) from exc
     except pickle.UnpicklingError as exc:
         reason = _unpickler_reason(exc)
-        if "Unsupported global" in reason:
+        if reason.startswith("global "):
             raise CheckpointError(
-                f"checkpoint {path} holds pickled python objects, which torch.load(weights_only=True) refuses "
-                f"(incseg checkpoints hold only tensors and plain python data): {reason}"
+                f"checkpoint {path} holds python code or objects ({reason}), which an incseg checkpoint never "
+                "holds; it was refused as unsafe and nothing in it was run. Do not load this file unless you "
+                "know where it comes from; incseg checkpoints hold only tensors and plain python data"
             ) from exc
         raise CheckpointError(f"checkpoint {path} is corrupt (unreadable pickle data: {reason})") from exc
     except Exception as exc:
@@ -152,7 +164,7 @@ def read_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
     if not isinstance(data, dict):
         raise CheckpointError(f"checkpoint {path} must hold a dict, got {type(data).__name__}")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # 1.0 and True equal 1 but are not a version
         raise CheckpointError(
             f"checkpoint {path} has format_version {version!r}; this version of incseg reads {FORMAT_VERSION}"
         )
@@ -160,13 +172,15 @@ def read_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
 
 
 def _unpickler_reason(exc: BaseException) -> str:
-    """The informative part of torch's weights-only error ("Unsupported global: GLOBAL mod.Name ...")."""
-    text = str(exc)
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        text = text.split(marker, 1)[1]
-    text = " ".join(text.split())
-    return text.split(" was not an allowed global")[0].split(" Check the documentation")[0][:300]
+    """What torch's weights-only unpickler refused (``"global posix.system"``), without its advice to load the
+    file unsafely; for other errors the message with every sentence that mentions ``weights_only`` removed."""
+    text = " ".join(str(exc).split())
+    found = re.search(r"GLOBAL\s+([\w.]+)", text)
+    if found:
+        return f"global {found.group(1)}"
+    sentences = re.split(r"(?<=[.!?])\s+", text)
+    kept = [x for x in sentences if "weights_only" not in x and "weights only" not in x.lower()]
+    return " ".join(kept)[:300]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -726,7 +726,8 @@ class IncrementalLearner:
         """
         if not isinstance(state, Mapping):
             raise CheckpointError(f"a learner state must be a dict, got {type(state).__name__}")
-        if state.get("format_version") != FORMAT_VERSION:
+        version = state.get("format_version")
+        if type(version) is not int or version != FORMAT_VERSION:
             raise CheckpointError(
                 f"checkpoint has format_version {state.get('format_version')!r}; this incseg reads {FORMAT_VERSION}"
             )

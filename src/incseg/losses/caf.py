@@ -266,8 +266,11 @@ class CAFLoss(nn.Module):
                 ("features['h']", h),
                 ("old_features['h']", h_old),
             ):
-                check_batch(logits, check_feature_map(feat, name), "logits", name)
-                check_finite(feat, name)
+                levels = feat.items() if isinstance(feat, Mapping) else [(None, feat)]  # multi-scale: by level
+                for level, x in levels:
+                    where = name if level is None else f"{name}[{level!r}]"
+                    check_batch(logits, check_feature_map(x, where), "logits", where)
+                    check_finite(x, where)
             loss_z, loss_h = ad_loss.terms(z, z_old, h, h_old)
             if self.ad_balance is None:
                 ad_term = self.lambda_ad * (loss_z + loss_h)
