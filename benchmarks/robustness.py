@@ -55,17 +55,6 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
     return method, overrides
 
 
-def _groups(result: Any, n_first: int) -> dict[str, float]:
-    """old = classes 1..n_first-1 (step 0), new = the later ones, all = 1..K-1; NaN classes left out."""
-    iou = result.iou.tolist()
-
-    def mean(values: list[float]) -> float:
-        values = [v for v in values if not math.isnan(v)]
-        return 100 * sum(values) / len(values) if values else float("nan")
-
-    return {"old": mean(iou[1:n_first]), "new": mean(iou[n_first:]), "all": mean(iou[1:])}
-
-
 def _finite_weights(learner: IncrementalLearner) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in learner.model.parameters())
 
@@ -137,7 +126,8 @@ def run_matrix(args: argparse.Namespace) -> None:
                         strategies = ["skip", "concat"] if learner.model.fusion is not None else [None]
                         for strategy in strategies:
                             result = evaluate(learner, final_test, device=device, batch_size=32, strategy=strategy)  # type: ignore[arg-type]
-                            g = _groups(result, k0)
+                            # evaluate's default split: old = the classes of step 0, new = all later ones
+                            g = {k: 100 * result.groups[k] for k in ("old", "new", "all")}
                             if strategy in (None, learner.config.test_strategy):
                                 row.update(g)
                             if strategy is not None:

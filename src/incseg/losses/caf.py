@@ -297,12 +297,17 @@ class CAFLoss(nn.Module):
         fixed = (task.new_tensor(lam), task.new_tensor(lam))
         if not (torch.is_grad_enabled() and task.requires_grad and all(t.requires_grad for g in groups for t in g)):
             return fixed
+        # One backward of the task losses to every map's tensors (the classifier's backward is shared).
+        flat = [t for g in groups for t in g]
+        g_task_all = torch.autograd.grad(task, flat, retain_graph=True, allow_unused=True)
         weights = []
+        start = 0
         for tensors, loss in zip(groups, losses):
+            g_task = g_task_all[start : start + len(tensors)]
+            start += len(tensors)
             if not loss.requires_grad:
                 weights.append(task.new_tensor(lam))
                 continue
-            g_task = torch.autograd.grad(task, tensors, retain_graph=True, allow_unused=True)
             g_ad = torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
             if any(g is None for g in g_task) or any(g is None for g in g_ad):
                 weights.append(task.new_tensor(lam))
