@@ -182,3 +182,65 @@ def test_config_json_is_written_once_and_a_changed_resume_is_refused(
     assert main([*args, "--seed", "7", "--allow-config-change"]) == 0
     again = json.loads((tmp_path / "config.json").read_text())
     assert again["args"]["seed"] == 0 and again["resumed_with_changes"] == [{"seed": [0, 7]}]
+
+
+@pytest.mark.parametrize(
+    ("device", "match"),
+    [
+        ("foo", "unknown device 'foo'"),
+        ("meta", "holds no data"),
+        ("cpu:3", "without an index"),
+        ("mps", "not supported"),
+        ("xpu", "not supported"),
+        ("cuda:99", "CUDA"),
+    ],
+)
+def test_a_device_incseg_cannot_use_is_a_one_line_error_not_a_silent_cpu_run(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, device: str, match: str
+) -> None:
+    args = ["train", "--dataset", "synthetic", "--device", device, "--out", str(tmp_path / "run")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("incseg train: error: ") and match in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
+
+
+def test_non_finite_loss_is_a_one_line_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from incseg import cli
+    from incseg.learner.guard import NonFiniteLossError
+
+    def diverged(_args: object) -> int:
+        raise NonFiniteLossError("non-finite loss at step 1, epoch 0, batch 3 on rank 1: loss=nan")
+
+    monkeypatch.setattr(cli, "run_train", diverged)
+    assert main(["train", "--dataset", "synthetic"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("incseg train: error: non-finite loss") and "rank 1" in err
+
+
+def test_an_os_error_is_a_one_line_error(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from incseg import cli
+
+    def full(_args: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "run_train", full)
+    assert main(["train", "--dataset", "synthetic"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("incseg train: error: ") and "No space left" in err and "Traceback" not in err
+
+
+def test_ade20k_defaults_to_the_overlapped_filter_and_voc_to_disjoint() -> None:
+    parse = build_parser().parse_args
+    assert resolve_train_args(parse(["train", "--dataset", "ade20k"])).mode == "overlapped"
+    assert resolve_train_args(parse(["train", "--dataset", "voc"])).mode == "disjoint"
+    assert resolve_train_args(parse(["train", "--dataset", "synthetic"])).mode == "disjoint"
+    assert resolve_train_args(parse(["train", "--dataset", "ade20k", "--mode", "disjoint"])).mode == "disjoint"
+
+
+def test_cache_check_flag() -> None:
+    parse = build_parser().parse_args
+    assert parse(["train", "--dataset", "voc"]).cache_check == "stat"
+    assert parse(["train", "--dataset", "voc", "--cache-check", "content"]).cache_check == "content"

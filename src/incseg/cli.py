@@ -170,7 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dataset", choices=list(DATASET_TASKS), help="dataset (required)")
     train.add_argument("--root", type=Path, help="dataset root (VOCdevkit/.. or ADEChallengeData2016/..)")
     train.add_argument("--task", help="task, listed below (" + _per_dataset("task") + ")")
-    train.add_argument("--mode", choices=["disjoint", "overlapped"], default="disjoint", help="labelling of steps")
+    train.add_argument(
+        "--mode",
+        choices=["disjoint", "overlapped"],
+        help="image filter of the steps (default: voc and synthetic disjoint, ade20k overlapped as PLOP)",
+    )
     train.add_argument(
         "--method", default="caf", choices=list(METHOD_DESCRIPTIONS), metavar="METHOD", help="listed below"
     )
@@ -203,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--void-as-background", action="store_true", help="train labels: void (255) -> background, as MiB"
     )
     train.add_argument("--max-iters-per-epoch", type=_positive_int, help="cap iterations (quick checks)")
+    train.add_argument(
+        "--cache-check",
+        choices=["stat", "content"],
+        default="stat",
+        help="class-set cache: trust mask names, sizes and times (stat) or hash every mask (content)",
+    )
     _common(train, out_default="runs/DATASET-TASK-MODE-METHOD", device_default="cuda when available")
 
     plot = sub.add_parser(
@@ -223,6 +233,10 @@ def resolve_train_args(args: argparse.Namespace) -> argparse.Namespace:
     """
     if args.dataset is None:
         raise ValueError("--dataset is required: one of " + ", ".join(DATASET_TASKS))
+    if getattr(args, "mode", None) is None:
+        from incseg.scenarios import default_mode
+
+        args.mode = default_mode(args.dataset)
     if args.epochs_next is None and args.epochs is not None:
         args.epochs_next = args.epochs
     for key, value in DATASET_DEFAULTS[args.dataset].items():
@@ -255,6 +269,7 @@ def _datasets(
     cache_dir: Path | None,
     *,
     void_as_background: bool = False,
+    cache_check: str = "stat",
 ) -> Callable[[int], tuple[IncrementalSegmentation, IncrementalSegmentation]]:
     from incseg.data import IncrementalSegmentation
 
@@ -268,8 +283,17 @@ def _datasets(
                 transform=train_tf,
                 cache_dir=cache_dir,
                 void_as_background=void_as_background,
+                cache_check=cache_check,  # type: ignore[arg-type]
             ),
-            IncrementalSegmentation(test_source, scenario, step, train=False, transform=test_tf, cache_dir=cache_dir),
+            IncrementalSegmentation(
+                test_source,
+                scenario,
+                step,
+                train=False,
+                transform=test_tf,
+                cache_dir=cache_dir,
+                cache_check=cache_check,  # type: ignore[arg-type]
+            ),
         )
 
     return make
@@ -520,7 +544,9 @@ def _default_out(args: argparse.Namespace) -> Path:
     return Path("runs") / f"{args.dataset}-{args.task}-{args.mode}-{args.method}"
 
 
-_NON_RESULT_ARGS = frozenset({"command", "out", "no_resume", "no_progress", "nan_policy", "allow_config_change"})
+_NON_RESULT_ARGS = frozenset(
+    {"command", "out", "no_resume", "no_progress", "nan_policy", "allow_config_change", "cache_check"}
+)
 
 
 def _write_run_config(out: Path, args: argparse.Namespace, config: TrainConfig, *, resume: bool) -> None:
@@ -620,6 +646,7 @@ def run_train(args: argparse.Namespace) -> int:
                 test_tf,
                 out / "cache",
                 void_as_background=learner.config.void_as_background,
+                cache_check=args.cache_check,
             ),
             config,
             device=device,
@@ -671,7 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "plot":
             return run_plot(args)
         return run_train(args)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # missing files, permissions, full disks, bad settings or data
         print(f"incseg {args.command}: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:

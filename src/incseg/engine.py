@@ -28,7 +28,7 @@ from incseg import distributed as D
 from incseg._checks import NonFiniteError
 from incseg._progress import Progress
 from incseg.learner import CheckpointError, IncrementalLearner
-from incseg.learner.checkpoint import read_checkpoint
+from incseg.learner.checkpoint import read_checkpoint, remove_stale_temporaries
 from incseg.learner.guard import DivergenceError, DivergenceGuard, NonFiniteLossError, check_finite_module
 from incseg.losses import LossOutput
 from incseg.metrics import IoUResult, MeanIoU, StepHistory
@@ -328,7 +328,8 @@ def train_scenario(
         config: hyper-parameters.
         device: where to train.
         checkpoint_dir: where ``last.pt`` (after every epoch) and ``step{t}.pt`` (after every step) go; rank 0
-            writes them. ``None``: no checkpoints.
+            writes them (each with a content checksum, verified on resume). Temporary files of saves that were
+            killed before their rename are removed when the run starts. ``None``: no checkpoints.
         resume: continue from ``checkpoint_dir/last.pt`` when it exists.
         steps: which steps to run (default: all of the scenario).
         log: where status lines go (default: ``print`` on rank 0).
@@ -363,6 +364,9 @@ def train_scenario(
     last_path = ckpt_dir / "last.pt" if ckpt_dir is not None else None
 
     start_step, start_epoch, resume_state = steps.start, 0, None
+    if ckpt_dir is not None and main and ckpt_dir.is_dir():
+        for stale in remove_stale_temporaries(ckpt_dir):  # left by a save that was killed before its rename
+            say(f"removed {stale.name}, the temporary file of an interrupted checkpoint save")
     if resume and last_path is not None and last_path.exists():
         saved = read_checkpoint(last_path, map_location=device)
         _check_resume(last_path, saved, config, allow_config_change, say)

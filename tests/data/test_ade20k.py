@@ -74,7 +74,7 @@ def test_fingerprint(ade_root: Path) -> None:
 
 
 def test_incremental_ade(ade_root: Path, tmp_path: Path) -> None:
-    scenario = get_scenario("ade20k", "100-50")
+    scenario = get_scenario("ade20k", "100-50", mode="disjoint")
     step0 = ADE20KIncremental(ade_root, scenario, 0, train=True, cache_dir=tmp_path / "c")
     assert step0.indices == (1,)  # image 0 shows the future class 120 (disjoint), image 2 only future classes
     step1 = ADE20KIncremental(ade_root, "100-50", 1, train=True, mode="overlapped")
@@ -105,3 +105,50 @@ def test_errors(tmp_path: Path) -> None:
     shutil.rmtree(base / "annotations" / "validation")
     with pytest.raises(FileNotFoundError, match=r"annotations/validation is missing"):
         ADE20K(tmp_path, "validation")
+
+
+def test_ade20k_keeps_every_image_with_a_new_class_by_default_as_plop(ade_root: Path, tmp_path: Path) -> None:
+    # PLOP trains every ADE20K task with --overlap (scripts/ade/*.sh): an image showing a future class (120 at
+    # step 0) is kept, its future pixels labelled background; see docs/protocol.md.
+    assert get_scenario("ade20k", "100-50").mode == "overlapped"
+    step0 = ADE20KIncremental(ade_root, "100-50", 0, train=True, cache_dir=tmp_path / "c")
+    assert step0.scenario.mode == "overlapped" and step0.indices == (0, 1)
+    _, target = step0[0]
+    assert set(target.unique().tolist()) == {0, 1}  # 120 is a future class: background at step 0
+    assert ADE20KIncremental(ade_root, "100-50", 0, train=True, mode="disjoint").indices == (1,)
+
+
+def test_content_fingerprint_sees_a_mask_rewritten_with_the_same_size_and_time(ade_root: Path) -> None:
+    import os
+
+    ann = ade_root / "ADEChallengeData2016" / "annotations" / "validation" / "ADE_val_00000001.png"
+    before = ADE20K(ade_root, "validation")
+    stat_fp, content_fp = before.fingerprint(), before.content_fingerprint()
+    st = ann.stat()
+    data = bytearray(ann.read_bytes())
+    data[-20] ^= 0xFF  # same size (a changed byte), then the old modification time restored, as cp -p would
+    ann.write_bytes(bytes(data))
+    os.utime(ann, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = ADE20K(ade_root, "validation")
+    assert after.fingerprint() == stat_fp  # the default check cannot see it
+    assert after.content_fingerprint() != content_fp
+
+
+@pytest.mark.parametrize("what", ["image", "mask"])
+def test_corrupt_or_truncated_files_are_named_in_the_error(ade_root: Path, what: str) -> None:
+    base = ade_root / "ADEChallengeData2016"
+    if what == "image":
+        bad = base / "images" / "training" / "ADE_train_00000002.jpg"
+        bad.write_bytes(bad.read_bytes()[:40])  # a truncated JPEG
+    else:
+        bad = base / "annotations" / "training" / "ADE_train_00000002.png"
+        bad.write_bytes(bad.read_bytes()[:-30])  # a truncated PNG
+    ade = ADE20K(ade_root, "training")
+    with pytest.raises(ValueError, match=rf"{bad.name} cannot be decoded \(corrupt or truncated\?\)"):
+        ade.load(1)
+    if what == "mask":
+        with pytest.raises(ValueError, match=bad.name):
+            ade.labels_present(1)
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match=bad.name):
+        ade.load(1)

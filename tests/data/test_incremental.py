@@ -216,6 +216,63 @@ def test_no_cache_dir_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert source.calls == 2 * len(_CONTENTS) and not list(tmp_path.iterdir())
 
 
+def test_an_unwritable_cache_folder_warns_once_and_the_dataset_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import incseg.data.incremental as inc
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")  # mkdir fails, also for root
+    monkeypatch.setattr(inc, "_UNWRITABLE_WARNED", set())
+    scenario = Scenario(_SCENARIO, num_classes=5)
+    with pytest.warns(UserWarning, match=r"class-set cache cannot be written to .*continuing without a cache"):
+        ds = IncrementalSegmentation(FakeSource(_CONTENTS), scenario, 0, train=True, cache_dir=blocked / "cache")
+    assert ds.indices == _dataset("disjoint", 0, True).indices
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second dataset on the same folder stays quiet
+        IncrementalSegmentation(FakeSource(_CONTENTS), scenario, 1, train=True, cache_dir=blocked / "cache")
+
+
+@pytest.mark.skipif(__import__("os").name != "posix", reason="POSIX permissions")
+def test_cache_files_respect_the_umask(tmp_path: Path) -> None:
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        image_class_sets(FakeSource(_CONTENTS), tmp_path)
+    finally:
+        os.umask(previous)
+    (path,) = _cache_files(tmp_path)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left
+
+
+class ContentSource(FakeSource):
+    """A fake file source whose stat fingerprint never changes but whose content fingerprint does."""
+
+    def __init__(self, contents: list[list[int]], version: str) -> None:
+        super().__init__(contents)
+        self.version = version
+
+    def content_fingerprint(self) -> str:
+        return f"fake-content-{self.version}"
+
+
+def test_content_check_rebuilds_when_the_bytes_change_and_stat_does_not(tmp_path: Path) -> None:
+    original = ContentSource(_CONTENTS, "a")
+    image_class_sets(original, tmp_path)
+    image_class_sets(original, tmp_path, cache_check="content")
+    rewritten = ContentSource([[0, 3]] * len(_CONTENTS), "b")  # same names, sizes and times
+    assert image_class_sets(rewritten, tmp_path, cache_check="stat")[0] == frozenset({0, 1})  # stale, by design
+    assert rewritten.calls == 0
+    assert image_class_sets(rewritten, tmp_path, cache_check="content")[0] == frozenset({0, 3})
+    assert rewritten.calls == len(_CONTENTS)
+    plain = FakeSource(_CONTENTS)  # no content_fingerprint(): its fingerprint is used
+    assert image_class_sets(plain, tmp_path, cache_check="content") == image_class_sets(plain, tmp_path)
+    with pytest.raises(ValueError, match="cache_check"):
+        image_class_sets(plain, tmp_path, cache_check="mtime")  # type: ignore[arg-type]
+
+
 # ------------------------------------------------------------------------------------------------ validation
 def test_fake_source_satisfies_protocol() -> None:
     assert isinstance(FakeSource(_CONTENTS), SegmentationSource)

@@ -264,3 +264,25 @@ def test_config_differences_compares_json_values() -> None:
     assert config_differences({"a": (1, 2), "b": Path("x")}, {"a": [1, 2], "b": "x"}) == {}
     assert config_differences({"a": 1}, {"a": 1, "c": None}) == {"c": (None, None)}
     assert config_differences({"a": 1, "p": True}, {"a": 2, "p": False}, ignore={"p"}) == {"a": (1, 2)}
+
+
+def test_run_checkpoints_carry_a_checksum_and_a_damaged_last_pt_is_refused(tmp_path: Path) -> None:
+    tiny_run(tmp_path, epochs=1)
+    data = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert data["checksum"].startswith("sha256:")
+    data["model"] = {k: v.clone() for k, v in data["model"].items()}
+    key = next(k for k, v in data["model"].items() if v.is_floating_point() and v.numel() > 10)
+    data["model"][key].view(-1)[3] += 1e-3  # as a flipped bit in the stored tensor
+    torch.save(data, tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match="is damaged"):
+        tiny_run(tmp_path, epochs=1)
+
+
+def test_stale_save_temporaries_are_removed_when_a_run_resumes(tmp_path: Path) -> None:
+    tiny_run(tmp_path, epochs=1)
+    stale = [tmp_path / ".last.pt.1a2b3c.tmp", tmp_path / ".step1.pt.ffeedd.tmp"]
+    for path in stale:
+        path.write_bytes(b"\0" * 4096)  # what a save killed before its rename leaves
+    tiny_run(tmp_path, epochs=1)
+    assert not any(p.exists() for p in stale)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -284,6 +284,7 @@ def victim(make_learner: MakeLearner, advance: Callable[..., Any], images: Tenso
 
 def _tampered(path: Path, tmp_path: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
     data = torch.load(path, weights_only=True)
+    data.pop("checksum")  # an edited file: without its checksum it is checked like a file of incseg 0.1
     edit(data)
     out = tmp_path / "tampered.pt"
     torch.save(data, out)
@@ -460,3 +461,116 @@ def test_format_version_must_be_an_int(tmp_path: Path, version: object) -> None:
     torch.save({"format_version": version}, path)
     with pytest.raises(CheckpointError, match="format_version"):
         read_checkpoint(path)
+
+
+# ----------------------------------------------------------------------------- integrity (checksum, dtypes)
+
+
+def _flip_bit_in_largest_tensor(path: Path) -> None:
+    """Flip one bit in the middle of the largest tensor's bytes (torch stores them uncompressed in the zip)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_len = int.from_bytes(raw[info.header_offset + 26 : info.header_offset + 28], "little")
+    extra_len = int.from_bytes(raw[info.header_offset + 28 : info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    raw[start + info.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+def test_a_flipped_bit_in_tensor_data_is_refused_as_damaged(
+    tmp_path: Path, saved_step2: Path, victim: IncrementalLearner
+) -> None:
+    assert torch.load(saved_step2, weights_only=True)["checksum"].startswith("sha256:")
+    _flip_bit_in_largest_tensor(saved_step2)
+    torch.load(saved_step2, weights_only=True)  # torch itself does not notice
+    snap = _snapshot(victim)
+    with pytest.raises(CheckpointError, match=r"is damaged: its content does not match the checksum"):
+        victim.load(saved_step2)
+    _assert_unchanged(victim, snap)
+
+
+def test_a_changed_plain_value_is_refused_as_damaged(tmp_path: Path, saved_step2: Path) -> None:
+    data = torch.load(saved_step2, weights_only=True)
+    data["step_finished"] = not data["step_finished"]
+    torch.save(data, saved_step2)
+    with pytest.raises(CheckpointError, match="is damaged"):
+        read_checkpoint(saved_step2)
+
+
+def test_a_checkpoint_without_checksum_still_loads(
+    tmp_path: Path, saved_step2: Path, make_learner: MakeLearner
+) -> None:
+    data = torch.load(saved_step2, weights_only=True)
+    data.pop("checksum")  # as written by incseg 0.1
+    old = tmp_path / "old.pt"
+    torch.save(data, old)
+    fresh = make_learner("caf")
+    fresh.load(old)
+    assert fresh.step == 2
+    assert "checksum" not in read_checkpoint(saved_step2)  # verified and removed
+
+
+def test_an_unknown_checksum_format_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.pt"
+    torch.save({"format_version": FORMAT_VERSION, "checksum": "md5:00"}, path)
+    with pytest.raises(CheckpointError, match="cannot check"):
+        read_checkpoint(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int64, torch.bool, torch.complex64, torch.float16])
+def test_weights_of_another_dtype_are_refused_not_cast(
+    tmp_path: Path, saved_step2: Path, victim: IncrementalLearner, dtype: torch.dtype
+) -> None:
+    def edit(d: dict[str, Any]) -> None:
+        key = "encoder.stem.0.weight"
+        d["model"][key] = d["model"][key].to(dtype)
+
+    bad = _tampered(saved_step2, tmp_path, edit)
+    snap = _snapshot(victim)
+    with pytest.raises(CheckpointError, match=rf"other dtypes.*encoder.stem.0.weight \({dtype} -> torch.float32\)"):
+        victim.load(bad)
+    _assert_unchanged(victim, snap)
+
+
+def test_content_checksum_sees_dtype_shape_and_values() -> None:
+    from incseg.learner.checkpoint import content_checksum
+
+    base = content_checksum({"w": torch.zeros(4), "n": 1})
+    assert base == content_checksum({"w": torch.zeros(4), "n": 1})
+    changed = [
+        {"w": torch.zeros(4, dtype=torch.float64), "n": 1},
+        {"w": torch.zeros(2, 2), "n": 1},
+        {"w": torch.tensor([0.0, 0.0, 0.0, 1e-45]), "n": 1},
+        {"w": torch.zeros(4), "n": 1.0},
+        {"w": torch.zeros(4), "n": True},
+        {"w": torch.zeros(4), "m": 1},
+    ]
+    assert len({base, *(content_checksum(c) for c in changed)}) == len(changed) + 1
+
+
+# ----------------------------------------------------------------------------- temporaries and permissions
+
+
+def test_stale_temporaries_are_removed_at_the_next_save(tmp_path: Path) -> None:
+    path = tmp_path / "last.pt"
+    stale = tmp_path / ".last.pt.k3j2h1.tmp"  # left by a save killed before its rename
+    stale.write_bytes(b"x" * 1000)
+    other = tmp_path / ".step0.pt.aaaa.tmp"  # another checkpoint's: not this save's business
+    other.write_bytes(b"x")
+    atomic_save({"format_version": FORMAT_VERSION}, path)
+    assert not stale.exists() and other.exists()
+    assert sorted(os.listdir(tmp_path)) == [".step0.pt.aaaa.tmp", "last.pt"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_saved_files_respect_the_umask(tmp_path: Path, umask: int) -> None:
+    previous = os.umask(umask)
+    try:
+        path = atomic_save({"format_version": FORMAT_VERSION}, tmp_path / "a.pt")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

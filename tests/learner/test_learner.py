@@ -315,3 +315,63 @@ def test_caf_inner_channels_reach_the_module_and_survive_a_checkpoint(tmp_path) 
     again = IncrementalLearner.from_checkpoint(tmp_path / "c.pt", small_segmenter(3, width=8))
     assert again.config.caf_inner_channels == 4
     assert again.model.fusion.projection_old.theta.out_channels == 4  # type: ignore[union-attr]
+
+
+# ----------------------------------------------------------------------------- dtypes and devices
+
+
+def _two_steps(model: torch.nn.Module, dtype: torch.dtype) -> tuple[IncrementalLearner, torch.Tensor]:
+    scenario = Scenario([[1, 2], [3]])
+    learner = IncrementalLearner(model, scenario, "caf")
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
+    learner.begin_step(0)
+    learner.training_step(images, torch.randint(0, 3, (2, 32, 32))).loss.backward()
+    learner.end_step()
+    learner.begin_step(1)
+    return learner, images
+
+
+@pytest.mark.parametrize("convert_after", [False, True])
+def test_a_float64_model_trains_with_caf(convert_after: bool) -> None:
+    model = small_segmenter(3, width=8)
+    if not convert_after:
+        model = model.double()
+    learner = IncrementalLearner(model, Scenario([[1, 2], [3]]), "caf")
+    if convert_after:  # converted once the learner (and its criterion) exist
+        learner.model.double()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    learner.begin_step(0)
+    learner.training_step(images, torch.randint(0, 3, (2, 32, 32))).loss.backward()
+    learner.end_step()
+    learner.begin_step(1)
+    out = learner.training_step(images, torch.randint(0, 4, (2, 32, 32)))  # attentive distillation: SE blocks
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(p.dtype == torch.float64 for p in learner.criterion.parameters())
+    assert torch.isfinite(learner.predict(images)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_images_of_another_float_dtype_are_converted_to_the_models(dtype: torch.dtype) -> None:
+    learner, images = _two_steps(small_segmenter(3, width=8), torch.float32)
+    expected = learner.predict(images.to(dtype).float())
+    got = learner.predict(images.to(dtype))
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    learner.training_step(images.to(dtype), torch.randint(0, 4, (2, 32, 32))).loss.backward()
+
+
+def test_meta_tensors_are_clear_errors() -> None:
+    learner, images = _two_steps(small_segmenter(3, width=8), torch.float32)
+    meta_images = torch.empty(2, 3, 32, 32, device="meta")
+    with pytest.raises(ValueError, match="images are on the meta device"):
+        learner.predict(meta_images)
+    with pytest.raises(ValueError, match="images are on the meta device"):
+        learner.training_step(meta_images, torch.zeros(2, 32, 32, dtype=torch.long))
+    with torch.device("meta"):
+        meta_model = small_segmenter(3, width=8)
+    meta_learner = IncrementalLearner(meta_model, Scenario([[1, 2], [3]]), "caf")
+    meta_learner.begin_step(0)
+    with pytest.raises(ValueError, match=r"model's weights are on the meta device.*to_empty"):
+        meta_learner.predict(images)
+    with pytest.raises(ValueError, match=r"model's weights are on the meta device"):
+        meta_learner.training_step(images, torch.zeros(2, 32, 32, dtype=torch.long))

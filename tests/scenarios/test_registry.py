@@ -12,6 +12,7 @@ from incseg.scenarios import (
     ADE20K_CLASS_NAMES,
     VOC_CLASS_NAMES,
     Scenario,
+    default_mode,
     get_scenario,
     list_datasets,
     list_tasks,
@@ -39,7 +40,8 @@ def test_standard_tasks(dataset: str, task: str, sizes: list[int]) -> None:
     assert [len(g) for g in s.groups] == sizes
     assert s.num_classes == sizes[0] + sum(sizes[1:]) + 1
     assert [c for g in s.groups for c in g] == list(range(1, s.num_classes))  # index order
-    assert s.mode == "disjoint" and s.name == f"{dataset}-{task}"
+    assert s.mode == default_mode(dataset) and s.name == f"{dataset}-{task}"
+    assert s.mode == ("overlapped" if dataset == "ade20k" else "disjoint")  # as PLOP on ADE20K, MiB on VOC
 
 
 def test_voc_15_1_adds_one_class_per_step() -> None:

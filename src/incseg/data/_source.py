@@ -60,10 +60,20 @@ _MASK_MODES = ("P", "L", "I", "I;16")
 
 
 def read_image(path: Path) -> Tensor:
-    """Decode an RGB image file into a uint8 tensor ``(3, H, W)``."""
+    """Decode an RGB image file into a uint8 tensor ``(3, H, W)``.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: the file cannot be decoded (corrupt or truncated); the message names the file.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} is missing")
-    return decode_image(str(path), mode=ImageReadMode.RGB)
+    try:
+        return decode_image(str(path), mode=ImageReadMode.RGB)
+    except RuntimeError as exc:  # torchvision's decoders raise RuntimeError without the file's name
+        raise ValueError(
+            f"image file {path} cannot be decoded (corrupt or truncated?): {' '.join(str(exc).split())[:300]}"
+        ) from exc
 
 
 def read_index_mask(path: Path) -> np.ndarray:
@@ -73,17 +83,23 @@ def read_index_mask(path: Path) -> np.ndarray:
 
     Raises:
         FileNotFoundError: the file is missing.
-        ValueError: the PNG holds colours (RGB) rather than indices, or values above 255.
+        ValueError: the PNG holds colours (RGB) rather than indices, values above 255, or cannot be decoded
+            (corrupt or truncated; the message names the file).
     """
     if not path.is_file():
         raise FileNotFoundError(f"label file {path} is missing")
-    with Image.open(path) as img:
-        if img.mode not in _MASK_MODES:
-            raise ValueError(
-                f"label file {path} has PIL mode {img.mode!r}: expected class indices, as a palette ('P') or "
-                "grayscale ('L') PNG, not colours"
-            )
-        mask = np.asarray(img)
+    try:
+        with Image.open(path) as img:
+            if img.mode not in _MASK_MODES:
+                raise ValueError(
+                    f"label file {path} has PIL mode {img.mode!r}: expected class indices, as a palette ('P') or "
+                    "grayscale ('L') PNG, not colours"
+                )
+            mask = np.asarray(img)
+    except (OSError, SyntaxError) as exc:  # PIL: UnidentifiedImageError, "image file is truncated", bad chunks
+        raise ValueError(
+            f"label file {path} cannot be decoded (corrupt or truncated?): {type(exc).__name__}: {exc}"
+        ) from exc
     if mask.dtype != np.uint8:
         if mask.size and (mask.min() < 0 or mask.max() > 255):
             raise ValueError(f"label file {path} has values outside [0, 255]")
@@ -126,6 +142,28 @@ def files_fingerprint(kind: str, base: Path, files: Iterable[Path]) -> str:
         digest.update(f"{path.relative_to(base).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         count += 1
     return f"{kind}:{count}:{digest.hexdigest()}"
+
+
+def files_content_fingerprint(kind: str, base: Path, files: Iterable[Path]) -> str:
+    """A fingerprint of ``files`` from their paths relative to ``base`` and their bytes (SHA-256).
+
+    Unlike :func:`files_fingerprint` it sees a file rewritten with the same size and modification time, at the
+    cost of reading every file.
+
+    Raises:
+        FileNotFoundError: one of the files is missing.
+    """
+    digest = hashlib.sha256()
+    count = 0
+    for path in files:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"label file {path} is missing") from None
+        digest.update(f"{path.relative_to(base).as_posix()}\0{len(data)}\0".encode())
+        digest.update(hashlib.sha256(data).digest())
+        count += 1
+    return f"{kind}:content:{count}:{digest.hexdigest()}"
 
 
 def check_index(index: int, length: int) -> int:
@@ -171,3 +209,8 @@ class _ImageMaskFiles:
             kind, base = self._fingerprint_key
             self._fingerprint = files_fingerprint(kind, base, self._masks)
         return self._fingerprint
+
+    def content_fingerprint(self) -> str:
+        """Identifies the split and the bytes of its mask files (reads every mask; see ``cache_check``)."""
+        kind, base = self._fingerprint_key
+        return files_content_fingerprint(kind, base, self._masks)

