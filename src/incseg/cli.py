@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from incseg._catalog import DATASET_TASKS, METHOD_DESCRIPTIONS
+from incseg._cli_eval import add_eval_parser, run_eval
 from incseg._version import __version__
 
 if TYPE_CHECKING:  # the command line imports torch only once a command runs, so --help is fast
@@ -222,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     plot.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the --out folder of incseg train")
+    add_eval_parser(sub, fmt)
     return parser
 
 
@@ -697,6 +699,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(args)
         if args.command == "plot":
             return run_plot(args)
+        if args.command == "eval":
+            return run_eval(args)
         return run_train(args)
     except (OSError, ValueError) as err:  # missing files, permissions, full disks, bad settings or data
         print(f"incseg {args.command}: error: {err}", file=sys.stderr)

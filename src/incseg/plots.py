@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["plot_run"]
+if TYPE_CHECKING:
+    from incseg.metrics import IoUResult
+
+__all__ = ["plot_confusion", "plot_run"]
 
 _GROUPS = (("old", "old classes"), ("new", "new classes"), ("all", "all classes"))
 
@@ -128,6 +131,55 @@ def _heatmap_figure(plt: Any, data: dict[str, Any], path: Path, dpi: int) -> Pat
     ax.set_xticks(range(len(steps)), [f"step {s}" for s in steps])
     ax.set_yticks(range(k), [names[c] if c < len(names) else str(c) for c in range(k)], fontsize=7)
     fig.colorbar(image, ax=ax, label="IoU (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(result: IoUResult, path: str | Path, *, dpi: int = 100) -> Path:
+    """Write the confusion matrix of ``result`` as a PNG (what ``incseg eval`` draws).
+
+    Rows are the true classes, columns the predicted ones; each row is normalised by its number of pixels (in %,
+    so the diagonal is the per-class accuracy), on a logarithmic colour scale so that small confusions show. Rows of
+    classes without pixels are blank. The figure grows with the number of classes ``K``: ``max(5, 1.5 + 0.22 K)``
+    inches square.
+
+    Args:
+        result: an :class:`~incseg.metrics.IoUResult` (its confusion matrix and class names).
+        path: the PNG file (its folder is created).
+        dpi: resolution.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    import numpy as np
+
+    plt = _pyplot()
+    from matplotlib.colors import LogNorm
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conf = result.confusion.numpy().astype(np.float64)
+    totals = conf.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(totals > 0, 100 * conf / np.maximum(totals, 1), np.nan)
+    share[share == 0] = np.nan  # log scale: empty cells stay blank
+    k = result.num_classes
+    names = [result.class_name(c) for c in range(k)]
+    side = max(5.0, 1.5 + 0.22 * k)
+    fig, ax = plt.subplots(figsize=(side, side))
+    image = ax.imshow(share, cmap="viridis", norm=LogNorm(vmin=0.01, vmax=100), interpolation="nearest")
+    font = 7 if k <= 40 else 4
+    ax.set_xticks(range(k), names, rotation=90, fontsize=font)
+    ax.set_yticks(range(k), names, fontsize=font)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title("confusion matrix (% of each true class's pixels)")
+    fig.colorbar(image, ax=ax, label="% of the row", shrink=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
