@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from incseg._catalog import DATASET_TASKS, METHOD_DESCRIPTIONS
+from incseg._cli_config import copy_config, expand_config
 from incseg._cli_eval import add_eval_parser, run_eval
 from incseg._version import __version__
 
@@ -168,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_catalog_text(),
         formatter_class=fmt,
     )
+    train.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML file of options (keys: the option names, e.g. batch-size = 24); flags given here override it",
+    )
     train.add_argument("--dataset", choices=list(DATASET_TASKS), help="dataset (required)")
     train.add_argument("--root", type=Path, help="dataset root (VOCdevkit/.. or ADEChallengeData2016/..)")
     train.add_argument("--task", help="task, listed below (" + _per_dataset("task") + ")")
@@ -225,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the --out folder of incseg train")
     add_eval_parser(sub, fmt)
     return parser
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The parser of sub-command ``name``."""
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[name]  # type: ignore[no-any-return]
 
 
 def resolve_train_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -547,7 +560,7 @@ def _default_out(args: argparse.Namespace) -> Path:
 
 
 _NON_RESULT_ARGS = frozenset(
-    {"command", "out", "no_resume", "no_progress", "nan_policy", "allow_config_change", "cache_check"}
+    {"command", "out", "no_resume", "no_progress", "nan_policy", "allow_config_change", "cache_check", "config"}
 )
 
 
@@ -636,6 +649,8 @@ def run_train(args: argparse.Namespace) -> int:
     out = args.out or _default_out(args)
     if D.is_main_process():
         _write_run_config(out, args, config, resume=not args.no_resume)
+        if args.config is not None:
+            copy_config(args.config, out)
     metrics_log = MetricsLog(out / "metrics.jsonl")  # rank 0 only: the engine calls it there
     try:
         history = train_scenario(
@@ -691,9 +706,28 @@ def run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; for ``train --config FILE``, the file's options come first and the flags override them.
+
+    Raises:
+        FileNotFoundError: the config file does not exist.
+        ValueError: the config file is not valid TOML, has an unknown key or a value its option refuses.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train" and args.config is not None:
+        argv = expand_config(_subparser(parser, "train"), sys.argv[1:] if argv is None else argv, args.config)
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``incseg`` console script."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except (FileNotFoundError, ValueError) as err:  # a bad --config file
+        print(f"incseg train: error: {err}", file=sys.stderr)
+        return 2
     try:
         if args.command == "demo":
             return run_demo(args)
