@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,7 +63,8 @@ class TrainConfig:
         lr_next: learning rate of the later steps (paper: 1e-3 on VOC, 1e-2 on ADE20K); ``None`` keeps ``lr``.
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
-        poly_power: exponent of the poly schedule ``lr * (1 - it / max_it) ** power``.
+        poly_power: exponent of the poly schedule ``lr * (1 - it / max_it) ** power`` over the iterations of each
+            step (PyTorch's ``PolynomialLR``, stepped after every iteration; equal to the closed form to 1e-12).
         amp: ``"none"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast with a gradient scaler).
         num_workers: DataLoader workers per process.
         seed: seed of everything random (initialisation of new heads, shuffling, augmentation).
@@ -290,11 +292,40 @@ def _optimizer(learner: IncrementalLearner, lr: float, config: TrainConfig) -> t
     return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=False)
 
 
-def _set_poly_lr(optimizer: torch.optim.Optimizer, it: int, max_it: int, power: float) -> None:
-    factor = (1.0 - it / max_it) ** power if max_it > 0 else 1.0
-    for group in optimizer.param_groups:
-        group.setdefault("initial_lr", group["lr"])
-        group["lr"] = group["initial_lr"] * factor
+def _poly_factor(it: int, max_it: int, power: float) -> float:
+    """``(1 - it / max_it) ** power``: the poly schedule in closed form (1 when ``max_it`` is 0)."""
+    return (1.0 - it / max_it) ** power if max_it > 0 else 1.0
+
+
+def _poly_scheduler(
+    optimizer: torch.optim.Optimizer, max_it: int, power: float, resume_state: Mapping[str, Any] | None, start_it: int
+) -> torch.optim.lr_scheduler.PolynomialLR:
+    """PyTorch's ``PolynomialLR`` over the ``max_it`` iterations of a step, stepped after every iteration.
+
+    On a resume the optimizer already holds the learning rates of the next iteration and the checkpoint the
+    scheduler's state, so the chained schedule continues bit-identically. A checkpoint without scheduler state
+    (written by the hand-written schedule of incseg 0.1) restarts it from the closed form at ``start_it``.
+    """
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=max_it, power=power)
+    if resume_state is None:
+        return scheduler
+    saved = resume_state.get("extra", {}).get("scheduler")
+    if saved is not None:
+        scheduler.load_state_dict(saved)
+    else:
+        scheduler.last_epoch = start_it
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * _poly_factor(start_it, max_it, power)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # type: ignore[misc]
+    return scheduler
+
+
+def _step_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """``scheduler.step()`` without PyTorch's warning when the first optimizer step was skipped (a non-finite
+    batch, or fp16's gradient scaler): the schedule follows the iterations, whether or not they updated."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        scheduler.step()
 
 
 def _guard_terms(out: LossOutput | None) -> dict[str, torch.Tensor]:
@@ -411,6 +442,10 @@ def train_scenario(
             iters_per_epoch = min(iters_per_epoch, config.max_iters_per_epoch)
         epochs = config.epochs_at(step)
         max_it = epochs * iters_per_epoch
+        resuming = resume_state is not None and step == start_step
+        scheduler = _poly_scheduler(
+            optimizer, max_it, config.poly_power, resume_state if resuming else None, first_epoch * iters_per_epoch
+        )
         say(
             f"step {step}/{scenario.num_steps - 1}: classes {list(scenario.classes_at(step))}, "
             f"{len(train_set)} train / {len(test_set)} test images, method {learner.config.name}, lr {lr:g}"  # type: ignore[arg-type]
@@ -448,7 +483,6 @@ def train_scenario(
             labels: torch.Tensor
             for i, (images, labels) in enumerate(bar):
                 it = epoch * iters_per_epoch + i
-                _set_poly_lr(optimizer, it, max_it, config.poly_power)
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 out, refused = None, ""
@@ -474,6 +508,7 @@ def train_scenario(
                         raise NonFiniteLossError(msg + " (use nan_policy='skip' to drop such batches)")
                     say(msg + " -> batch skipped")
                     optimizer.zero_grad(set_to_none=True)
+                    _step_scheduler(scheduler)
                     continue
                 assert out is not None  # a finite loss was computed
                 optimizer.zero_grad(set_to_none=True)
@@ -486,9 +521,20 @@ def train_scenario(
                     values = torch.stack([out.terms[k].detach().float() for k in names]).tolist() if names else []
                     record = {"step": step, "epoch": epoch, "iteration": it, "lr": optimizer.param_groups[0]["lr"]}
                     on_iteration({**record, "loss": value, **dict(zip(names, values))})
+                _step_scheduler(scheduler)
                 bar.set_postfix(f"loss={running:.4f}")
             if last_path is not None:
-                _save(learner, last_path, optimizer, scaler, history, config, epoch=epoch + 1, finished=False)
+                _save(
+                    learner,
+                    last_path,
+                    optimizer,
+                    scaler,
+                    history,
+                    config,
+                    epoch=epoch + 1,
+                    finished=False,
+                    scheduler=scheduler,
+                )
         learner.end_step()
         say(f"step {step} trained in {time.monotonic() - t0:.1f}s")
         result = evaluate(
@@ -605,6 +651,7 @@ def _save(
     *,
     epoch: int,
     finished: bool,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> None:
     if D.is_main_process():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -615,5 +662,7 @@ def _save(
             "scaler": scaler.state_dict(),
             "train_config": config.to_dict(),
         }
+        if scheduler is not None:
+            extra["scheduler"] = scheduler.state_dict()
         learner.save(path, optimizer=optimizer, extra=extra)
     D.barrier()

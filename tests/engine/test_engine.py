@@ -129,19 +129,65 @@ def test_later_steps_run_epochs_next(tmp_path: Path) -> None:
     assert torch.load(tmp_path / "step1.pt", weights_only=True)["extra"]["epoch"] == 1
 
 
-def test_poly_schedule_is_polynomial_lr_in_closed_form() -> None:
-    """The hand-written schedule equals PyTorch's ``PolynomialLR`` up to rounding; it is kept because its
-    closed form gives bit-identical learning rates after a resume (the scheduler's chained form does not)."""
-    from incseg.engine import _set_poly_lr
+def test_poly_schedule_is_polynomial_lr_and_equals_the_closed_form() -> None:
+    """PyTorch's chained ``PolynomialLR`` equals ``lr * (1 - it / T) ** 0.9`` to 1e-12 over a paper-length step."""
+    from incseg.engine import _poly_factor
 
-    ours = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
-    theirs = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
-    scheduler = torch.optim.lr_scheduler.PolynomialLR(theirs, total_iters=50, power=0.9)
-    for it in range(50):
-        _set_poly_lr(ours, it, 50, 0.9)
-        assert ours.param_groups[0]["lr"] == pytest.approx(theirs.param_groups[0]["lr"], rel=1e-12, abs=0)
-        theirs.step()
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in (0.01, 0.1)]
+    optimizer = torch.optim.SGD(groups, lr=0.01)
+    total = 13_230  # VOC 15-5 step 0: 30 epochs of 441 batches of 24
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=0.9)
+    worst = 0.0
+    for it in range(total):
+        for group, base in zip(optimizer.param_groups, (0.01, 0.1)):
+            expected = base * _poly_factor(it, total, 0.9)
+            worst = max(worst, abs(group["lr"] - expected) / expected)
+        optimizer.step()
         scheduler.step()
+    assert worst < 1e-12
+
+
+def test_run_learning_rates_follow_the_old_closed_form(tmp_path: Path) -> None:
+    from incseg.engine import _poly_factor
+
+    records: list[dict] = []
+    tiny_run(tmp_path, epochs=3, epochs_next=2, on_iteration=records.append)
+    for record in records:
+        base, total = (0.02, 9) if record["step"] == 0 else (0.005, 6)
+        expected = base * _poly_factor(record["iteration"], total, 0.9)
+        assert abs(record["lr"] - expected) <= 1e-12, record
+    assert [r["iteration"] for r in records] == [*range(9), *range(6)]
+
+
+def test_resume_without_scheduler_state_continues_the_closed_form(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``last.pt`` of the hand-written schedule (no scheduler state) resumes on the same learning rates."""
+    import incseg.engine as engine
+    from incseg.engine import _poly_factor
+
+    original_save = engine._save
+    monkeypatch.setattr(engine, "_save", lambda *a, **k: original_save(*a, **{**k, "scheduler": None}))
+    victim = tiny_learner(tiny_scenario())
+    original = type(victim).training_step
+    calls = {"n": 0}
+
+    def dying_step(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] > 6 + 4:  # die in step 1's second epoch
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(victim), "training_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run(tmp_path, learner=victim)
+    monkeypatch.undo()
+    assert "scheduler" not in torch.load(tmp_path / "last.pt", weights_only=True)["extra"]
+    records: list[dict] = []
+    tiny_run(tmp_path, learner=tiny_learner(tiny_scenario()), on_iteration=records.append)
+    assert [(r["step"], r["iteration"]) for r in records] == [(1, 3), (1, 4), (1, 5)]
+    for record in records:
+        assert abs(record["lr"] - 0.005 * _poly_factor(record["iteration"], 6, 0.9)) <= 1e-12
 
 
 def _records(path: Path) -> list[dict]:
