@@ -216,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--max-iters-per-epoch", type=_positive_int, help="cap iterations (quick checks)")
     train.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log loss terms, lr and mIoU per step to OUT/tensorboard (needs incseg[tensorboard])",
+    )
+    train.add_argument(
         "--cache-check",
         choices=["stat", "content"],
         default="stat",
@@ -560,7 +565,17 @@ def _default_out(args: argparse.Namespace) -> Path:
 
 
 _NON_RESULT_ARGS = frozenset(
-    {"command", "out", "no_resume", "no_progress", "nan_policy", "allow_config_change", "cache_check", "config"}
+    {
+        "command",
+        "out",
+        "no_resume",
+        "no_progress",
+        "nan_policy",
+        "allow_config_change",
+        "cache_check",
+        "config",
+        "tensorboard",
+    }
 )
 
 
@@ -600,11 +615,13 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
 
     from incseg import distributed as D
-    from incseg.engine import MetricsLog, TrainConfig, train_scenario
+    from incseg.engine import MetricsLog, TensorBoardLog, TrainConfig, train_scenario
     from incseg.learner import IncrementalLearner
     from incseg.scenarios import get_scenario
 
     resolve_train_args(args)
+    if args.tensorboard and not _has_tensorboard():
+        raise ValueError("--tensorboard needs the tensorboard package: pip install 'incseg[tensorboard]'")
     scenario = get_scenario(args.dataset, args.task, mode=args.mode)
     device = D.init_from_env(args.device)
     if D.is_main_process():
@@ -652,6 +669,13 @@ def run_train(args: argparse.Namespace) -> int:
         if args.config is not None:
             copy_config(args.config, out)
     metrics_log = MetricsLog(out / "metrics.jsonl")  # rank 0 only: the engine calls it there
+    board = TensorBoardLog(out / "tensorboard") if args.tensorboard and D.is_main_process() else None
+
+    def on_iteration(record: dict[str, Any]) -> None:
+        metrics_log(record)
+        if board is not None:
+            board(record)
+
     try:
         history = train_scenario(
             learner,
@@ -669,11 +693,14 @@ def run_train(args: argparse.Namespace) -> int:
             device=device,
             checkpoint_dir=out / "checkpoints",
             resume=not args.no_resume,
-            on_iteration=metrics_log,
+            on_iteration=on_iteration,
+            on_step_end=board.step_end if board is not None else None,
             allow_config_change=args.allow_config_change,
         )
     finally:
         metrics_log.close()
+        if board is not None:
+            board.close()
     if D.is_main_process():
         print(history.table())
         history.to_json(out / "history.json")
@@ -685,6 +712,12 @@ def run_train(args: argparse.Namespace) -> int:
             print("wrote " + ", ".join(str(p) for p in plot_run(out)))
     D.cleanup()
     return 0
+
+
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
 
 
 def _has_matplotlib() -> bool:

@@ -40,6 +40,7 @@ __all__ = [
     "DivergenceError",
     "MetricsLog",
     "NonFiniteLossError",
+    "TensorBoardLog",
     "TrainConfig",
     "config_differences",
     "evaluate",
@@ -606,6 +607,59 @@ class MetricsLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class TensorBoardLog:
+    """TensorBoard scalars of a run (``incseg train --tensorboard``): loss terms and learning rate per iteration,
+    mIoU per step.
+
+    Call it with every iteration's record (``train_scenario(..., on_iteration=log)``, like :class:`MetricsLog`) and
+    give :meth:`step_end` as ``on_step_end``. Tags: ``train/step{t}/<name>`` over the iterations of step ``t``
+    for ``lr``, ``loss`` and every loss term (the iteration counts from 0 in every step, as in ``metrics.jsonl``);
+    ``eval/mIoU_old``, ``eval/mIoU_new``, ``eval/mIoU_all``, ``eval/mIoU_old_bg``, ``eval/mIoU_all_bg`` and
+    ``eval/hIoU`` (in %, old = the classes of step 0) over the steps. Undefined values (``new`` at step 0) are
+    left out. A resumed run writes a new event file in the same folder; TensorBoard reads them together.
+
+    Needs the ``tensorboard`` package (``pip install 'incseg[tensorboard]'``), imported when the log is created.
+
+    Args:
+        log_dir: the folder of the event files (created).
+
+    Raises:
+        ImportError: ``tensorboard`` is not installed (the message says which extra installs it).
+
+    Example:
+        >>> # log = TensorBoardLog("runs/demo/tensorboard")
+        >>> # train_scenario(learner, datasets, config, device=device, on_iteration=log, on_step_end=log.step_end)
+        >>> # log.close()
+    """
+
+    def __init__(self, log_dir: str | Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise ImportError("TensorBoard logging needs tensorboard: pip install 'incseg[tensorboard]'") from err
+        self.log_dir = Path(log_dir)
+        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        step, iteration = int(record["step"]), int(record["iteration"])
+        for key, value in record.items():
+            if key not in ("step", "epoch", "iteration"):
+                self.writer.add_scalar(f"train/step{step}/{key}", float(value), iteration)
+
+    def step_end(self, step: int, result: IoUResult) -> None:
+        """Write the mIoU of the step's evaluation and flush."""
+        values = {f"mIoU_{k}": v for k, v in result.groups.items()}
+        values["hIoU"] = result.hmean
+        for key, value in values.items():
+            if not math.isnan(value):
+                self.writer.add_scalar(f"eval/{key}", 100 * value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        self.writer.close()
 
 
 def _check_resume(
