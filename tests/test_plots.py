@@ -55,3 +55,17 @@ def test_plot_command(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None
 def test_plot_of_a_folder_without_results_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plot", str(tmp_path)]) == 2
     assert "metrics.jsonl" in capsys.readouterr().err
+
+
+def test_plot_confusion_writes_a_square_png_that_grows_with_the_classes(tmp_path: Path) -> None:
+    import torch
+
+    from incseg.metrics import IoUResult
+    from incseg.plots import plot_confusion
+
+    small = IoUResult.from_confusion(torch.tensor([[5, 1, 0], [1, 3, 0], [0, 0, 0]]), class_names=["bg", "a", "b"])
+    assert plot_confusion(small, tmp_path / "sub" / "small.png", dpi=50) == tmp_path / "sub" / "small.png"
+    assert _valid_png(tmp_path / "sub" / "small.png") == (250, 250)  # at least 5 inches; class b has no pixel
+    big = IoUResult.from_confusion(torch.eye(40, dtype=torch.int64) * 7 + 1)
+    plot_confusion(big, tmp_path / "big.png", dpi=50)
+    assert _valid_png(tmp_path / "big.png") == (int(50 * (1.5 + 0.22 * 40)),) * 2
