@@ -50,6 +50,10 @@ def test_eval_of_a_run_folder_reproduces_its_final_numbers_exactly(
     assert report["result"] == _final(run_dir)  # confusion matrix, per-class IoU, groups: all identical
     assert (report["step"], report["scenario"], report["strategy"]) == (1, "synthetic-15-5", "skip")
     assert report["per_step"]["num_old_classes"] == 16 and "confusion" not in report["per_step"]
+    rows = report["per_class"]
+    assert [r["group"] for r in rows] == ["bg"] + ["old"] * 15 + ["new"] * 5 and rows[20]["class"] == "white-hexagon"
+    iou = report["result"]["iou"]
+    assert [r["iou_pct"] for r in rows] == [None if v is None else round(100 * v, 4) for v in iou]
     assert "hIoU" in printed and "white-hexagon" in printed and "old = classes 1-15" in printed
     all_pct = f"all {100 * report['result']['groups']['all']:.2f}"
     assert all_pct in printed

@@ -163,13 +163,35 @@ def _pct(value: float) -> str:
     return "-" if math.isnan(value) else f"{100 * value:.2f}"
 
 
+def _group(index: int, num_old_classes: int | None) -> str:
+    if index == 0:
+        return "bg"
+    return "old" if num_old_classes is None or index < num_old_classes else "new"
+
+
+def _per_class(result: IoUResult) -> list[dict[str, Any]]:
+    """One row per class: name, group (bg/old/new), IoU and accuracy in % (``None`` where undefined)."""
+    rows = []
+    for c in range(result.num_classes):
+        iou, acc = float(result.iou[c]), float(result.accuracy[c])
+        rows.append(
+            {
+                "class": result.class_name(c),
+                "group": _group(c, result.num_old_classes),
+                "iou_pct": None if math.isnan(iou) else round(100 * iou, 4),
+                "accuracy_pct": None if math.isnan(acc) else round(100 * acc, 4),
+            }
+        )
+    return rows
+
+
 def format_result(result: IoUResult, per_step: IoUResult | None = None) -> str:
     """The per-class table and the group means (in %) that ``incseg eval`` prints."""
     width = max(len("class"), *(len(result.class_name(c)) for c in range(result.num_classes)))
     n_old = result.num_old_classes if result.num_old_classes is not None else result.num_classes
     lines = [f"{'class':<{width}}  {'group':<5}  {'IoU':>7}  {'acc':>7}", "-" * (width + 25)]
     for c in range(result.num_classes):
-        group = "bg" if c == 0 else ("old" if c < n_old else "new")
+        group = _group(c, result.num_old_classes)
         iou, acc = float(result.iou[c]), float(result.accuracy[c])
         lines.append(f"{result.class_name(c):<{width}}  {group:<5}  {_pct(iou):>7}  {_pct(acc):>7}")
     g = result.groups
@@ -254,8 +276,9 @@ def run_eval(args: argparse.Namespace) -> int:
             "step_finished": learner.step_finished,
             "strategy": strategy,
             "num_images": len(test_set),  # type: ignore[arg-type]
-            "groups": "result: old = classes of step 0 (as history.json's result); per_step: old = classes "
-            "learnt before this step",
+            "groups": "result and per_class: old = classes of step 0 (as history.json's result); per_step: old = "
+            "classes learnt before this step",
+            "per_class": _per_class(result),
             "result": result.to_dict(),
             "per_step": per_step.to_dict(include_confusion=False),
         }
