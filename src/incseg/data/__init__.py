@@ -2,7 +2,7 @@
 
 from incseg.data._source import SegmentationSource
 from incseg.data.ade20k import ADE20K, ADE20KIncremental
-from incseg.data.incremental import IncrementalSegmentation, JointTransform, image_class_sets
+from incseg.data.incremental import CacheCheck, IncrementalSegmentation, JointTransform, image_class_sets
 from incseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TestTransform, TrainTransform, normalize
 from incseg.data.voc import PascalVOC, PascalVOCIncremental
 
@@ -11,6 +11,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ADE20KIncremental",
+    "CacheCheck",
     "IncrementalSegmentation",
     "JointTransform",
     "PascalVOC",
