@@ -8,7 +8,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from incseg.models import IncrementalSegmenter, from_named_submodules, from_torchvision_deeplabv3, small_segmenter
+from incseg.models import (
+    IncrementalSegmenter,
+    adapt,
+    from_named_submodules,
+    from_torchvision_deeplabv3,
+    small_segmenter,
+)
 
 __all__ = ["NETWORKS", "build_network"]
 
@@ -72,8 +78,35 @@ def _fcn_resnet50(num_classes: int) -> IncrementalSegmenter:
     return from_named_submodules(holder, z_channels=2048, h_channels=512, in_channels=3)
 
 
+def _fcn_resnet18(num_classes: int) -> IncrementalSegmenter:
+    """torchvision's FCN class on a narrow, dilated ResNet-18 (output stride 8), adapted in one call."""
+    from torchvision.models import resnet18
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.segmentation.fcn import FCN, FCNHead
+
+    backbone = resnet18(weights=None, replace_stride_with_dilation=[False, True, True])
+    body = IntermediateLayerGetter(backbone, return_layers={"layer4": "out"})
+    return adapt(FCN(body, FCNHead(512, num_classes)))
+
+
+def _smp(arch: str) -> Callable[[int], IncrementalSegmenter]:
+    def build(num_classes: int) -> IncrementalSegmenter:
+        import segmentation_models_pytorch as smp
+
+        net = getattr(smp, arch)(encoder_name="resnet18", encoder_weights=None, classes=num_classes)
+        return adapt(net)  # CAF and attentive distillation on the deepest level (the default)
+
+    return build
+
+
 NETWORKS: dict[str, Callable[[int], IncrementalSegmenter]] = OrderedDict(
-    small=_small, outsider=_outsider, mobilenet=_mobilenet, fcn_resnet50=_fcn_resnet50
+    small=_small,
+    outsider=_outsider,
+    mobilenet=_mobilenet,
+    fcn_resnet18=_fcn_resnet18,
+    fcn_resnet50=_fcn_resnet50,
+    smp_fpn=_smp("FPN"),
+    smp_unet=_smp("Unet"),
 )
 
 

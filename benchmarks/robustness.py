@@ -139,7 +139,11 @@ def run_matrix(args: argparse.Namespace) -> None:
 
 
 def run_stability(args: argparse.Namespace) -> None:
-    """A few iterations of step 1 per network and method at the network's real size: does anything diverge?"""
+    """A few iterations of step 1 per network and method at the network's real size: does anything diverge?
+
+    Step 0 first trains ``--stability-warmup`` iterations with plain fine-tuning (so that batch-norm running
+    statistics have seen data, as after any real step 0); every method then starts step 1 from that model.
+    """
     from incseg.models import deeplabv3_resnet101
 
     out_path: Path = args.out.with_name("stability.json")
@@ -147,43 +151,61 @@ def run_stability(args: argparse.Namespace) -> None:
     scenario = get_scenario("synthetic", "15-5", mode=args.mode)
     k0 = scenario.num_classes_at(0)
     src = SyntheticScenes("train", num_images=64, seed=0, size=args.stability_size)
-    train_set = IncrementalSegmentation(
-        src, scenario, 1, train=True, transform=TrainTransform(crop_size=args.stability_size)
-    )
-    images, labels = (torch.stack(t) for t in zip(*[train_set[i] for i in range(args.batch_size)]))
+    tf = TrainTransform(crop_size=args.stability_size)
+
+    def batches(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        data = IncrementalSegmentation(src, scenario, step, train=True, transform=tf)
+        samples = [data[i % len(data)] for i in range(args.batch_size * args.stability_iters)]
+        chunks = [samples[i : i + args.batch_size] for i in range(0, len(samples), args.batch_size)]
+        return [tuple(torch.stack(t) for t in zip(*chunk)) for chunk in chunks]  # type: ignore[misc]
+
+    def build(network: str) -> Any:
+        torch.manual_seed(0)
+        return deeplabv3_resnet101(k0) if network == "deeplabv3_resnet101" else build_network(network, k0, 0)
+
+    step1 = batches(1)
     for network in args.stability:
+        base = IncrementalLearner(build(network), scenario, "ft")
+        base.begin_step(0)
+        opt = torch.optim.SGD(base.param_groups(args.lr0), lr=args.lr0, momentum=0.9, weight_decay=1e-4)
+        base.module.train()
+        step0 = batches(0)
+        for i in range(args.stability_warmup):
+            out = base.training_step(*step0[i % len(step0)])
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+        state = base.model.state_dict()
         for text in args.methods:
             method, overrides = parse_method(text)
-            torch.manual_seed(0)
-            model = deeplabv3_resnet101(k0) if network == "deeplabv3_resnet101" else build_network(network, k0, 0)
+            model = build(network)
+            model.load_state_dict(state)
             learner = IncrementalLearner(model, scenario, method, **overrides)
             learner.begin_step(0)
             learner.end_step()
             learner.begin_step(1)
             opt = torch.optim.SGD(learner.param_groups(args.lr_next), lr=args.lr_next, momentum=0.9, weight_decay=1e-4)
             learner.module.train()
-            ad, diverged = [], False
-            for _ in range(args.stability_iters):
+            terms: list[dict[str, Any]] = []
+            diverged, reason = False, ""
+            for images, labels in step1:
                 try:
                     out = learner.training_step(images, labels)
                 except Exception as err:  # the divergence guard
-                    diverged = True
-                    ad.append(f"{type(err).__name__}")
+                    diverged, reason = True, f"{type(err).__name__}: {str(err)[:160]}"
                     break
-                ad.append(round(float(out.terms.get("ad", torch.tensor(0.0))), 4))
-                if not torch.isfinite(out.loss):
-                    diverged = True
-                    break
+                terms.append({k: round(float(v), 4) for k, v in out.terms.items()})
                 opt.zero_grad()
                 out.loss.backward()
                 opt.step()
             diverged = diverged or not _finite_weights(learner)
-            row = {"network": network, "method": text, "lr": args.lr_next, "iters": len(ad), "ad": ad,
-                   "diverged": diverged}  # fmt: skip
+            row = {"network": network, "method": text, "lr": args.lr_next, "warmup": args.stability_warmup,
+                   "size": args.stability_size, "iters": len(terms), "terms": terms, "diverged": diverged,
+                   "reason": reason}  # fmt: skip
             rows.append(row)
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps(rows, indent=1))
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "terms"}), "last:", terms[-1:], flush=True)
 
 
 def table(paths: list[Path]) -> str:
@@ -227,6 +249,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("runs/robustness"))
     parser.add_argument("--stability", nargs="*", default=None, help="networks for the few-iteration check")
     parser.add_argument("--stability-iters", type=int, default=10)
+    parser.add_argument("--stability-warmup", type=int, default=30, help="step-0 iterations before the check")
     parser.add_argument("--stability-size", type=int, default=128)
     parser.add_argument("--table", type=Path, nargs="+", default=None, help="print the markdown table of JSON files")
     args = parser.parse_args()

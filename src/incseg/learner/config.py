@@ -81,7 +81,10 @@ class MethodConfig:
             ``γ`` only ever down-weights the background term, the paper's stated intent).
         bn: ``"frozen"`` keeps the student's batch-norm layers in evaluation mode (running statistics of
             step 0) at steps > 0, as the teacher's, while their affine weights still train (MiB's
-            ``--fix_bn``); ``"train"`` updates them from each batch.
+            ``--fix_bn``); ``"train"`` updates them from each batch. Layers that never saw data (running mean
+            0 and variance 1, as initialised) keep batch statistics under ``"frozen"``, with a warning:
+            evaluation mode would not normalise them, and training diverges (measured: MiB with frozen
+            untrained batch norm explodes within 4 iterations on torchvision's FCN-ResNet50).
         dropout: ``"frozen"`` switches the student's dropout layers off at steps > 0, so that the distilled
             features of the student and the teacher are computed the same way; ``"train"`` keeps them on.
         fusion_dropout: probability, per image and training iteration, that CAF's fusion is replaced by its

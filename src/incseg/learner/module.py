@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor, nn
 
 from incseg.learner.config import NormPolicy
@@ -13,6 +15,15 @@ from incseg.models import IncrementalSegmenter
 __all__ = ["TrainingModule"]
 
 _TEACHER_KEYS = ("z", "z_bar", "h", "logits")
+
+
+def _never_saw_data(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    """Whether a batch-norm layer still holds its initial running statistics (mean 0, variance 1)."""
+    mean, var = bn.running_mean, bn.running_var
+    if mean is None or var is None or mean.is_meta:
+        return False  # no running statistics: evaluation mode uses the batch's anyway
+    with torch.no_grad():
+        return bool((mean == 0).all()) and bool((var == 1).all())
 
 
 class TrainingModule(nn.Module):
@@ -68,17 +79,34 @@ class TrainingModule(nn.Module):
             raise ValueError(f"bn and dropout must be 'train' or 'frozen', got {bn!r} and {dropout!r}")
         self.bn: NormPolicy = bn
         self.dropout: NormPolicy = dropout
+        self._warned_untrained = False
 
     def train(self, mode: bool = True) -> TrainingModule:
         """Set training mode; at steps > 0, ``bn="frozen"`` / ``dropout="frozen"`` keep the student's batch-norm
         / dropout layers in evaluation mode (the affine weights of batch norm still train)."""
         super().train(mode)
         if mode and self.num_old_classes > 0:
+            untrained = 0
+            # CAF's own module is new at step 1: its batch norm (after a zero-initialised projection) stays an
+            # affine map in evaluation mode, the same in training and at test time.
+            fusion = self.model.fusion
+            new = {id(m) for m in fusion.modules()} if fusion is not None else set()
             for m in self.model.modules():
-                if (self.bn == "frozen" and isinstance(m, nn.modules.batchnorm._BatchNorm)) or (
-                    self.dropout == "frozen" and isinstance(m, nn.modules.dropout._DropoutNd)
-                ):
+                if self.bn == "frozen" and isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    if id(m) not in new and _never_saw_data(m):
+                        untrained += 1  # eval mode would normalise with mean 0, variance 1: keep batch statistics
+                    else:
+                        m.eval()
+                elif self.dropout == "frozen" and isinstance(m, nn.modules.dropout._DropoutNd):
                     m.eval()
+            if untrained and not self._warned_untrained:
+                self._warned_untrained = True
+                warnings.warn(
+                    f"bn='frozen': {untrained} batch-norm layer(s) of the model hold the initial running statistics "
+                    "(mean 0, variance 1: they never saw data), so they keep training mode and batch statistics; "
+                    "freezing them diverges. Train step 0 (or load trained weights) before the incremental steps.",
+                    stacklevel=2,
+                )
         return self
 
     def forward(self, images: Tensor, labels: Tensor, teacher_out: Mapping[str, Tensor] | None = None) -> LossOutput:
