@@ -6,10 +6,12 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from incseg._catalog import METHOD_DESCRIPTIONS
+from incseg.losses.caf import ADMode, CEMode, KDMode
+from incseg.methods.registry import PresetView, get_family
+from incseg.nn.caf import FusionStrategy as TestStrategy
 
 __all__ = [
     "METHODS",
@@ -23,22 +25,20 @@ __all__ = [
     "TestStrategy",
 ]
 
-CEMode = Literal["plain", "unbiased"]
-KDMode = Literal["plain", "unbiased", "balanced"]
-ADMode = Literal["plain", "spatial", "channel", "both"]
 InitMode = Literal["mib", "random"]
-TestStrategy = Literal["skip", "zero_pad", "concat"]
+ClassReduction = Literal["mean", "sum"]
 NormPolicy = Literal["train", "frozen"]
 
+# One spelling per choice list: the Literal types above and those of the loss and the CAF module.
 _CHOICES: dict[str, tuple[Any, ...]] = {
-    "ce": ("plain", "unbiased"),
-    "kd": (None, "plain", "unbiased", "balanced"),
-    "ad": (None, "plain", "spatial", "channel", "both"),
-    "init": ("mib", "random"),
-    "class_reduction": ("mean", "sum"),
-    "test_strategy": ("skip", "zero_pad", "concat"),
-    "bn": ("train", "frozen"),
-    "dropout": ("train", "frozen"),
+    "ce": get_args(CEMode),
+    "kd": (None, *get_args(KDMode)),
+    "ad": (None, *get_args(ADMode)),
+    "init": get_args(InitMode),
+    "class_reduction": get_args(ClassReduction),
+    "test_strategy": get_args(TestStrategy),
+    "bn": get_args(NormPolicy),
+    "dropout": get_args(NormPolicy),
 }
 
 
@@ -112,7 +112,7 @@ class MethodConfig:
     init: InitMode = "mib"
     lambda_d: float = 10.0
     lambda_ad: float = 1000.0
-    class_reduction: Literal["mean", "sum"] = "mean"
+    class_reduction: ClassReduction = "mean"
     test_strategy: TestStrategy = "skip"
     void_as_background: bool = False
     caf_inner_channels: int | None = None
@@ -121,10 +121,18 @@ class MethodConfig:
     bn: NormPolicy = "frozen"
     dropout: NormPolicy = "frozen"
     fusion_dropout: float = 0.5
+    family: str = "caf"
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise TypeError(f"name must be a non-empty str, got {self.name!r}")
+        if not isinstance(self.family, str):
+            raise TypeError(f"family must be a str, got {type(self.family).__name__}")
+        if not isinstance(self.options, Mapping):
+            raise TypeError(f"options must be a mapping, got {type(self.options).__name__}")
+        family = get_family(self.family)
+        object.__setattr__(self, "options", family.check_options(self.options))
         for field_name, allowed in _CHOICES.items():
             value = getattr(self, field_name)
             if value not in allowed:
@@ -158,20 +166,26 @@ class MethodConfig:
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"fusion_dropout must be in [0, 1], got {p}")
         object.__setattr__(self, "fusion_dropout", float(p))
+        family.check_config(self)
+
+    __hash__ = None  # type: ignore[assignment]  # options is a dict
 
     @property
     def uses_teacher(self) -> bool:
-        """Whether training at steps > 0 runs the old model (for KD, AD or the CAF module)."""
-        return self.kd is not None or self.ad is not None or self.caf
+        """Whether training at steps > 0 runs the old model (the method family's answer)."""
+        return get_family(self.family).uses_teacher(self)
 
     def replace(self, **overrides: Any) -> MethodConfig:
-        """Return a copy with some fields changed (validated like the constructor).
+        """Return a copy with some fields, or options of its family, changed (validated like the constructor).
 
         Raises:
             ValueError: an unknown field name (the message lists the valid ones) or an invalid value.
         """
-        _check_fields(overrides)
-        return dataclasses.replace(self, **overrides)
+        family = overrides.get("family", self.family)
+        fields, options = _split(overrides, family)
+        if "options" not in fields and (options or family != self.family):
+            fields["options"] = {**(self.options if family == self.family else {}), **options}
+        return dataclasses.replace(self, **fields)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> MethodConfig:
@@ -196,8 +210,10 @@ class MethodConfig:
         return METHODS[name].replace(**overrides) if overrides else METHODS[name]
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-python view of the configuration (str, bool, float and ``None`` values)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """Plain-python view of the configuration (str, bool, float and ``None`` values; the family's
+        :attr:`options` appear as entries of their own)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        return {**data, **self.options}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MethodConfig:
@@ -209,7 +225,7 @@ class MethodConfig:
         """
         if not isinstance(data, Mapping):
             raise TypeError(f"data must be a mapping, got {type(data).__name__}")
-        _check_fields(data)
+        fields, options = _split(data, data.get("family", "caf"))
         # Fields added after format 1 was defined: older checkpoints lack them and get the values they were
         # trained with (the 0.1 behaviour), not today's defaults.
         legacy = {
@@ -219,67 +235,35 @@ class MethodConfig:
             "bn": "train",
             "dropout": "train",
             "fusion_dropout": 0.0,
+            "family": "caf",
         }
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and f.name not in legacy]
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in fields and f.name not in legacy and f.name != "options"
+        ]
         if missing:
             raise ValueError(f"method configuration is missing fields {missing}")
-        return cls(**{**{k: v for k, v in legacy.items() if k not in data}, **dict(data)})
+        return cls(**{**{k: v for k, v in legacy.items() if k not in fields}, **fields, "options": options})
 
 
-def _check_fields(data: Mapping[str, Any]) -> None:
+def _split(data: Mapping[str, Any], family: object) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``data`` split into fields of :class:`MethodConfig` and options of ``family``; anything else raises."""
     valid = [f.name for f in dataclasses.fields(MethodConfig)]
-    unknown = [k for k in data if k not in valid]
+    own = get_family(family).options if isinstance(family, str) else {}
+    unknown = [k for k in data if k not in valid and k not in own]
     if unknown:
-        raise ValueError(f"unknown method configuration fields {unknown}; valid fields: {', '.join(valid)}")
+        names = ", ".join([*valid, *own])
+        raise ValueError(f"unknown method configuration fields {unknown}; valid fields: {names}")
+    fields = {k: v for k, v in data.items() if k in valid}
+    return fields, {k: v for k, v in data.items() if k not in valid}
 
 
-# The stabilisers of the default recipe (docs/protocol.md, "A recipe that holds on any network"), each attached
-# to the component it stabilises: attentive distillation gets its gradient balance and deterministic student
-# features (frozen batch norm and dropout), CAF its fusion dropout, the balanced KD its bounded γ. The fields'
-# defaults are the recipe; presets without a component get the paper's (neutral) value of its stabilisers.
-_NO_AD: dict[str, Any] = {"ad_balance": None, "bn": "train", "dropout": "train"}
-_NO_CAF: dict[str, Any] = {"fusion_dropout": 0.0}
-_NO_BKD: dict[str, Any] = {"gamma_max": None}
-_NEUTRAL = {**_NO_AD, **_NO_CAF, **_NO_BKD}
-
-
-def _presets() -> dict[str, MethodConfig]:
-    plain = MethodConfig(name="ft", ce="plain", kd=None, ad=None, caf=False, init="random", **_NEUTRAL)
-    baseline = MethodConfig(name="baseline", ce="unbiased", kd=None, ad=None, caf=False, init="mib", **_NEUTRAL)
-    recipe = MethodConfig(name="caf")
-    ad = {k: getattr(recipe, k) for k in _NO_AD}
-    caf = {k: getattr(recipe, k) for k in _NO_CAF}
-    bkd = {k: getattr(recipe, k) for k in _NO_BKD}
-    presets = {
-        "ft": plain,
-        "joint": plain.replace(name="joint"),
-        "lwf": plain.replace(name="lwf", kd="plain"),
-        "mib": baseline.replace(name="mib", kd="unbiased"),
-        "caf": recipe,
-        "caf-paper": recipe.replace(name="caf-paper", **_NEUTRAL),
-        # the authors' public release: MiB plus plain MSE feature distillation x1000 on the encoder output and
-        # the refined features; its CAF module is commented out and its gamma never used
-        "caf-release": baseline.replace(name="caf-release", kd="unbiased", ad="plain"),
-        # ablations of the paper's Table III (baseline = unbiased CE, MiB init) and Table VI (AD variants), each
-        # with the stabilisers of the components it has
-        "baseline": baseline,
-        "baseline+kd": baseline.replace(name="baseline+kd", kd="unbiased"),
-        "baseline+bkd": baseline.replace(name="baseline+bkd", kd="balanced", **bkd),
-        "baseline+ad": baseline.replace(name="baseline+ad", ad="both", **ad),
-        "baseline+ad+bkd": baseline.replace(name="baseline+ad+bkd", ad="both", kd="balanced", **ad, **bkd),
-        "baseline+caf": baseline.replace(name="baseline+caf", caf=True, **caf),
-        "baseline+caf+bkd": baseline.replace(name="baseline+caf+bkd", caf=True, kd="balanced", **caf, **bkd),
-        "baseline+caf+ad": baseline.replace(name="baseline+caf+ad", caf=True, ad="both", **ad, **caf),
-        "baseline+fd": baseline.replace(name="baseline+fd", ad="plain", **ad),
-        "baseline+ad_sp": baseline.replace(name="baseline+ad_sp", ad="spatial", **ad),
-        "baseline+ad_ch": baseline.replace(name="baseline+ad_ch", ad="channel", **ad),
-    }
-    return presets
-
-
-METHODS: Mapping[str, MethodConfig] = MappingProxyType(_presets())
+METHODS: Mapping[str, MethodConfig] = PresetView()
 """Named method presets (read-only): ``ft``, ``joint``, ``lwf``, ``mib``, ``caf`` (the default recipe),
-``caf-paper`` (eq. 1-13 with the paper's fixed weights), ``caf-release`` (the authors' public code) and the ablations
-``baseline``, ``baseline+kd``, ``baseline+bkd``, ``baseline+ad``, ``baseline+ad+bkd``, ``baseline+caf``,
-``baseline+caf+bkd``, ``baseline+caf+ad`` (Table III) and ``baseline+fd``, ``baseline+ad_sp``,
-``baseline+ad_ch`` (Table VI). ``joint`` equals ``ft``: train it on ``scenario.joint()``."""
+``caf-paper`` (eq. 1-13 with the paper's fixed weights), ``caf-release`` (the authors' public code), ``plop``
+(PLOP, Douillard et al. 2021) and the ablations ``baseline``, ``baseline+kd``, ``baseline+bkd``, ``baseline+ad``,
+``baseline+ad+bkd``, ``baseline+caf``, ``baseline+caf+bkd``, ``baseline+caf+ad`` (Table III) and ``baseline+fd``,
+``baseline+ad_sp``, ``baseline+ad_ch`` (Table VI). ``joint`` equals ``ft``: train it on ``scenario.joint()``.
+Each method family registers its presets in its own file of :mod:`incseg.methods`; add yours with
+:func:`incseg.methods.register_preset`."""

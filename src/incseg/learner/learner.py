@@ -6,8 +6,8 @@ import contextlib
 import copy
 import math
 import os
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, get_args
 
 import torch
 import torch.nn.functional as F
@@ -28,14 +28,16 @@ from incseg.learner.checkpoint import (
 from incseg.learner.config import MethodConfig, TestStrategy
 from incseg.learner.guard import DivergenceGuard, check_finite_tensors
 from incseg.learner.module import TrainingModule
-from incseg.losses import CAFLoss, LossOutput
+from incseg.losses import LossOutput
+from incseg.methods.base import Method
+from incseg.methods.registry import get_family
 from incseg.models import IncrementalSegmenter
 from incseg.nn.caf import ContinualAttentiveFusion
 from incseg.scenarios import Scenario
 
 __all__ = ["IncrementalLearner", "unwrap_module"]
 
-_STRATEGIES = ("skip", "zero_pad", "concat")
+_STRATEGIES = get_args(TestStrategy)
 _GROUPS = ("backbone", "head", "caf", "criterion")
 
 
@@ -207,25 +209,17 @@ class IncrementalLearner:
             config = MethodConfig.preset(method, **overrides)
         else:
             raise TypeError(f"method must be a method name or a MethodConfig, got {type(method).__name__}")
-        criterion = CAFLoss(
-            unwrapped.caf_channels,
-            unwrapped.h_channels,
-            ce=config.ce,
-            kd=config.kd,
-            ad=config.ad,
-            lambda_d=config.lambda_d,
-            lambda_ad=config.lambda_ad,
-            class_reduction=config.class_reduction,
-            ad_balance=config.ad_balance,
-            gamma_max=config.gamma_max,
-        )
+        self._method: Method = get_family(config.family)(config, unwrapped, scenario)
+        criterion = self._method.build_criterion(unwrapped)
         found = _device_of(unwrapped)
         if found is not None:  # the SE blocks of the attentive distillation run on the model's features
             criterion.to(device=found[0], dtype=found[1] if found[1].is_floating_point else None)
         criterion.requires_grad_(False)  # the SE blocks only train once there is a teacher (step > 0)
         self._scenario = scenario
         self._config = config
-        self._module = TrainingModule(unwrapped, criterion, num_old_classes=0, bn=config.bn, dropout=config.dropout)
+        self._module = TrainingModule(
+            unwrapped, criterion, num_old_classes=0, bn=config.bn, dropout=config.dropout, method=self._method
+        )
         self._teacher: IncrementalSegmenter | None = None
         self._step = -1
         self._step_finished = False
@@ -263,8 +257,14 @@ class IncrementalLearner:
         return self._teacher
 
     @property
-    def criterion(self) -> CAFLoss:
-        """The loss of the method (eq. 13), built for the model's ``z``/``h`` channels."""
+    def method(self) -> Method:
+        """The :class:`~incseg.methods.Method` plugin implementing :attr:`config`."""
+        return self._method
+
+    @property
+    def criterion(self) -> nn.Module:
+        """The loss module of the method (for the CAF family the :class:`~incseg.losses.CAFLoss` of eq. 13,
+        built for the model's ``z``/``h`` channels)."""
         return self._module.criterion
 
     @property
@@ -347,7 +347,7 @@ class IncrementalLearner:
             for caf in _cafs(teacher):
                 caf.test_strategy = "skip"
             model.classifier.add_classes(len(self._scenario.classes_at(step)), init=self._config.init)
-            if self._config.caf and model.fusion is None:
+            if self._method.has_fusion(step) and model.fusion is None:
                 model.fusion = self._new_fusion(model)
             self._teacher = teacher
         self._step = step
@@ -357,6 +357,7 @@ class IncrementalLearner:
         self.criterion.requires_grad_(step > 0)
         if self.guard is not None:
             self.guard.reset()  # the loss terms of a new step start from new values
+        self._method.on_begin_step(self, step)
 
     def end_step(self) -> None:
         """Mark the current step as finished (saved in checkpoints; :meth:`begin_step` of the next needs it).
@@ -366,15 +367,11 @@ class IncrementalLearner:
         """
         if self._step < 0 or self._step_finished:
             raise RuntimeError("end_step() needs a step in progress: call begin_step() first")
+        self._method.on_end_step(self)
         self._step_finished = True
 
     def _new_fusion(self, model: IncrementalSegmenter) -> nn.Module:
-        channels = model.caf_channels
-        fusion: nn.Module
-        if isinstance(channels, int):
-            fusion = self._new_caf(channels)
-        else:
-            fusion = nn.ModuleDict({level: self._new_caf(c) for level, c in channels.items()})
+        fusion = self._method.new_fusion(model)
         found = _device_of(model)
         if found is not None:
             fusion.to(device=found[0], dtype=found[1])
@@ -382,19 +379,30 @@ class IncrementalLearner:
             fusion = nn.SyncBatchNorm.convert_sync_batchnorm(fusion)
         return fusion
 
-    def _new_caf(self, channels: int) -> ContinualAttentiveFusion:
-        return ContinualAttentiveFusion(
-            channels,
-            inner_channels=self._config.caf_inner_channels,
-            test_strategy=self._config.test_strategy,
-            fusion_dropout=self._config.fusion_dropout,
-        )
-
     # ------------------------------------------------------------------ training
     def _needs_teacher(self) -> bool:
-        return self._teacher is not None and (
-            self._config.kd is not None or self._config.ad is not None or self.model.fusion is not None
-        )
+        return self._teacher is not None and self._method.uses_teacher(self._config)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the method wants :meth:`calibrate` on the current step's training data before training
+        (PLOP's pseudo-label thresholds at steps > 0; never for the CAF family)."""
+        return self._step >= 0 and self._method.needs_calibration(self)
+
+    def calibrate(self, batches: Iterable[Any]) -> None:
+        """Let the method look at the current step's training data before training (a no-op for methods
+        without :attr:`needs_calibration`).
+
+        Args:
+            batches: ``(images, labels, ...)`` batches of the step's training set, e.g. a ``DataLoader``
+                (only the first two entries of each are used).
+
+        Raises:
+            RuntimeError: no step begun yet.
+        """
+        if self._step < 0:
+            raise RuntimeError("call begin_step() before calibrate()")
+        self._method.calibrate(self, batches)
 
     def teacher_forward(self, images: Tensor) -> dict[str, Tensor] | None:
         """Run the frozen teacher under ``torch.no_grad()``: its ``forward_features`` (eq. 1-4 features, logits).
@@ -415,7 +423,7 @@ class IncrementalLearner:
         if found is not None and isinstance(images, Tensor) and found[0] != images.device:
             teacher.to(images.device)
         with torch.no_grad():
-            return teacher.forward_features(images)
+            return self._method.teacher_forward(teacher, images)
 
     def training_step(
         self, images: Tensor, labels: Tensor, *, module: nn.Module | None = None, guard: bool = True
@@ -484,11 +492,9 @@ class IncrementalLearner:
 
     def divergence_hints(self) -> dict[str, str]:
         """Likely fix of a diverging loss term, by term name (used in :class:`~incseg.learner.DivergenceError`)."""
-        cfg = self._config
         docs = "see 'Divergence' in docs/protocol.md"
         return {
-            "ad": f"lower lambda_ad (now {cfg.lambda_ad:g}) or the learning rate; {docs}",
-            "kd": f"lower lambda_d (now {cfg.lambda_d:g}) or the learning rate; {docs}",
+            **self._method.divergence_hints(),
             "*": f"lower the learning rate, check the inputs and labels, or train without fp16; {docs}",
         }
 
@@ -813,7 +819,7 @@ class IncrementalLearner:
                 f"checkpoint classes_per_step {state['classes_per_step']} do not match the scenario at step {step} "
                 f"({cps})"
             )
-        has_fusion = self._config.caf and step >= 1
+        has_fusion = self._method.has_fusion(step)
         if state["has_fusion"] != has_fusion:
             raise CheckpointError(
                 f"checkpoint has_fusion={state['has_fusion']} but method {config.name!r} at step {step} "
@@ -842,7 +848,7 @@ class IncrementalLearner:
             _load_into(student, state["model"], "model")
             teacher = None
             if state["teacher"] is not None:
-                teacher = self._build_structure(cps[:step], self._config.caf and step >= 2)
+                teacher = self._build_structure(cps[:step], self._method.has_fusion(step - 1))
                 _load_into(teacher, state["teacher"], "teacher")
             criterion = copy.deepcopy(self.criterion)
             _load_into(criterion, state["criterion"], "criterion")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -12,9 +13,10 @@ from incseg.learner.config import NormPolicy
 from incseg.losses import CAFLoss, LossOutput
 from incseg.models import IncrementalSegmenter
 
-__all__ = ["TrainingModule"]
+if TYPE_CHECKING:
+    from incseg.methods import Method
 
-_TEACHER_KEYS = ("z", "z_bar", "h", "logits")
+__all__ = ["TrainingModule"]
 
 
 def _never_saw_data(bn: nn.modules.batchnorm._BatchNorm) -> bool:
@@ -42,8 +44,11 @@ class TrainingModule(nn.Module):
 
     Args:
         model: the student :class:`~incseg.models.IncrementalSegmenter`.
-        criterion: the :class:`~incseg.losses.CAFLoss` of the method.
+        criterion: the method's criterion module (its trained loss parameters and state); without
+            ``method`` it must be a :class:`~incseg.losses.CAFLoss`.
         num_old_classes: ``|S_{t-1}|`` of the current step (0 at step 0).
+        method: the :class:`~incseg.methods.Method` whose ``training_loss`` computes the loss (default: the
+            CAF family's forward pass with ``criterion``).
 
     Shape:
         - images: ``(B, C, H, W)``; labels: ``(B, H, W)`` int64 in incremental indices.
@@ -61,19 +66,23 @@ class TrainingModule(nn.Module):
     def __init__(
         self,
         model: IncrementalSegmenter,
-        criterion: CAFLoss,
+        criterion: nn.Module,
         *,
         num_old_classes: int = 0,
         bn: NormPolicy = "train",
         dropout: NormPolicy = "train",
+        method: Method | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, IncrementalSegmenter):
             raise TypeError(f"model must be an IncrementalSegmenter, got {type(model).__name__}")
-        if not isinstance(criterion, CAFLoss):
+        if method is None and not isinstance(criterion, CAFLoss):
             raise TypeError(f"criterion must be a CAFLoss, got {type(criterion).__name__}")
+        if not isinstance(criterion, nn.Module):
+            raise TypeError(f"criterion must be an nn.Module, got {type(criterion).__name__}")
         self.model = model
         self.criterion = criterion
+        self.method = method
         self.num_old_classes = num_old_classes
         if bn not in ("train", "frozen") or dropout not in ("train", "frozen"):
             raise ValueError(f"bn and dropout must be 'train' or 'frozen', got {bn!r} and {dropout!r}")
@@ -109,7 +118,7 @@ class TrainingModule(nn.Module):
                 )
         return self
 
-    def forward(self, images: Tensor, labels: Tensor, teacher_out: Mapping[str, Tensor] | None = None) -> LossOutput:
+    def forward(self, images: Tensor, labels: Tensor, teacher_out: Mapping[str, Any] | None = None) -> LossOutput:
         """Compute the training loss of one batch.
 
         Args:
@@ -125,43 +134,14 @@ class TrainingModule(nn.Module):
             ValueError: ``teacher_out`` missing or lacking a key the method needs; errors of the model and
                 the criterion for bad shapes.
         """
-        n_old = self.num_old_classes
-        criterion = self.criterion
-        needs_logits = n_old > 0 and criterion.kd is not None
-        needs_features = n_old > 0 and criterion.ad is not None
-        needs_z = n_old > 0 and self.model.fusion is not None
-        if needs_logits or needs_features or needs_z:
-            self._check_teacher_out(teacher_out)
-            assert teacher_out is not None
-        out = self.model.forward_features(images, teacher_out["z"] if needs_z and teacher_out is not None else None)
-        old_logits = teacher_out["logits"] if needs_logits and teacher_out is not None else None
-        features = old_features = None
-        if needs_features and teacher_out is not None:
-            features = {"z": out["z_bar"], "h": out["h"]}
-            old_features = {"z": teacher_out["z_bar"], "h": teacher_out["h"]}
-        return criterion(
-            out["logits"],
-            labels,
-            num_old_classes=n_old,
-            old_logits=old_logits,
-            features=features,
-            old_features=old_features,
-        )
+        if self.method is not None:
+            return self.method.training_loss(
+                self.model, self.criterion, images, labels, teacher_out, self.num_old_classes
+            )
+        from incseg.methods.caf import caf_training_loss
 
-    def _check_teacher_out(self, teacher_out: Mapping[str, Tensor] | None) -> None:
-        if teacher_out is None:
-            raise ValueError(
-                f"teacher_out is required at steps > 0 (num_old_classes={self.num_old_classes}) for this method "
-                "(distillation or CAF): compute it with IncrementalLearner.teacher_forward(images) or call "
-                "IncrementalLearner.training_step"
-            )
-        if not isinstance(teacher_out, Mapping):
-            raise TypeError(f"teacher_out must be a dict of tensors, got {type(teacher_out).__name__}")
-        missing = [k for k in _TEACHER_KEYS if k not in teacher_out]
-        if missing:
-            raise ValueError(
-                f"teacher_out must hold the teacher's forward_features keys {list(_TEACHER_KEYS)}, missing {missing}"
-            )
+        assert isinstance(self.criterion, CAFLoss)
+        return caf_training_loss(self.model, self.criterion, images, labels, teacher_out, self.num_old_classes)
 
     def extra_repr(self) -> str:
         return f"num_old_classes={self.num_old_classes}, bn={self.bn!r}, dropout={self.dropout!r}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor, nn
@@ -24,11 +24,18 @@ from incseg.functional.cross_entropy import _label_index, _nll, _nll_index_start
 from incseg.functional.distillation import _combine, _kd_parts, _kd_unions, _old_probs
 from incseg.losses.attentive import AttentiveDistillationLoss
 
-__all__ = ["CAFLoss", "LossOutput"]
+__all__ = ["ADMode", "CAFLoss", "CEMode", "KDMode", "LossOutput"]
 
-_CE = ("plain", "unbiased")
-_KD = (None, "plain", "unbiased", "balanced")
-_AD = (None, "plain", "spatial", "channel", "both")
+CEMode = Literal["plain", "unbiased"]
+"""Segmentation loss ``L_SEG``: plain or unbiased (eq. 14-15) cross-entropy."""
+KDMode = Literal["plain", "unbiased", "balanced"]
+"""Output distillation ``L_D``: plain LwF KD, unbiased KD (eq. 9-10) or balanced KD (eq. 11-12)."""
+ADMode = Literal["plain", "spatial", "channel", "both"]
+"""Feature distillation ``L_AD``: plain, or attentive (eq. 5-8) with spatial, channel or both attentions."""
+
+_CE = get_args(CEMode)
+_KD = (None, *get_args(KDMode))
+_AD = (None, *get_args(ADMode))
 # CAFLoss spells plain feature distillation "plain"; the functional's attention argument spells it "none".
 _AD_TO_ATTENTION: dict[str, Literal["both", "spatial", "channel", "none"]] = {
     "plain": "none",
@@ -142,9 +149,9 @@ class CAFLoss(nn.Module):
         z_channels: int | Mapping[str, int] | None,
         h_channels: int | None,
         *,
-        ce: Literal["plain", "unbiased"] = "unbiased",
-        kd: Literal["plain", "unbiased", "balanced"] | None = "balanced",
-        ad: Literal["plain", "spatial", "channel", "both"] | None = "both",
+        ce: CEMode = "unbiased",
+        kd: KDMode | None = "balanced",
+        ad: ADMode | None = "both",
         lambda_d: float = 10.0,
         lambda_ad: float = 1000.0,
         class_reduction: ClassReduction = "mean",

@@ -1,0 +1,142 @@
+"""The protocol every incremental method implements: what it needs, its hooks around a step, its loss."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from incseg.learner.config import MethodConfig
+    from incseg.learner.learner import IncrementalLearner
+    from incseg.losses import LossOutput
+    from incseg.models import IncrementalSegmenter
+    from incseg.scenarios import Scenario
+
+__all__ = ["Method"]
+
+
+class Method:
+    """Base class of a method family: one subclass per method, registered with
+    :func:`~incseg.methods.register_method`, configured by a :class:`~incseg.learner.MethodConfig` whose
+    ``family`` names it.
+
+    The :class:`~incseg.learner.IncrementalLearner` keeps everything that is not method-specific: the step
+    lifecycle, the frozen teacher (a copy of the model at the end of the previous step), the growth of the
+    classifier (``config.init``), parameter groups, prediction and checkpoints. It calls these hooks:
+
+    - :meth:`uses_teacher` (class method): whether training at steps > 0 runs the teacher at all;
+    - :meth:`build_criterion`: the ``nn.Module`` holding the method's trained loss parameters and its state
+      (saved in checkpoints, in the ``"criterion"`` parameter group); the default has none;
+    - :meth:`has_fusion` / :meth:`new_fusion`: a module the learner inserts between encoder and refiner;
+    - :meth:`on_begin_step` (after the teacher snapshot and the classifier growth) and :meth:`on_end_step`;
+    - :meth:`teacher_forward`: what the method needs from the teacher (under ``no_grad``);
+    - :meth:`training_loss`: the student's forward pass and the loss, as named terms (a
+      :class:`~incseg.losses.LossOutput` whose ``terms`` add up to ``"total"``);
+    - :meth:`calibrate`: an optional pass over the step's training data before training (PLOP's thresholds).
+
+    Method-specific settings live in :attr:`options` (name -> default): they become keyword overrides
+    (``IncrementalLearner(model, scenario, "plop", pod_factor=0.02)``) and entries of
+    ``MethodConfig.to_dict()``. Values must be plain ``float``, ``int``, ``bool`` or ``str``.
+
+    Args:
+        config: the method configuration (``config.family == self.family``).
+        model: the student network.
+        scenario: the scenario being learnt.
+    """
+
+    family: ClassVar[str] = ""
+    """Registry key of the family (the ``family`` field of its configurations)."""
+    options: ClassVar[Mapping[str, Any]] = {}
+    """The family's own settings and their defaults."""
+
+    def __init__(self, config: MethodConfig, model: IncrementalSegmenter, scenario: Scenario) -> None:
+        self.config = config
+        self.scenario = scenario
+
+    # ------------------------------------------------------------------ configuration
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate ``options`` (a subset of :attr:`options`) and fill in the defaults.
+
+        Raises:
+            ValueError: an unknown option (the message lists the valid ones) or a non-finite number.
+            TypeError: a value whose type differs from its default's.
+        """
+        unknown = [k for k in options if k not in cls.options]
+        if unknown:
+            raise ValueError(f"unknown options {unknown} for method family {cls.family!r}; valid: {list(cls.options)}")
+        out = dict(cls.options)
+        for key, value in options.items():
+            default = cls.options[key]
+            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if type(value) is not type(default):
+                raise TypeError(f"{key} must be a {type(default).__name__}, got {type(value).__name__}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{key} must be finite, got {value}")
+            out[key] = value
+        return out
+
+    @classmethod
+    def check_config(cls, config: MethodConfig) -> None:
+        """Reject field combinations the family does not implement (called by ``MethodConfig``)."""
+
+    @classmethod
+    def uses_teacher(cls, config: MethodConfig) -> bool:
+        """Whether training at steps > 0 runs the old model (default: yes)."""
+        return True
+
+    # ------------------------------------------------------------------ structure
+    def build_criterion(self, model: IncrementalSegmenter) -> nn.Module:
+        """The module holding the loss's trained parameters and state (default: an empty module)."""
+        return nn.Module()
+
+    def has_fusion(self, step: int) -> bool:
+        """Whether the model has a fusion module (:attr:`IncrementalSegmenter.fusion`) at ``step``."""
+        return False
+
+    def new_fusion(self, model: IncrementalSegmenter) -> nn.Module:
+        """A new fusion module for ``model`` (called when :meth:`has_fusion` first holds)."""
+        raise NotImplementedError(f"method family {self.family!r} has no fusion module")
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_begin_step(self, learner: IncrementalLearner, step: int) -> None:
+        """Called by :meth:`IncrementalLearner.begin_step` after the teacher snapshot and classifier growth."""
+
+    def on_end_step(self, learner: IncrementalLearner) -> None:
+        """Called by :meth:`IncrementalLearner.end_step`."""
+
+    def needs_calibration(self, learner: IncrementalLearner) -> bool:
+        """Whether :meth:`calibrate` must run (on the current step's data) before training (default: never)."""
+        return False
+
+    def calibrate(self, learner: IncrementalLearner, batches: Any) -> None:
+        """Optional pass over ``(images, labels)`` batches of the step's training data before training."""
+
+    # ------------------------------------------------------------------ training
+    def teacher_forward(self, teacher: IncrementalSegmenter, images: Tensor) -> dict[str, Any]:
+        """What the loss needs from the teacher (run under ``no_grad``): by default its ``forward_features``."""
+        return teacher.forward_features(images)
+
+    def training_loss(
+        self,
+        model: IncrementalSegmenter,
+        criterion: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        teacher_out: Mapping[str, Any] | None,
+        num_old_classes: int,
+    ) -> LossOutput:
+        """The student's forward pass and the loss of one batch (called inside
+        :class:`~incseg.learner.TrainingModule`, so that a DDP wrapper sees it)."""
+        raise NotImplementedError
+
+    def divergence_hints(self) -> dict[str, str]:
+        """Likely fix per loss term name, shown when that term diverges."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config.name!r})"

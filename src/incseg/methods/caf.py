@@ -1,0 +1,200 @@
+"""The CAF family: fine-tuning, LwF, MiB, CAF (eq. 1-13), the authors' release and the paper's ablations.
+
+Every method of the paper's tables is one :class:`~incseg.losses.CAFLoss` configuration (``ce``, ``kd``,
+``ad``) plus, for ``caf``, the :class:`~incseg.nn.ContinualAttentiveFusion` module inserted at step 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from incseg.learner.config import MethodConfig
+from incseg.losses import CAFLoss, LossOutput
+from incseg.methods.base import Method
+from incseg.methods.registry import register_method, register_preset
+from incseg.models import IncrementalSegmenter
+from incseg.nn.caf import ContinualAttentiveFusion
+
+__all__ = ["CAFMethod", "caf_training_loss"]
+
+TEACHER_KEYS = ("z", "z_bar", "h", "logits")
+
+
+def caf_training_loss(
+    model: IncrementalSegmenter,
+    criterion: CAFLoss,
+    images: Tensor,
+    labels: Tensor,
+    teacher_out: Mapping[str, Any] | None,
+    num_old_classes: int,
+) -> LossOutput:
+    """Student forward pass and :class:`~incseg.losses.CAFLoss` of one batch.
+
+    The teacher's outputs are used as the criterion and the model need them (at steps > 0): ``z`` feeds the
+    model's CAF module (eq. 1-4), ``logits`` the output distillation (eq. 9-12), ``z_bar`` and ``h`` the
+    attentive distillation (eq. 5-8).
+
+    Raises:
+        ValueError: ``teacher_out`` missing or lacking a key the method needs.
+        TypeError: ``teacher_out`` is not a mapping.
+    """
+    n_old = num_old_classes
+    needs_logits = n_old > 0 and criterion.kd is not None
+    needs_features = n_old > 0 and criterion.ad is not None
+    needs_z = n_old > 0 and model.fusion is not None
+    if needs_logits or needs_features or needs_z:
+        _check_teacher_out(teacher_out, n_old)
+        assert teacher_out is not None
+    out = model.forward_features(images, teacher_out["z"] if needs_z and teacher_out is not None else None)
+    old_logits = teacher_out["logits"] if needs_logits and teacher_out is not None else None
+    features = old_features = None
+    if needs_features and teacher_out is not None:
+        features = {"z": out["z_bar"], "h": out["h"]}
+        old_features = {"z": teacher_out["z_bar"], "h": teacher_out["h"]}
+    result: LossOutput = criterion(
+        out["logits"],
+        labels,
+        num_old_classes=n_old,
+        old_logits=old_logits,
+        features=features,
+        old_features=old_features,
+    )
+    return result
+
+
+def _check_teacher_out(teacher_out: Mapping[str, Any] | None, num_old_classes: int) -> None:
+    if teacher_out is None:
+        raise ValueError(
+            f"teacher_out is required at steps > 0 (num_old_classes={num_old_classes}) for this method "
+            "(distillation or CAF): compute it with IncrementalLearner.teacher_forward(images) or call "
+            "IncrementalLearner.training_step"
+        )
+    if not isinstance(teacher_out, Mapping):
+        raise TypeError(f"teacher_out must be a dict of tensors, got {type(teacher_out).__name__}")
+    missing = [k for k in TEACHER_KEYS if k not in teacher_out]
+    if missing:
+        raise ValueError(
+            f"teacher_out must hold the teacher's forward_features keys {list(TEACHER_KEYS)}, missing {missing}"
+        )
+
+
+@register_method
+class CAFMethod(Method):
+    """The family of :class:`~incseg.losses.CAFLoss` methods: ``L = L_SEG + λ_AD L_AD + λ_D L_D`` (eq. 13) and
+    the continual attentive fusion (eq. 1-4) when ``config.caf``.
+
+    Presets: ``ft``, ``joint``, ``lwf``, ``mib``, ``caf``, ``caf-paper``, ``caf-release`` and the ablations of
+    the paper's Tables III and VI (see :data:`~incseg.learner.METHODS`).
+    """
+
+    family = "caf"
+
+    @classmethod
+    def uses_teacher(cls, config: MethodConfig) -> bool:
+        """Whether training at steps > 0 runs the old model (for KD, AD or the CAF module)."""
+        return config.kd is not None or config.ad is not None or config.caf
+
+    def build_criterion(self, model: IncrementalSegmenter) -> CAFLoss:
+        config = self.config
+        return CAFLoss(
+            model.caf_channels,
+            model.h_channels,
+            ce=config.ce,
+            kd=config.kd,
+            ad=config.ad,
+            lambda_d=config.lambda_d,
+            lambda_ad=config.lambda_ad,
+            class_reduction=config.class_reduction,
+            ad_balance=config.ad_balance,
+            gamma_max=config.gamma_max,
+        )
+
+    def has_fusion(self, step: int) -> bool:
+        return self.config.caf and step >= 1
+
+    def new_fusion(self, model: IncrementalSegmenter) -> nn.Module:
+        """One :class:`~incseg.nn.ContinualAttentiveFusion` on ``z_channels`` (one per level of ``caf_levels``
+        for a multi-scale encoder)."""
+        channels = model.caf_channels
+        if isinstance(channels, int):
+            return self._new_caf(channels)
+        return nn.ModuleDict({level: self._new_caf(c) for level, c in channels.items()})
+
+    def _new_caf(self, channels: int) -> ContinualAttentiveFusion:
+        return ContinualAttentiveFusion(
+            channels,
+            inner_channels=self.config.caf_inner_channels,
+            test_strategy=self.config.test_strategy,
+            fusion_dropout=self.config.fusion_dropout,
+        )
+
+    def training_loss(
+        self,
+        model: IncrementalSegmenter,
+        criterion: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        teacher_out: Mapping[str, Any] | None,
+        num_old_classes: int,
+    ) -> LossOutput:
+        assert isinstance(criterion, CAFLoss)
+        return caf_training_loss(model, criterion, images, labels, teacher_out, num_old_classes)
+
+    def divergence_hints(self) -> dict[str, str]:
+        cfg = self.config
+        docs = "see 'Divergence' in docs/protocol.md"
+        return {
+            "ad": f"lower lambda_ad (now {cfg.lambda_ad:g}) or the learning rate; {docs}",
+            "kd": f"lower lambda_d (now {cfg.lambda_d:g}) or the learning rate; {docs}",
+        }
+
+
+# The stabilisers of the default recipe (docs/protocol.md, "A recipe that holds on any network"), each attached
+# to the component it stabilises: attentive distillation gets its gradient balance and deterministic student
+# features (frozen batch norm and dropout), CAF its fusion dropout, the balanced KD its bounded γ. The fields'
+# defaults are the recipe; presets without a component get the paper's (neutral) value of its stabilisers.
+_NO_AD: dict[str, Any] = {"ad_balance": None, "bn": "train", "dropout": "train"}
+_NO_CAF: dict[str, Any] = {"fusion_dropout": 0.0}
+_NO_BKD: dict[str, Any] = {"gamma_max": None}
+NEUTRAL: dict[str, Any] = {**_NO_AD, **_NO_CAF, **_NO_BKD}
+"""The neutral values of the recipe's stabilisers (for presets without AD, CAF module and balanced KD)."""
+
+
+def _presets() -> list[MethodConfig]:
+    plain = MethodConfig(name="ft", ce="plain", kd=None, ad=None, caf=False, init="random", **NEUTRAL)
+    baseline = MethodConfig(name="baseline", ce="unbiased", kd=None, ad=None, caf=False, init="mib", **NEUTRAL)
+    recipe = MethodConfig(name="caf")
+    ad = {k: getattr(recipe, k) for k in _NO_AD}
+    caf = {k: getattr(recipe, k) for k in _NO_CAF}
+    bkd = {k: getattr(recipe, k) for k in _NO_BKD}
+    return [
+        plain,
+        plain.replace(name="joint"),
+        plain.replace(name="lwf", kd="plain"),
+        baseline.replace(name="mib", kd="unbiased"),
+        recipe,
+        recipe.replace(name="caf-paper", **NEUTRAL),
+        # the authors' public release: MiB plus plain MSE feature distillation x1000 on the encoder output and
+        # the refined features; its CAF module is commented out and its gamma never used
+        baseline.replace(name="caf-release", kd="unbiased", ad="plain"),
+        # ablations of the paper's Table III (baseline = unbiased CE, MiB init) and Table VI (AD variants), each
+        # with the stabilisers of the components it has
+        baseline,
+        baseline.replace(name="baseline+kd", kd="unbiased"),
+        baseline.replace(name="baseline+bkd", kd="balanced", **bkd),
+        baseline.replace(name="baseline+ad", ad="both", **ad),
+        baseline.replace(name="baseline+ad+bkd", ad="both", kd="balanced", **ad, **bkd),
+        baseline.replace(name="baseline+caf", caf=True, **caf),
+        baseline.replace(name="baseline+caf+bkd", caf=True, kd="balanced", **caf, **bkd),
+        baseline.replace(name="baseline+caf+ad", caf=True, ad="both", **ad, **caf),
+        baseline.replace(name="baseline+fd", ad="plain", **ad),
+        baseline.replace(name="baseline+ad_sp", ad="spatial", **ad),
+        baseline.replace(name="baseline+ad_ch", ad="channel", **ad),
+    ]
+
+
+for _config in _presets():
+    register_preset(_config)

@@ -1,0 +1,116 @@
+"""The registry of method families (plugin classes) and of named presets (method configurations).
+
+A *family* is a :class:`~incseg.methods.Method` subclass (``"caf"`` covers fine-tuning, LwF, MiB, CAF and its
+ablations; ``"plop"`` is PLOP); a *preset* is a named :class:`~incseg.learner.MethodConfig` of a family
+(``"mib"``, ``"caf"``, ``"plop"``, ...). The built-in families register themselves when :mod:`incseg.methods`
+is imported; :data:`incseg.learner.METHODS` is a read-only view of the presets.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from incseg.learner.config import MethodConfig
+    from incseg.methods.base import Method
+
+__all__ = ["PresetView", "get_family", "register_method", "register_preset", "unregister_preset"]
+
+_FAMILIES: dict[str, type[Method]] = {}
+_PRESETS: dict[str, MethodConfig] = {}
+
+
+_BUILTINS = ("incseg.methods.caf",)
+
+
+def _load_builtins() -> None:
+    """Import the built-in families, which register themselves and their presets (first use only)."""
+    for module in _BUILTINS:
+        importlib.import_module(module)
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Register a method family (usable as a class decorator); its :attr:`~Method.family` is the key.
+
+    Raises:
+        TypeError: ``cls`` is not a :class:`~incseg.methods.Method` subclass.
+        ValueError: the family name is empty or already taken by another class.
+    """
+    from incseg.methods.base import Method
+
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"register_method expects a subclass of incseg.methods.Method, got {cls!r}")
+    name = cls.family
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{cls.__name__}.family must be a non-empty str, got {name!r}")
+    if name in _FAMILIES and _FAMILIES[name] is not cls:
+        raise ValueError(f"method family {name!r} is already registered by {_FAMILIES[name].__name__}")
+    _FAMILIES[name] = cls
+    return cls
+
+
+def get_family(name: str) -> type[Method]:
+    """The method family registered under ``name``.
+
+    Raises:
+        ValueError: no such family (the message lists the registered ones).
+    """
+    if name not in _FAMILIES:
+        _load_builtins()
+    if not isinstance(name, str) or name not in _FAMILIES:
+        raise ValueError(f"family must be one of {sorted(_FAMILIES)}, got {name!r}")
+    return _FAMILIES[name]
+
+
+def register_preset(config: MethodConfig, *, replace: bool = False) -> MethodConfig:
+    """Register ``config`` as the named method ``config.name`` (then ``IncrementalLearner(model, scenario,
+    config.name)`` and ``MethodConfig.preset(config.name)`` find it).
+
+    Raises:
+        TypeError: ``config`` is not a :class:`~incseg.learner.MethodConfig`.
+        ValueError: the name is taken (pass ``replace=True`` to replace a preset registered by you).
+    """
+    from incseg.learner.config import MethodConfig
+
+    if not isinstance(config, MethodConfig):
+        raise TypeError(f"register_preset expects a MethodConfig, got {type(config).__name__}")
+    if config.name in _PRESETS and not replace:
+        raise ValueError(f"a method named {config.name!r} is already registered; pass replace=True to replace it")
+    _PRESETS[config.name] = config
+    return config
+
+
+def unregister_preset(name: str) -> None:
+    """Remove a preset registered with :func:`register_preset` (e.g. at the end of a test).
+
+    Raises:
+        ValueError: no preset of that name.
+    """
+    if name not in _PRESETS:
+        raise ValueError(f"no method named {name!r} is registered")
+    del _PRESETS[name]
+
+
+class PresetView(Mapping[str, "MethodConfig"]):
+    """Read-only mapping name -> :class:`~incseg.learner.MethodConfig` over the registered presets."""
+
+    def __getitem__(self, name: str) -> MethodConfig:
+        _load_builtins()
+        return _PRESETS[name]
+
+    def __iter__(self) -> Iterator[str]:
+        _load_builtins()
+        return iter(list(_PRESETS))
+
+    def __len__(self) -> int:
+        _load_builtins()
+        return len(_PRESETS)
+
+    def __contains__(self, name: Any) -> bool:
+        _load_builtins()
+        return name in _PRESETS
+
+    def __repr__(self) -> str:
+        return f"PresetView({list(self)})"
