@@ -105,6 +105,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser, *, out_default: str, device_default: str) -> None:
     p.add_argument("--out", type=Path, help=f"run folder: results, checkpoints, plots (default: {out_default})")
     p.add_argument("--seed", type=int, default=0, help="seed of everything random")
@@ -225,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["stat", "content"],
         default="stat",
         help="class-set cache: trust mask names, sizes and times (stat) or hash every mask (content)",
+    )
+    train.add_argument(
+        "--memory",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="replay memory of N training images (class-balanced, any method; 0: none)",
     )
     _common(train, out_default="runs/DATASET-TASK-MODE-METHOD", device_default="cuda when available")
 
@@ -617,6 +631,7 @@ def run_train(args: argparse.Namespace) -> int:
     from incseg import distributed as D
     from incseg.engine import MetricsLog, TensorBoardLog, TrainConfig, train_scenario
     from incseg.learner import IncrementalLearner
+    from incseg.methods import ReplayMemory
     from incseg.scenarios import get_scenario
 
     resolve_train_args(args)
@@ -696,6 +711,7 @@ def run_train(args: argparse.Namespace) -> int:
             on_iteration=on_iteration,
             on_step_end=board.step_end if board is not None else None,
             allow_config_change=args.allow_config_change,
+            memory=ReplayMemory(args.memory, seed=args.seed, cache_dir=out / "cache") if args.memory > 0 else None,
         )
     finally:
         metrics_log.close()

@@ -23,15 +23,17 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
 from incseg import distributed as D
 from incseg._checks import NonFiniteError
 from incseg._progress import Progress
+from incseg.data import IncrementalSegmentation
 from incseg.learner import CheckpointError, IncrementalLearner
 from incseg.learner.checkpoint import read_checkpoint, remove_stale_temporaries
 from incseg.learner.guard import DivergenceError, DivergenceGuard, NonFiniteLossError, check_finite_module
 from incseg.losses import LossOutput
+from incseg.methods.replay import ReplayMemory
 from incseg.metrics import IoUResult, MeanIoU, StepHistory
 from incseg.nn import FusionStrategy
 
@@ -350,6 +352,7 @@ def train_scenario(
     history: StepHistory | None = None,
     on_iteration: Callable[[dict[str, Any]], None] | None = None,
     allow_config_change: bool = False,
+    memory: ReplayMemory | None = None,
 ) -> StepHistory:
     """Train ``learner`` over every step of its scenario, evaluating after each step.
 
@@ -373,6 +376,10 @@ def train_scenario(
             e.g. a :class:`~incseg.engine.MetricsLog`.
         allow_config_change: resume even when ``config`` differs from the checkpoint's in a setting that
             changes results (every field but those of :data:`NON_RESULT_FIELDS`); the differences are logged.
+        memory: a :class:`~incseg.methods.ReplayMemory`: after each step it selects exemplars of the step's
+            training set (which must then be an :class:`~incseg.data.IncrementalSegmentation`), and the images
+            it holds are added to the training set of every later step. Its state (image indices) is saved in
+            the checkpoints' extra data and restored on resume.
 
     Returns:
         The per-step history of results (per-class IoU, old/new/all, forgetting).
@@ -404,6 +411,8 @@ def train_scenario(
         _check_resume(last_path, saved, config, allow_config_change, say)
         extra = learner.load_state_dict(saved)
         history = StepHistory.from_dict(extra["history"])
+        if memory is not None and isinstance(extra.get("memory"), dict):
+            memory.load_state_dict(extra["memory"])
         if extra.get("step_finished", False):
             start_step, start_epoch = learner.step + 1, 0
         else:
@@ -418,6 +427,12 @@ def train_scenario(
         train_set, test_set = datasets(step)
         if len(train_set) == 0:  # type: ignore[arg-type]
             raise ValueError(f"step {step} has no training images: check the dataset and the scenario's rules")
+        step_set = train_set
+        if memory is not None and len(memory) > 0 and step > 0:
+            if not isinstance(step_set, IncrementalSegmentation):
+                raise TypeError(f"a replay memory needs IncrementalSegmentation training sets, got {step_set!r}")
+            train_set = ConcatDataset([step_set, memory.dataset(step_set)])
+            say(f"step {step}: replaying {len(memory)} memory images")
         first_epoch = start_epoch if step == start_step else 0
         if resume_state is None or step != start_step:
             torch.manual_seed(_seed_for(config.seed, step))
@@ -451,6 +466,10 @@ def train_scenario(
             f"step {step}/{scenario.num_steps - 1}: classes {list(scenario.classes_at(step))}, "
             f"{len(train_set)} train / {len(test_set)} test images, method {learner.config.name}, lr {lr:g}"  # type: ignore[arg-type]
         )
+        if learner.needs_calibration:  # e.g. PLOP's pseudo-label thresholds: the teacher on this step's data
+            calibration = DataLoader(train_set, batch_size=config.batch_size, num_workers=config.num_workers)
+            learner.calibrate((images.to(device), labels.to(device)) for images, labels in calibration)
+            say(f"step {step}: calibrated the method on {len(train_set)} training images")  # type: ignore[arg-type]
         t0 = time.monotonic()
         guard = learner.guard if learner.guard is not None else DivergenceGuard(check_weights=False)
         guard.reset()
@@ -535,9 +554,14 @@ def train_scenario(
                     epoch=epoch + 1,
                     finished=False,
                     scheduler=scheduler,
+                    memory=memory,
                 )
         learner.end_step()
         say(f"step {step} trained in {time.monotonic() - t0:.1f}s")
+        if memory is not None:
+            if not isinstance(step_set, IncrementalSegmentation):
+                raise TypeError(f"a replay memory needs IncrementalSegmentation training sets, got {step_set!r}")
+            memory.update(step_set)
         result = evaluate(
             learner,
             test_set,
@@ -552,8 +576,18 @@ def train_scenario(
         if on_step_end is not None:
             on_step_end(step, result)
         if ckpt_dir is not None and last_path is not None:
-            _save(learner, ckpt_dir / f"step{step}.pt", None, scaler, history, config, epoch=epochs, finished=True)
-            _save(learner, last_path, None, scaler, history, config, epoch=epochs, finished=True)
+            _save(
+                learner,
+                ckpt_dir / f"step{step}.pt",
+                None,
+                scaler,
+                history,
+                config,
+                epoch=epochs,
+                finished=True,
+                memory=memory,
+            )
+            _save(learner, last_path, None, scaler, history, config, epoch=epochs, finished=True, memory=memory)
         resume_state = None
     return history
 
@@ -706,6 +740,7 @@ def _save(
     epoch: int,
     finished: bool,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    memory: ReplayMemory | None = None,
 ) -> None:
     if D.is_main_process():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -718,5 +753,7 @@ def _save(
         }
         if scheduler is not None:
             extra["scheduler"] = scheduler.state_dict()
+        if memory is not None:
+            extra["memory"] = memory.state_dict()
         learner.save(path, optimizer=optimizer, extra=extra)
     D.barrier()

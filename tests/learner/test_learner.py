@@ -192,7 +192,7 @@ def test_constructor_arguments(scenario: Scenario) -> None:
     with pytest.raises(TypeError, match="Scenario"):
         IncrementalLearner(model, [[1, 2], [3]])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="valid methods"):
-        IncrementalLearner(model, scenario, "plop")
+        IncrementalLearner(model, scenario, "icarl")
     with pytest.raises(TypeError, match="method"):
         IncrementalLearner(model, scenario, 3)  # type: ignore[arg-type]
     learner = IncrementalLearner(nn.DataParallel(model), scenario, MethodConfig.preset("lwf"), lambda_d=1.0)  # type: ignore[arg-type]

@@ -1,4 +1,5 @@
-"""Pure tensor functions of CAF: background aggregation (eq. 10, 15), γ (eq. 11), attention maps and losses.
+"""Pure tensor functions of CAF: background aggregation (eq. 10, 15), γ (eq. 11), attention maps and losses;
+PLOP's Local POD and entropy pseudo-labels.
 
 Every function takes logits or features and returns tensors; the :mod:`incseg.losses` modules are thin
 ``nn.Module`` twins of the loss functionals. The losses upcast half/bfloat16 inputs to float32, work in log
@@ -12,13 +13,25 @@ from incseg.functional.attention import attentive_distillation_loss, spatial_att
 from incseg.functional.background import gamma_balance, new_background_log_probs, old_background_log_probs
 from incseg.functional.cross_entropy import unbiased_cross_entropy
 from incseg.functional.distillation import balanced_kd_loss, kd_loss, unbiased_kd_loss
+from incseg.functional.pod import (
+    collapse_new_classes,
+    entropy_pseudo_labels,
+    local_pod,
+    local_pod_distance,
+    normalized_entropy,
+)
 
 __all__ = [
     "attentive_distillation_loss",
     "balanced_kd_loss",
+    "collapse_new_classes",
+    "entropy_pseudo_labels",
     "gamma_balance",
     "kd_loss",
+    "local_pod",
+    "local_pod_distance",
     "new_background_log_probs",
+    "normalized_entropy",
     "old_background_log_probs",
     "spatial_attention",
     "unbiased_cross_entropy",

@@ -19,6 +19,8 @@ from incseg.methods.registry import get_family, register_method, register_preset
 
 if TYPE_CHECKING:
     from incseg.methods.caf import CAFMethod
+    from incseg.methods.plop import PLOPMethod
+    from incseg.methods.replay import ReplayMemory
 
 # The families import incseg.learner (MethodConfig), which imports this package: load them on first use.
 _LAZY = {
@@ -39,6 +41,8 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "CAFMethod",
     "Method",
+    "PLOPMethod",
+    "ReplayMemory",
     "get_family",
     "register_method",
     "register_preset",

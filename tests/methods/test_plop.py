@@ -1,0 +1,279 @@
+"""PLOP: Local POD and pseudo-labels against float64 references written from the equations, properties of the
+distillation, and the method through the learner (calibration, checkpoints, configuration)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+
+from incseg.functional.pod import (
+    collapse_new_classes,
+    entropy_pseudo_labels,
+    local_pod,
+    local_pod_distance,
+    normalized_entropy,
+)
+from incseg.learner import METHODS, IncrementalLearner, MethodConfig
+from incseg.methods.plop import PLOPLoss, median_from_histogram
+from incseg.models import small_segmenter
+from incseg.scenarios import Scenario
+
+
+def _reference_pod(x: Tensor, scales: tuple[int, ...]) -> Tensor:
+    """Φ(x) with explicit loops over images, scales, regions, channels and rows/columns (float64)."""
+    b, c, h, w = x.shape
+    out = []
+    for n in range(b):
+        emb: list[float] = []
+        for s in scales:
+            for i in range(s):
+                for j in range(s):
+                    r0, r1 = i * h // s, (i + 1) * h // s
+                    c0, c1 = j * w // s, (j + 1) * w // s
+                    for ch in range(c):
+                        for r in range(r0, r1):  # width pooling: one value per row
+                            emb.append(sum(float(x[n, ch, r, q]) ** 2 for q in range(c0, c1)) / (c1 - c0))
+                    for ch in range(c):
+                        for q in range(c0, c1):  # height pooling: one value per column
+                            emb.append(sum(float(x[n, ch, r, q]) ** 2 for r in range(r0, r1)) / (r1 - r0))
+        out.append(emb)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("shape", "scales"), [((2, 3, 4, 4), (1, 2)), ((1, 2, 5, 7), (1, 2, 4)), ((1, 1, 8, 8), (1, 2, 4))]
+)
+def test_local_pod_matches_the_loop_reference(shape: tuple[int, ...], scales: tuple[int, ...]) -> None:
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(local_pod(x, scales), _reference_pod(x, scales), rtol=1e-12, atol=1e-12)
+
+
+def test_pod_distance_matches_the_reference() -> None:
+    g = torch.Generator().manual_seed(1)
+    a, b = (
+        torch.randn(3, 2, 4, 4, dtype=torch.float64, generator=g),
+        torch.randn(3, 2, 4, 4, dtype=torch.float64, generator=g),
+    )
+    ea, eb = _reference_pod(a, (1, 2, 4)), _reference_pod(b, (1, 2, 4))
+    want = sum(math.sqrt(float(((ea[n] - eb[n]) ** 2).sum())) for n in range(3)) / 3
+    assert float(local_pod_distance(a, b)) == pytest.approx(want, rel=1e-12)
+    na, nb = ea / ea.norm(dim=1, keepdim=True), eb / eb.norm(dim=1, keepdim=True)
+    want_n = float((na - nb).norm(dim=1).mean())
+    assert float(local_pod_distance(a, b, normalize=True)) == pytest.approx(want_n, rel=1e-12)
+
+
+maps = st.integers(0, 2**31 - 1).map(
+    lambda seed: torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+)
+
+
+@settings(max_examples=30, deadline=None)
+@given(maps, maps, maps, st.booleans())
+def test_pod_distance_is_a_pseudo_metric(a: Tensor, b: Tensor, c: Tensor, normalize: bool) -> None:
+    d = lambda x, y: float(local_pod_distance(x, y, normalize=normalize))  # noqa: E731
+    assert d(a, a) == 0.0
+    assert d(a, b) >= 0.0
+    assert d(a, b) == pytest.approx(d(b, a), rel=1e-12)
+    assert d(a, c) <= d(a, b) + d(b, c) + 1e-12
+    assert d(a, -a) == 0.0  # squared features: the sign is not distilled
+    if normalize:
+        assert d(a, 3.0 * b) == pytest.approx(d(a, b), rel=1e-9)  # scale-free after L2 normalisation
+        assert d(a, b) <= 2.0 + 1e-12
+
+
+def test_pod_gradient_and_errors() -> None:
+    a = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    torch.autograd.gradcheck(lambda x: local_pod_distance(x, b), (a,))
+    with pytest.raises(ValueError, match="same shape"):
+        local_pod_distance(a, b[:, :2])
+    with pytest.raises(ValueError, match="smaller than the largest POD scale"):
+        local_pod(torch.randn(1, 1, 2, 8))
+    with pytest.raises(ValueError, match="scales"):
+        local_pod(a, scales=())
+    assert local_pod(torch.randn(1, 2, 4, 4, dtype=torch.float16)).dtype == torch.float32
+
+
+def test_collapse_new_classes() -> None:
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64)
+    y = collapse_new_classes(x, 4)
+    torch.testing.assert_close(y[:, 0], x[:, 0] + x[:, 4] + x[:, 5])
+    torch.testing.assert_close(y[:, 1:], x[:, 1:4])
+    assert collapse_new_classes(x, 6).shape == x.shape
+    with pytest.raises(ValueError, match="num_old_classes"):
+        collapse_new_classes(x, 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 6), st.integers(0, 2**31 - 1))
+def test_normalized_entropy_is_in_unit_interval(c: int, seed: int) -> None:
+    logits = 5 * torch.randn(1, c, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    p = torch.softmax(logits, dim=1)
+    u = normalized_entropy(p)
+    ref = -(p * p.clamp(min=1e-300).log()).sum(dim=1) / math.log(c)
+    torch.testing.assert_close(u, ref)
+    assert bool(((u >= 0) & (u <= 1 + 1e-12)).all())
+    assert float(normalized_entropy(torch.full((1, c, 1, 1), 1.0 / c, dtype=torch.float64))) == pytest.approx(1.0)
+    assert float(normalized_entropy(F.one_hot(torch.tensor([[[0]]]), c).permute(0, 3, 1, 2).double())) == 0.0
+
+
+def test_pseudo_labels_follow_the_rule() -> None:
+    g = torch.Generator().manual_seed(3)
+    old = 3 * torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=g)
+    labels = torch.randint(0, 5, (2, 8, 8), generator=g)
+    labels[0, 0, 0] = 255
+    thresholds = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)
+    pseudo, factor = entropy_pseudo_labels(labels, old, thresholds)
+    p = torch.softmax(old, dim=1)
+    for n in range(2):
+        confident_bg = 0
+        for i in range(8):
+            for j in range(8):
+                y = int(labels[n, i, j])
+                if y != 0:
+                    assert int(pseudo[n, i, j]) == y  # new classes, ignored pixels: unchanged
+                    continue
+                c = int(p[n, :, i, j].argmax())
+                u = float(-(p[n, :, i, j] * p[n, :, i, j].log()).sum() / math.log(3))
+                expected = c if u < float(thresholds[c]) else 255
+                confident_bg += expected != 255
+                assert int(pseudo[n, i, j]) == expected
+        assert float(factor[n]) == pytest.approx(confident_bg / int((labels[n] == 0).sum()))
+    _, factor = entropy_pseudo_labels(torch.ones(1, 8, 8, dtype=torch.long), old[:1], thresholds)
+    assert float(factor) == 1.0  # no background: the loss keeps its weight
+
+
+def test_median_from_histogram_matches_sample_medians() -> None:
+    g = torch.Generator().manual_seed(4)
+    samples = [torch.rand(1001, generator=g, dtype=torch.float64) ** k for k in (1, 2, 3)]
+    bins = 1000
+    hist = torch.stack([torch.histc(s, bins=bins, min=0, max=1) for s in samples]).double()
+    hist = torch.cat([hist, torch.zeros(1, bins, dtype=torch.float64)])
+    med = median_from_histogram(hist)
+    for k, s in enumerate(samples):
+        assert float(med[k]) == pytest.approx(float(s.median()), abs=2.0 / bins)
+    assert float(med[3]) == 0.0  # a class never predicted
+
+
+# ---------------------------------------------------------------- the method through the learner
+
+
+def _batches(scenario: Scenario, step: int) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(10 + step)
+    images = torch.randn(2, 3, 32, 32, generator=g)
+    labels = torch.randint(0, scenario.num_classes_at(step), (2, 32, 32), generator=g)
+    labels[labels < scenario.num_old_classes(step)] = 0  # old classes are background in the current labels
+    return [(images, labels)]
+
+
+def test_plop_trains_through_the_learner_and_checkpoints(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    scenario = Scenario([[1, 2], [3], [4]])
+    learner = IncrementalLearner(small_segmenter(3, width=8), scenario, "plop")
+    assert learner.config.family == "plop" and learner.config.init == "mib" and learner.config.kd is None
+    for step in range(3):
+        learner.begin_step(step)
+        batches = _batches(scenario, step)
+        if step > 0:
+            assert learner.needs_calibration
+            with pytest.raises(RuntimeError, match="calibrate"):
+                learner.training_step(*batches[0])
+            learner.calibrate(batches)
+        assert not learner.needs_calibration
+        opt = torch.optim.SGD(learner.param_groups(0.01), lr=0.01)
+        out = learner.training_step(*batches[0])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        assert sorted(out.terms) == (["pod", "seg", "total"] if step else ["seg", "total"])
+        assert float(out.terms["total"]) == pytest.approx(sum(float(v) for k, v in out.terms.items() if k != "total"))
+        learner.end_step()
+    criterion = learner.criterion
+    assert isinstance(criterion, PLOPLoss) and int(criterion.calibrated_for) == 4
+    assert bool((criterion.thresholds[:4] >= 0.001).all())
+    path = tmp_path / "plop.pt"
+    learner.save(path)
+    restored = IncrementalLearner.from_checkpoint(path, small_segmenter(3, width=8))
+    assert restored.config == learner.config
+    torch.testing.assert_close(restored.criterion.thresholds, criterion.thresholds)
+    assert not restored.needs_calibration
+
+
+def test_plop_loss_matches_a_float64_reference() -> None:
+    """The whole step-1 loss on a float64 network: CE on pseudo-labels times the factor, POD on the encoder's
+    stages, h and the collapsed logits, weights 0.01 / 0.0005, schedule sqrt(K/|C_t|)."""
+    torch.manual_seed(0)
+    scenario = Scenario([[1, 2], [3, 4]])
+    model = small_segmenter(3, width=4).double()
+    learner = IncrementalLearner(model, scenario, "plop")
+    learner.begin_step(0)
+    learner.end_step()
+    learner.begin_step(1)
+    images, labels = _batches(scenario, 1)[0]
+    images = images.double()
+    learner.calibrate([(images, labels)])
+    out = learner.training_step(images, labels)
+
+    teacher, student = learner.teacher, learner.model
+    assert teacher is not None
+
+    def stages(net: torch.nn.Module) -> list[Tensor]:
+        feats, x = [], images
+        for stage in net.encoder:  # type: ignore[attr-defined]
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+    with torch.no_grad():
+        t_out = teacher.forward_features(images)
+        t_maps = [*stages(teacher), t_out["h"], t_out["logits"]]
+    s_out = student.forward_features(images)
+    k, n_old = 5, 3
+    s_logits = s_out["logits"]
+    collapsed = torch.cat([s_logits[:, :1] + s_logits[:, n_old:].sum(1, keepdim=True), s_logits[:, 1:n_old]], 1)
+    s_maps = [*stages(student), s_out["h"], collapsed]
+    weights = [0.01] * (len(s_maps) - 1) + [0.0005]
+    pod = (
+        sum(
+            w * float((_reference_pod(a.detach(), (1, 2, 4)) - _reference_pod(b, (1, 2, 4))).norm(dim=1).mean())
+            for w, a, b in zip(weights, s_maps, t_maps)
+        )
+        / len(s_maps)
+        * math.sqrt(k / (k - n_old))
+    )
+    probs = torch.softmax(F.interpolate(t_out["logits"], size=(32, 32), mode="bilinear"), dim=1)
+    u = -(probs * probs.log()).sum(1) / math.log(n_old)
+    c = probs.argmax(1)
+    thr = learner.criterion.thresholds
+    bg = labels == 0
+    target = torch.where(bg, torch.where(u < thr[c], c, torch.full_like(c, 255)), labels)
+    factor = (bg & (target != 255)).flatten(1).sum(1).double() / bg.flatten(1).sum(1).double()
+    x = F.interpolate(s_logits.detach(), size=(32, 32), mode="bilinear")
+    ce = F.cross_entropy(x, target, ignore_index=255, reduction="none") * factor[:, None, None]
+    seg = float(ce.sum()) / ce.numel()
+    assert float(out.terms["seg"]) == pytest.approx(seg, rel=1e-10)
+    assert float(out.terms["pod"]) == pytest.approx(pod, rel=1e-10)
+
+
+def test_plop_configuration() -> None:
+    cfg = METHODS["plop"]
+    assert cfg.options["pod_factor"] == 0.01 and cfg.options["pod_logits_factor"] == 0.0005
+    assert MethodConfig.from_dict(cfg.to_dict()) == cfg
+    mine = MethodConfig.preset("plop", pod_factor=1, pseudo_bins=20)
+    assert mine.options["pod_factor"] == 1.0 and mine.options["pseudo_bins"] == 20 and mine.family == "plop"
+    with pytest.raises(ValueError, match="pod_factor must be >= 0"):
+        MethodConfig.preset("plop", pod_factor=-1.0)
+    with pytest.raises(TypeError, match="pseudo_bins must be a int"):
+        MethodConfig.preset("plop", pseudo_bins=2.5)
+    with pytest.raises(ValueError, match="no kd, ad or CAF"):
+        MethodConfig.preset("plop", kd="unbiased")
+    with pytest.raises(ValueError, match="unknown method configuration fields"):
+        MethodConfig.preset("mib", pod_factor=1.0)  # an option of another family
+    assert MethodConfig.preset("plop").uses_teacher and not MethodConfig.preset("ft").uses_teacher
