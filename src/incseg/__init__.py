@@ -2,7 +2,8 @@
 
 Implements *Continual Attentive Fusion for Incremental Learning in Semantic Segmentation* (Yang et al., IEEE
 TMM 2022) as reusable parts: CAF blocks (:mod:`incseg.nn`), losses (:mod:`incseg.losses`,
-:mod:`incseg.functional`), scenarios (:mod:`incseg.scenarios`), datasets (:mod:`incseg.data`), metrics
+:mod:`incseg.functional`), methods as plugins (:mod:`incseg.methods`: CAF and its baselines, PLOP, replay),
+scenarios (:mod:`incseg.scenarios`), datasets (:mod:`incseg.data`), metrics
 (:mod:`incseg.metrics`), reference networks (:mod:`incseg.models`), and the small
 :class:`~incseg.learner.IncrementalLearner` API that ties them to any encoder-refiner-classifier network.
 """
@@ -15,14 +16,17 @@ from typing import TYPE_CHECKING, Any
 from incseg._version import __version__
 
 if TYPE_CHECKING:
-    from incseg import data, functional, losses, metrics, models, nn, scenarios
-    from incseg._checks import set_validate_values
-    from incseg.learner import IncrementalLearner, MethodConfig
+    from incseg import data, functional, losses, methods, metrics, models, nn, scenarios
+    from incseg._checks import InputTypeError, NonFiniteError, set_validate_values
+    from incseg.learner import CheckpointError, IncrementalLearner, MethodConfig
     from incseg.scenarios import Scenario, get_scenario
 
 # Loaded on first use (PEP 562), so ``import incseg.cli`` and ``incseg --help`` do not import torch.
-_SUBMODULES = ("data", "functional", "losses", "metrics", "models", "nn", "scenarios")
+_SUBMODULES = ("data", "functional", "losses", "methods", "metrics", "models", "nn", "scenarios")
 _ATTRIBUTES = {
+    "CheckpointError": "incseg.learner.checkpoint",
+    "InputTypeError": "incseg._checks",
+    "NonFiniteError": "incseg._checks",
     "IncrementalLearner": "incseg.learner",
     "MethodConfig": "incseg.learner",
     "Scenario": "incseg.scenarios",
@@ -46,14 +50,18 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "CheckpointError",
     "IncrementalLearner",
+    "InputTypeError",
     "MethodConfig",
+    "NonFiniteError",
     "Scenario",
     "__version__",
     "data",
     "functional",
     "get_scenario",
     "losses",
+    "methods",
     "metrics",
     "models",
     "nn",

@@ -9,6 +9,7 @@ and are opt-out on the hot path.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -20,6 +21,7 @@ __all__ = [
     "check_finite",
     "check_labels",
     "check_logits",
+    "check_num_old_classes",
     "check_same_shape",
     "set_validate_values",
     "validate_values",
@@ -28,7 +30,8 @@ __all__ = [
 
 class InputTypeError(TypeError, ValueError):
     """A tensor of the wrong type or dtype (e.g. float labels). Both a :class:`TypeError` and a
-    :class:`ValueError`, so ``except ValueError`` catches every bad-input error of incseg."""
+    :class:`ValueError`, so ``except ValueError`` catches every bad-input error of incseg. Public as
+    ``incseg.InputTypeError``."""
 
 
 _VALIDATE_VALUES: bool | None = None
@@ -67,7 +70,14 @@ def check_feature_map(x: object, name: str, *, channels: int | None = None) -> T
 
 
 class NonFiniteError(ValueError):
-    """Raised when logits contain NaN or Inf (checked where value checks run, see :func:`set_validate_values`)."""
+    """NaN or Inf where finite values are needed: logits and features (checked where value checks run, see
+    :func:`set_validate_values`), weights to save or evaluate. Public as ``incseg.NonFiniteError``.
+
+    Example:
+        >>> import incseg
+        >>> issubclass(incseg.NonFiniteError, ValueError)
+        True
+    """
 
 
 def check_finite(x: Tensor, name: str) -> Tensor:
@@ -143,3 +153,53 @@ def check_labels(
             allowed = f"[0, {num_classes})" + (f" or ignore_index={ignore_index}" if ignore_index is not None else "")
             raise ValueError(f"{name} contains values {bad} outside {allowed}")
     return labels
+
+
+@overload
+def check_num_old_classes(
+    num_old_classes: object,
+    num_classes: int,
+    *,
+    minimum: int = ...,
+    allow_all: bool = ...,
+    allow_none: Literal[False] = ...,
+) -> int: ...
+@overload
+def check_num_old_classes(
+    num_old_classes: object, num_classes: int, *, minimum: int = ..., allow_all: bool = ..., allow_none: bool
+) -> int | None: ...
+def check_num_old_classes(
+    num_old_classes: object, num_classes: int, *, minimum: int = 0, allow_all: bool = True, allow_none: bool = False
+) -> int | None:
+    """Check the number of old classes against the ``K`` classes of the logits or the metric.
+
+    The one check of ``num_old_classes`` for the losses (``minimum`` 0 or 1, ``allow_all=False`` where a new
+    class must exist) and the metrics (``allow_none=True``: no old/new split).
+
+    Args:
+        num_old_classes: the value to check (a Python ``int``, or ``None`` when ``allow_none``).
+        num_classes: the number of classes ``K``.
+        minimum: smallest accepted value.
+        allow_all: whether ``num_old_classes == K`` (no new class) is accepted.
+        allow_none: whether ``None`` is accepted (and returned).
+
+    Returns:
+        The value as ``int`` (or ``None``).
+
+    Raises:
+        TypeError: not an int (nor ``None`` when allowed).
+        ValueError: outside ``[minimum, K]`` (``[minimum, K)`` without ``allow_all``).
+    """
+    if num_old_classes is None and allow_none:
+        return None
+    if isinstance(num_old_classes, bool) or not isinstance(num_old_classes, int):
+        expected = "an int or None" if allow_none else "an int"
+        raise TypeError(f"num_old_classes must be {expected}, got {type(num_old_classes).__name__}")
+    upper = num_classes if allow_all else num_classes - 1
+    if not minimum <= num_old_classes <= upper:
+        rule = "<= K" if allow_all else "< K"
+        raise ValueError(
+            f"num_old_classes must satisfy {minimum} <= num_old_classes {rule} (K={num_classes} classes), got "
+            f"{num_old_classes}"
+        )
+    return num_old_classes

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from incseg._checks import check_num_old_classes
+
 __all__ = [
     "ClassReduction",
     "Reduction",
@@ -31,30 +33,6 @@ def check_choice(value: object, name: str, choices: Sequence[object]) -> None:
     """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-
-
-def check_num_old_classes(num_old_classes: object, num_classes: int, *, minimum: int, allow_all: bool) -> int:
-    """Check the number of old classes against the student's ``K`` classes.
-
-    Args:
-        num_old_classes: the value to check (a Python ``int``).
-        num_classes: number of student classes ``K``.
-        minimum: smallest accepted value.
-        allow_all: whether ``num_old_classes == K`` (no new class) is accepted.
-
-    Returns:
-        The value as ``int``.
-    """
-    if isinstance(num_old_classes, bool) or not isinstance(num_old_classes, int):
-        raise TypeError(f"num_old_classes must be an int, got {type(num_old_classes).__name__}")
-    upper = num_classes if allow_all else num_classes - 1
-    if not minimum <= num_old_classes <= upper:
-        rule = "<= K" if allow_all else "< K"
-        raise ValueError(
-            f"num_old_classes must satisfy {minimum} <= num_old_classes {rule} (K={num_classes} classes in the "
-            f"logits), got {num_old_classes}"
-        )
-    return num_old_classes
 
 
 def check_batch(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:

@@ -91,17 +91,6 @@ def count_pairs(pred: Tensor, target: Tensor, num_classes: int, ignore_index: in
     return counts[:dump].reshape(k, k)
 
 
-def check_num_old_classes(num_old_classes: object, num_classes: int) -> int | None:
-    """Check that ``num_old_classes`` is ``None`` or an ``int`` in ``[0, num_classes]`` and return it."""
-    if num_old_classes is None:
-        return None
-    if isinstance(num_old_classes, bool) or not isinstance(num_old_classes, int):
-        raise TypeError(f"num_old_classes must be an int or None, got {type(num_old_classes).__name__}")
-    if not 0 <= num_old_classes <= num_classes:
-        raise ValueError(f"num_old_classes must be in [0, num_classes={num_classes}], got {num_old_classes}")
-    return num_old_classes
-
-
 def check_class_names(class_names: object, num_classes: int | None) -> tuple[str, ...] | None:
     """Check ``class_names``: ``None`` or unique strings, ``num_classes`` of them when given."""
     if class_names is None:

@@ -31,7 +31,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from incseg.metrics._common import check_absent, check_class_names, check_num_old_classes
+from incseg._checks import check_num_old_classes
+from incseg.metrics._common import check_absent, check_class_names
 
 __all__ = ["IoUResult"]
 
@@ -151,7 +152,7 @@ class IoUResult:
         if bool((conf < 0).any()):
             raise ValueError("confusion must not contain negative counts")
         k = conf.shape[0]
-        n_old = check_num_old_classes(num_old_classes, k)
+        n_old = check_num_old_classes(num_old_classes, k, allow_none=True)
         names = check_class_names(class_names, k)
         absent = check_absent(absent)
 
