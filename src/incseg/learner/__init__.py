@@ -2,7 +2,8 @@
 
 - :class:`IncrementalLearner`: ``begin_step`` / ``training_step`` / ``param_groups`` / ``end_step`` /
   ``predict`` / ``save`` / ``load`` around an :class:`~incseg.models.IncrementalSegmenter`.
-- :class:`MethodConfig` and :data:`METHODS`: the methods (``ft``, ``lwf``, ``mib``, ``caf``, ``joint``, ablations).
+- :class:`MethodConfig` and :data:`METHODS`: the methods (``ft``, ``lwf``, ``mib``, ``caf``, ``joint``, ablations,
+  ``plop``); each is implemented by a plugin of :mod:`incseg.methods`.
 - :class:`TrainingModule`: student + criterion, the module to wrap in ``DistributedDataParallel``.
 - :class:`DivergenceGuard`, :class:`DivergenceError`: divergence is never silent.
 - :func:`freeze`, :func:`unwrap_module`, :class:`CheckpointError`.

@@ -52,7 +52,8 @@ class MethodConfig:
     ``ad`` the feature distillation ``L_AD`` (plain feature distillation, or the attentive one of eq. 5-8
     with spatial, channel or both attentions) and ``caf`` whether the continual attentive fusion (eq. 1-4)
     sits between encoder and refiner from step 1 on. Use :meth:`preset` for the named methods of
-    :data:`METHODS` ("ft", "lwf", "mib", "caf", "joint" and the ablations of the paper's Table III).
+    :data:`METHODS` ("ft", "lwf", "mib", "caf", "joint", "plop" and the ablations of the paper's Table III).
+    Which plugin runs it is ``family``; a family's own settings are in ``options``.
 
     Only plain python types are stored, so a config round-trips through :meth:`to_dict` / :meth:`from_dict`
     (and through checkpoints loaded with ``weights_only=True``).
@@ -90,6 +91,12 @@ class MethodConfig:
         fusion_dropout: probability, per image and training iteration, that CAF's fusion is replaced by its
             ``skip`` path (``v_new`` alone), so that the test-time strategy ``skip`` is trained too (0: the
             paper, which always fuses in training).
+        family: the method family (a plugin of :mod:`incseg.methods`) that implements the configuration:
+            ``"caf"`` (every method of the CAF paper, :class:`~incseg.methods.CAFMethod`), ``"plop"``
+            (:class:`~incseg.methods.PLOPMethod`) or one registered with :func:`~incseg.methods.register_method`.
+        options: the family's own settings (e.g. PLOP's ``pod_factor``), validated and completed with its
+            defaults; they are passed like fields (``MethodConfig.preset("plop", pod_factor=0.02)``) and appear
+            as entries of their own in :meth:`to_dict`.
 
     Raises:
         ValueError: a value outside its allowed set (the message lists the valid ones) or a negative or
