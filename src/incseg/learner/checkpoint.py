@@ -13,17 +13,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from incseg.learner.config import MethodConfig
+from incseg.models import IncrementalSegmenter
+from incseg.scenarios import Scenario
 
 __all__ = [
     "CHECKSUM_KEY",
     "FORMAT_VERSION",
+    "SCHEMA",
     "CheckpointError",
     "atomic_save",
+    "check_learner_state",
     "check_plain",
     "content_checksum",
+    "levels_record",
+    "load_into",
+    "method_from",
     "read_checkpoint",
     "remove_stale_temporaries",
+    "scenario_from",
 ]
 
 FORMAT_VERSION = 1
@@ -323,3 +333,107 @@ def _unpickler_reason(exc: BaseException) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+SCHEMA: dict[str, tuple[type, ...]] = {
+    "scenario": (dict,),
+    "method": (dict,),
+    "step": (int,),
+    "step_finished": (bool,),
+    "classes_per_step": (list, tuple),
+    "has_fusion": (bool,),
+    "model": (dict,),
+    "teacher": (dict, type(None)),
+    "criterion": (dict,),
+    "optimizer": (dict, type(None)),
+    "extra": (dict,),
+}
+
+
+def levels_record(model: IncrementalSegmenter) -> dict[str, list[str]] | None:
+    """The multi-scale structure a checkpoint records: the encoder's levels and the CAF levels, as strings."""
+    if model.levels is None or model.caf_levels is None:
+        return None
+    return {"levels": [str(level) for level in model.levels], "caf": [str(level) for level in model.caf_levels]}
+
+
+def scenario_from(state: Mapping[str, Any]) -> Scenario:
+    try:
+        return Scenario.from_dict(state["scenario"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint scenario is invalid: {exc}") from exc
+
+
+def method_from(state: Mapping[str, Any]) -> MethodConfig:
+    try:
+        return MethodConfig.from_dict(state["method"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint method configuration is invalid: {exc}") from exc
+
+
+def load_into(module: nn.Module, weights: Mapping[str, Any], what: str) -> None:
+    bad = [k for k, v in weights.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if bad:
+        raise CheckpointError(f"checkpoint {what} weights must map names to tensors; bad entries {bad[:5]}")
+    own = module.state_dict()
+    cast = [f"{k} ({v.dtype} -> {own[k].dtype})" for k, v in weights.items() if k in own and v.dtype != own[k].dtype]
+    if cast:  # load_state_dict would cast silently: float64/int/bool/complex values into float32 weights
+        raise CheckpointError(
+            f"checkpoint {what} weights have other dtypes than this learner's network in {len(cast)} tensors, e.g. "
+            f"{', '.join(cast[:3])}: incseg does not cast weights silently; build the network in the checkpoint's "
+            "dtype (model.to(dtype)) before loading, or convert the checkpoint's tensors yourself"
+        )
+    try:
+        module.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"checkpoint {what} weights do not fit this learner's network (another architecture, width or "
+            f"method?): {' '.join(str(exc).split())[:1500]}"
+        ) from exc
+
+
+def check_learner_state(state: object, scenario: Scenario, config: MethodConfig) -> tuple[int, list[int]]:
+    """The checks of a learner state that need no network: format version, :data:`SCHEMA`, same scenario and
+    method configuration, step in range, classifier sizes of the scenario.
+
+    Returns:
+        ``(step, classes_per_step)`` of the state.
+
+    Raises:
+        CheckpointError: the first check that fails, with what was found and what was expected.
+    """
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"a learner state must be a dict, got {type(state).__name__}")
+    version = state.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint has format_version {state.get('format_version')!r}; this incseg reads {FORMAT_VERSION}"
+        )
+    for key, types in SCHEMA.items():
+        if key not in state:
+            raise CheckpointError(f"checkpoint is missing the key {key!r}")
+        if not isinstance(state[key], types) or (isinstance(state[key], bool) and bool not in types):
+            names = "/".join("None" if t is type(None) else t.__name__ for t in types)
+            raise CheckpointError(f"checkpoint entry {key!r} must be {names}, got {type(state[key]).__name__}")
+    saved_scenario = scenario_from(state)
+    if saved_scenario != scenario:
+        raise CheckpointError(
+            f"checkpoint was written for another scenario: {saved_scenario!r}, learner has {scenario!r}"
+        )
+    saved_config = method_from(state)
+    if saved_config != config:
+        diff = {
+            k: (v, getattr(config, k, None)) for k, v in saved_config.to_dict().items() if config.to_dict().get(k) != v
+        }
+        raise CheckpointError(
+            f"checkpoint was written for another method configuration; differing fields (checkpoint, learner): {diff}"
+        )
+    step = state["step"]
+    if not 0 <= step < scenario.num_steps:
+        raise CheckpointError(f"checkpoint step {step} is outside [0, {scenario.num_steps})")
+    cps = list(scenario.classes_per_step[: step + 1])
+    if list(state["classes_per_step"]) != cps:
+        raise CheckpointError(
+            f"checkpoint classes_per_step {state['classes_per_step']} do not match the scenario at step {step} ({cps})"
+        )
+    return step, cps

@@ -21,9 +21,14 @@ from incseg.learner.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     atomic_save,
+    check_learner_state,
     check_plain,
     content_checksum,
+    levels_record,
+    load_into,
+    method_from,
     read_checkpoint,
+    scenario_from,
 )
 from incseg.learner.config import MethodConfig, TestStrategy
 from incseg.learner.guard import DivergenceGuard, check_finite_tensors
@@ -652,7 +657,7 @@ class IncrementalLearner:
             "step_finished": self._step_finished,
             "classes_per_step": model.classifier.classes_per_step,
             "has_fusion": model.fusion is not None,
-            "caf_levels": _levels_record(model),
+            "caf_levels": levels_record(model),
             "model": model.state_dict(),
             "teacher": None if self._teacher is None else self._teacher.state_dict(),
             "criterion": self.criterion.state_dict(),
@@ -762,8 +767,8 @@ class IncrementalLearner:
             >>> # extra = learner.load("last.pt", optimizer=optimizer)  # optimizer state too
         """
         data = read_checkpoint(path, map_location=map_location)
-        scenario = _scenario_from(data)
-        config = _method_from(data)
+        scenario = scenario_from(data)
+        config = method_from(data)
         learner = cls(model, scenario, config)
         learner.load_state_dict(data)
         return learner
@@ -783,42 +788,8 @@ class IncrementalLearner:
         Raises:
             CheckpointError: see :meth:`load`; the learner is unchanged when it is raised.
         """
-        if not isinstance(state, Mapping):
-            raise CheckpointError(f"a learner state must be a dict, got {type(state).__name__}")
-        version = state.get("format_version")
-        if type(version) is not int or version != FORMAT_VERSION:
-            raise CheckpointError(
-                f"checkpoint has format_version {state.get('format_version')!r}; this incseg reads {FORMAT_VERSION}"
-            )
-        for key, types in _SCHEMA.items():
-            if key not in state:
-                raise CheckpointError(f"checkpoint is missing the key {key!r}")
-            if not isinstance(state[key], types) or (isinstance(state[key], bool) and bool not in types):
-                names = "/".join("None" if t is type(None) else t.__name__ for t in types)
-                raise CheckpointError(f"checkpoint entry {key!r} must be {names}, got {type(state[key]).__name__}")
-        scenario = _scenario_from(state)
-        if scenario != self._scenario:
-            raise CheckpointError(
-                f"checkpoint was written for another scenario: {scenario!r}, learner has {self._scenario!r}"
-            )
-        config = _method_from(state)
-        if config != self._config:
-            diff = {
-                k: (v, getattr(self._config, k)) for k, v in config.to_dict().items() if getattr(self._config, k) != v
-            }
-            raise CheckpointError(
-                f"checkpoint was written for another method configuration; differing fields "
-                f"(checkpoint, learner): {diff}"
-            )
-        step = state["step"]
-        if not 0 <= step < scenario.num_steps:
-            raise CheckpointError(f"checkpoint step {step} is outside [0, {scenario.num_steps})")
-        cps = list(scenario.classes_per_step[: step + 1])
-        if list(state["classes_per_step"]) != cps:
-            raise CheckpointError(
-                f"checkpoint classes_per_step {state['classes_per_step']} do not match the scenario at step {step} "
-                f"({cps})"
-            )
+        step, cps = check_learner_state(state, self._scenario, self._config)
+        config = self._config
         has_fusion = self._method.has_fusion(step)
         if state["has_fusion"] != has_fusion:
             raise CheckpointError(
@@ -826,10 +797,10 @@ class IncrementalLearner:
                 f"has {has_fusion}"
             )
         saved_levels = state.get("caf_levels")  # absent in checkpoints of incseg 0.1: single-tensor encoders
-        if saved_levels != _levels_record(self.model):
+        if saved_levels != levels_record(self.model):
             raise CheckpointError(
                 f"checkpoint was written for a network with encoder levels {saved_levels} but this model has "
-                f"{_levels_record(self.model)} (None: an encoder returning one tensor); build the model with the "
+                f"{levels_record(self.model)} (None: an encoder returning one tensor); build the model with the "
                 "same encoder and caf_levels as when the checkpoint was saved"
             )
         if (state["teacher"] is None) != (step == 0):
@@ -845,13 +816,13 @@ class IncrementalLearner:
         # Build and fill copies: any mismatch surfaces here, before the learner changes.
         with _rng_preserved(self.model):
             student = self._build_structure(cps, has_fusion)
-            _load_into(student, state["model"], "model")
+            load_into(student, state["model"], "model")
             teacher = None
             if state["teacher"] is not None:
                 teacher = self._build_structure(cps[:step], self._method.has_fusion(step - 1))
-                _load_into(teacher, state["teacher"], "teacher")
+                load_into(teacher, state["teacher"], "teacher")
             criterion = copy.deepcopy(self.criterion)
-            _load_into(criterion, state["criterion"], "criterion")
+            load_into(criterion, state["criterion"], "criterion")
 
         model = self.model
         replace_classifier = model.classifier.classes_per_step != cps
@@ -883,7 +854,7 @@ class IncrementalLearner:
         self.criterion.load_state_dict(state["criterion"])
         self._step = step
         self._step_finished = state["step_finished"]
-        self._module.num_old_classes = scenario.num_old_classes(step)
+        self._module.num_old_classes = self._scenario.num_old_classes(step)
         self._module.train(self._module.training)
         self.criterion.requires_grad_(step > 0)
         return dict(extra)
@@ -933,60 +904,3 @@ class IncrementalLearner:
                 f"the optimizer has parameter groups of sizes {sizes}, the checkpoint {saved_sizes}: build it from "
                 "learner.param_groups() after loading the structure"
             )
-
-
-_SCHEMA: dict[str, tuple[type, ...]] = {
-    "scenario": (dict,),
-    "method": (dict,),
-    "step": (int,),
-    "step_finished": (bool,),
-    "classes_per_step": (list, tuple),
-    "has_fusion": (bool,),
-    "model": (dict,),
-    "teacher": (dict, type(None)),
-    "criterion": (dict,),
-    "optimizer": (dict, type(None)),
-    "extra": (dict,),
-}
-
-
-def _levels_record(model: IncrementalSegmenter) -> dict[str, list[str]] | None:
-    """The multi-scale structure a checkpoint records: the encoder's levels and the CAF levels, as strings."""
-    if model.levels is None or model.caf_levels is None:
-        return None
-    return {"levels": [str(level) for level in model.levels], "caf": [str(level) for level in model.caf_levels]}
-
-
-def _scenario_from(state: Mapping[str, Any]) -> Scenario:
-    try:
-        return Scenario.from_dict(state["scenario"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint scenario is invalid: {exc}") from exc
-
-
-def _method_from(state: Mapping[str, Any]) -> MethodConfig:
-    try:
-        return MethodConfig.from_dict(state["method"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint method configuration is invalid: {exc}") from exc
-
-
-def _load_into(module: nn.Module, weights: Mapping[str, Any], what: str) -> None:
-    bad = [k for k, v in weights.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
-    if bad:
-        raise CheckpointError(f"checkpoint {what} weights must map names to tensors; bad entries {bad[:5]}")
-    own = module.state_dict()
-    cast = [f"{k} ({v.dtype} -> {own[k].dtype})" for k, v in weights.items() if k in own and v.dtype != own[k].dtype]
-    if cast:  # load_state_dict would cast silently: float64/int/bool/complex values into float32 weights
-        raise CheckpointError(
-            f"checkpoint {what} weights have other dtypes than this learner's network in {len(cast)} tensors, e.g. "
-            f"{', '.join(cast[:3])}: incseg does not cast weights silently; build the network in the checkpoint's "
-            "dtype (model.to(dtype)) before loading, or convert the checkpoint's tensors yourself"
-        )
-    try:
-        module.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"checkpoint {what} weights do not fit this learner's network (another architecture, width or "
-            f"method?): {' '.join(str(exc).split())[:1500]}"
-        ) from exc
