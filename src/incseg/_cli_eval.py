@@ -222,14 +222,13 @@ def run_eval(args: argparse.Namespace) -> int:
     from incseg.data import IncrementalSegmentation
     from incseg.engine import evaluate
     from incseg.learner import IncrementalLearner
-    from incseg.learner.checkpoint import read_checkpoint
-    from incseg.learner.learner import _method_from, _scenario_from
+    from incseg.learner.checkpoint import method_from, read_checkpoint, scenario_from
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     checkpoint, run_dir = find_checkpoint(args.target)
     data = read_checkpoint(checkpoint, map_location="cpu")
-    scenario, method = _scenario_from(data), _method_from(data)
+    scenario, method = scenario_from(data), method_from(data)
     settings = _settings(args, run_dir, data.get("model") or {})
     _check_dataset(scenario, settings.dataset, checkpoint)
     device = D.init_from_env(args.device)

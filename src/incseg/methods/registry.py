@@ -36,7 +36,7 @@ def register_method(cls: type[Method]) -> type[Method]:
 
     Raises:
         TypeError: ``cls`` is not a :class:`~incseg.methods.Method` subclass.
-        ValueError: the family name is empty or already taken by another class.
+        ValueError: the family name is empty or already taken by a class of another name.
     """
     from incseg.methods.base import Method
 
@@ -46,8 +46,9 @@ def register_method(cls: type[Method]) -> type[Method]:
     if not isinstance(name, str) or not name:
         raise ValueError(f"{cls.__name__}.family must be a non-empty str, got {name!r}")
     previous = _FAMILIES.get(name)
-    rerun = previous is not None and (previous.__module__, previous.__qualname__) == (cls.__module__, cls.__qualname__)
-    if previous is not None and previous is not cls and not rerun:  # re-running the same code (a notebook) is fine
+    # Re-running the code that defines a class (a notebook cell, a documentation page) registers it again: fine.
+    rerun = previous is not None and previous.__qualname__ == cls.__qualname__
+    if previous is not None and previous is not cls and not rerun:
         raise ValueError(f"method family {name!r} is already registered by {previous.__name__}")
     _FAMILIES[name] = cls
     return cls
