@@ -138,11 +138,28 @@ def run_matrix(args: argparse.Namespace) -> None:
                     print(json.dumps(row), flush=True)
 
 
+def _calibrate_batch_norm(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
+    """Running statistics of the final weights (cumulative averages over ``batches``), as at the end of a real
+    step 0, whose learning rate decays to 0: a short warm-up at a constant rate leaves them lagging behind."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for images in batches:
+            model(images)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+
+
 def run_stability(args: argparse.Namespace) -> None:
     """A few iterations of step 1 per network and method at the network's real size: does anything diverge?
 
-    Step 0 first trains ``--stability-warmup`` iterations with plain fine-tuning (so that batch-norm running
-    statistics have seen data, as after any real step 0); every method then starts step 1 from that model.
+    Step 0 first trains ``--stability-warmup`` iterations with plain fine-tuning, then its batch-norm running
+    statistics are recomputed for the final weights (as after any real step 0); every method then starts step 1
+    from that model.
     """
     from incseg.models import deeplabv3_resnet101
 
@@ -175,6 +192,7 @@ def run_stability(args: argparse.Namespace) -> None:
             opt.zero_grad()
             out.loss.backward()
             opt.step()
+        _calibrate_batch_norm(base.model, [images for images, _ in step0])
         state = base.model.state_dict()
         for text in args.methods:
             method, overrides = parse_method(text)

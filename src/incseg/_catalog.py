@@ -29,7 +29,7 @@ METHOD_DESCRIPTIONS: Mapping[str, str] = MappingProxyType(
         "joint": "all classes in one step (the upper bound; same losses as ft)",
         "lwf": "fine-tuning + plain knowledge distillation of the old model's outputs (Li & Hoiem)",
         "mib": "unbiased cross-entropy + unbiased distillation + MiB init of new classes (Cermelli et al.)",
-        "caf": "CAF (eq. 1-13) with stabilisers: gradient-balanced AD, frozen student BN, fusion dropout",
+        "caf": "CAF (eq. 1-13) with stabilisers: gradient-balanced AD, no student dropout, fusion dropout",
         "caf-paper": "CAF exactly as eq. 1-13 with the fixed weights (lambda_AD=1000): diverges on most networks",
         "caf-release": "the authors' public code: MiB + plain MSE feature distillation x1000, no CAF module",
         "baseline": "unbiased cross-entropy with MiB init, no distillation (Table III's baseline)",

@@ -115,7 +115,7 @@ def test_caf_preset_is_the_recipe_and_caf_paper_the_paper() -> None:
         paper.ce, paper.kd, paper.ad, paper.caf, paper.lambda_ad, paper.lambda_d,
     )  # fmt: skip
     assert caf.ad_balance is not None and caf.gamma_max == 1.0 and caf.fusion_dropout > 0
-    assert (caf.bn, caf.dropout) == ("frozen", "frozen")
+    assert (caf.bn, caf.dropout) == ("train", "frozen")  # frozen batch norm diverged on deep ResNets
     assert (paper.ad_balance, paper.gamma_max, paper.bn, paper.dropout, paper.fusion_dropout) == (
         None, None, "train", "train", 0.0,
     )  # fmt: skip

@@ -80,9 +80,11 @@ class MethodConfig:
             on the network and learning rate; see docs/protocol.md).
         gamma_max: upper bound of the balance ``γ`` of eq. 11 (``None``: the paper's unbounded ``γ``; ``1.0``:
             ``γ`` only ever down-weights the background term, the paper's stated intent).
-        bn: ``"frozen"`` keeps the student's batch-norm layers in evaluation mode (running statistics of
-            step 0) at steps > 0, as the teacher's, while their affine weights still train (MiB's
-            ``--fix_bn``); ``"train"`` updates them from each batch. Layers that never saw data (running mean
+        bn: ``"train"`` (default) updates the student's batch-norm layers from each batch; ``"frozen"`` keeps
+            them in evaluation mode (running statistics of step 0) at steps > 0, as the teacher's, while their
+            affine weights still train (MiB's ``--fix_bn``). ``"frozen"`` is not the default: it made deep
+            residual networks diverge under attentive distillation (FCN-ResNet50, lr 0.01, see
+            docs/results.md). Layers that never saw data (running mean
             0 and variance 1, as initialised) keep batch statistics under ``"frozen"``, with a warning:
             evaluation mode would not normalise them, and training diverges (measured: MiB with frozen
             untrained batch norm explodes within 4 iterations on torchvision's FCN-ResNet50).
@@ -125,7 +127,7 @@ class MethodConfig:
     caf_inner_channels: int | None = None
     ad_balance: float | None = 1.0
     gamma_max: float | None = 1.0
-    bn: NormPolicy = "frozen"
+    bn: NormPolicy = "train"
     dropout: NormPolicy = "frozen"
     fusion_dropout: float = 0.5
     family: str = "caf"
