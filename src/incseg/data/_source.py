@@ -126,8 +126,10 @@ def check_pair(image: Tensor, mask: np.ndarray, image_path: Path, mask_path: Pat
         )
 
 
-def files_fingerprint(kind: str, base: Path, files: Iterable[Path]) -> str:
-    """A fingerprint of ``files``: their paths relative to ``base``, sizes and modification times.
+def files_fingerprint(kind: str, base: Path, files: Iterable[Path], *, content: bool = False) -> str:
+    """A fingerprint of ``files``: their paths relative to ``base`` with their sizes and modification times, or
+    with ``content=True`` their bytes (SHA-256), which sees a file rewritten with the same size and modification
+    time at the cost of reading every file.
 
     Raises:
         FileNotFoundError: one of the files is missing.
@@ -135,35 +137,19 @@ def files_fingerprint(kind: str, base: Path, files: Iterable[Path]) -> str:
     digest = hashlib.sha256()
     count = 0
     for path in files:
+        name = path.relative_to(base).as_posix()
         try:
-            st = os.stat(path)
+            if content:
+                data = path.read_bytes()
+                digest.update(f"{name}\0{len(data)}\0".encode())
+                digest.update(hashlib.sha256(data).digest())
+            else:
+                st = os.stat(path)
+                digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except FileNotFoundError:
             raise FileNotFoundError(f"label file {path} is missing") from None
-        digest.update(f"{path.relative_to(base).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         count += 1
-    return f"{kind}:{count}:{digest.hexdigest()}"
-
-
-def files_content_fingerprint(kind: str, base: Path, files: Iterable[Path]) -> str:
-    """A fingerprint of ``files`` from their paths relative to ``base`` and their bytes (SHA-256).
-
-    Unlike :func:`files_fingerprint` it sees a file rewritten with the same size and modification time, at the
-    cost of reading every file.
-
-    Raises:
-        FileNotFoundError: one of the files is missing.
-    """
-    digest = hashlib.sha256()
-    count = 0
-    for path in files:
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"label file {path} is missing") from None
-        digest.update(f"{path.relative_to(base).as_posix()}\0{len(data)}\0".encode())
-        digest.update(hashlib.sha256(data).digest())
-        count += 1
-    return f"{kind}:content:{count}:{digest.hexdigest()}"
+    return f"{kind}:content:{count}:{digest.hexdigest()}" if content else f"{kind}:{count}:{digest.hexdigest()}"
 
 
 def check_index(index: int, length: int) -> int:
@@ -213,4 +199,4 @@ class _ImageMaskFiles:
     def content_fingerprint(self) -> str:
         """Identifies the split and the bytes of its mask files (reads every mask; see ``cache_check``)."""
         kind, base = self._fingerprint_key
-        return files_content_fingerprint(kind, base, self._masks)
+        return files_fingerprint(kind, base, self._masks, content=True)
