@@ -10,7 +10,7 @@ the committed files as they are):
   ``predictions.npz`` give ``demo-predictions.png`` (final predictions of every method side by side, with a
   colour legend of the class names) and ``demo-miou.svg`` (old / new / all mIoU per method);
 - ``--results`` (default ``benchmarks/results``): ``ablation_synthetic.json`` gives ``ablation.svg``,
-  ``strategies.svg`` and ``lambda-ad.svg``; ``robustness.json`` gives ``robustness.svg``; ``bench_step.json``
+  ``strategies.svg`` and ``lambda-ad.svg``; ``robustness*.json`` give ``robustness.svg``; ``bench_step.json``
   and ``bench_losses.json`` give ``speed.svg``.
 
 Outputs go to ``--out`` (default ``docs/assets/figures``), each with a ``<stem>.md`` snippet that shows it: the
@@ -246,9 +246,17 @@ def ablation(results: Path, out: Path) -> list[Path]:
 # ------------------------------------------------------------------------------------------------ robustness
 
 
+def _robustness_files(results: Path) -> list[Path]:
+    """The matrix files of ``benchmarks/robustness.py`` (one per network or run: ``robustness*.json``)."""
+    return sorted(results.glob("robustness*.json"))
+
+
 def robustness(results: Path, out: Path) -> Path:
     """Matrix of final all-class mIoU: methods x (network, task), mean over seeds; diverged runs marked."""
-    rows = _read_json(results / "robustness.json")["rows"]
+    rows: list[dict[str, Any]] = []
+    for path in _robustness_files(results):
+        data = _read_json(path)
+        rows += data["rows"] if isinstance(data, dict) else data
     methods = list(dict.fromkeys(r["method"] for r in rows))
     columns = list(dict.fromkeys((r["network"], r["task"]) for r in rows))
     cells: dict[tuple[str, tuple[str, str]], list[dict[str, Any]]] = defaultdict(list)
@@ -359,10 +367,10 @@ def make_figures(demo: Path, results: Path, out: Path) -> list[Path]:
         print(
             f"skipped the ablation figures: no {results}/ablation_synthetic.json (run benchmarks/ablation_synthetic.py)"
         )
-    if (results / "robustness.json").is_file():
+    if _robustness_files(results):
         written.append(robustness(results, out))
     else:
-        print(f"skipped the robustness figure: no {results}/robustness.json (run benchmarks/robustness.py)")
+        print(f"skipped the robustness figure: no {results}/robustness*.json (run benchmarks/robustness.py)")
     figure = speed(results, out)
     if figure is None:
         print(f"skipped the speed figure: no {results}/bench_step.json or bench_losses.json")
