@@ -307,3 +307,20 @@ def test_make_figures_skips_missing_inputs(tmp_path: Path, capsys: pytest.Captur
     printed = capsys.readouterr().out
     assert "skipped the robustness figure" in printed and "skipped the speed figure" in printed
     assert figures.make_figures(tmp_path / "no-demo", results, tmp_path / "out") == []
+
+
+def test_robustness_figure_reads_every_matrix_file(tmp_path: Path) -> None:
+    """benchmarks/robustness.py writes one list of rows per run (robustness-<network>.json): all are drawn."""
+    pytest.importorskip("matplotlib", reason="the docs extra (matplotlib) is not installed")
+    figures = _load("docs/figures/make_figures.py")
+    _, results = _fake_outputs(tmp_path)
+    rows = json.loads((results / "robustness.json").read_text())["rows"]
+    (results / "robustness.json").unlink()
+    (results / "robustness-small.json").write_text(json.dumps([r for r in rows if r["network"] == "small"]))
+    (results / "robustness-fpn.json").write_text(json.dumps([{**r, "network": "fpn"} for r in rows]))
+    figure = figures.robustness(results, tmp_path / "out")
+    text = figure.read_text(encoding="utf-8")
+    ElementTree.fromstring(text)
+    for network in ("small", "fpn"):
+        assert network in text, f"no column of {network}"
+    assert "deeplabv3" not in text  # robustness.json (removed) held the only deeplabv3 rows
