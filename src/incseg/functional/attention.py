@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from incseg._checks import check_feature_map, check_same_shape
@@ -143,9 +145,130 @@ def attentive_distillation_loss(
         raise ValueError(f"attention={attention!r} needs a channel attention module se, got None")
     x = upcast(m)
     x_old = upcast(m_old, x.dtype).detach()
+    if reduction != "none" and x.numel() > 0:
+        if attention == "none":
+            return F.mse_loss(x, x_old, reduction=reduction)
+        return _fused_loss(x, x_old, se, attention, reduction)
     with torch.no_grad():
         target = _attend(x_old, se, attention)
     diff = (_attend(x, se, attention) - target).square()
     if reduction == "none":
         return diff
-    return diff.sum() if reduction == "sum" or diff.numel() == 0 else diff.mean()  # empty batch: 0, not NaN
+    return diff.sum()  # "sum", or an empty batch: 0, not NaN
+
+
+def _fused_loss(
+    x: Tensor, x_old: Tensor, se: Callable[[Tensor], Tensor] | None, attention: str, reduction: str
+) -> Tensor:
+    """``||AD(x) - AD(x_old)||^2`` (summed, or averaged over the elements) through one autograd node.
+
+    The channel weights come from ``se`` through autograd as usual (``se`` and the features get their
+    gradient from it); the spatial maps, the reweighting, the difference and its square are
+    :class:`_AttentiveDistillation`.
+    """
+    b, c = x.shape[:2]
+    channel = channel_old = None
+    if attention in ("both", "channel"):
+        assert se is not None
+        channel = _channel_attention(se, x).to(x.dtype).reshape(b, c, 1)
+        with torch.no_grad():
+            channel_old = _channel_attention(se, x_old).to(x.dtype).reshape(b, c, 1)
+    divisor = float(x.numel()) if reduction == "mean" else 1.0
+    loss: Tensor = _AttentiveDistillation.apply(
+        x.reshape(b, c, -1), channel, x_old.reshape(b, c, -1), channel_old, attention != "channel", divisor
+    )
+    return loss
+
+
+def _reweight(x: Tensor, c: Tensor | None, spatial: bool, keep: bool) -> tuple[Tensor, list[Tensor]]:
+    """``AD(x) = (1 + c a) x`` of ``x`` ``(B, C, N)`` in a new tensor, and (``keep``) what the backward pass needs.
+
+    ``a`` is the spatial map of eq. 6 computed as in :func:`_spatial_attention` (on ``y = x / s`` with
+    ``s = max |x|`` per image), or 1 when not ``spatial``; ``c`` is ``(B, C, 1)`` or ``None`` (no channel
+    attention). Returns ``(AD(x), [y, a, s, norm, denom])`` (an empty list without ``spatial``).
+    """
+    if not spatial:
+        assert c is not None
+        return x * (1.0 + c), []
+    s = torch.maximum(x.amax(dim=(1, 2), keepdim=True), x.amin(dim=(1, 2), keepdim=True).neg())
+    s = s.clamp_min(torch.finfo(x.dtype).tiny)  # (B, 1, 1)
+    y = x / s
+    out = y.square() if keep else y.square_()
+    energy = out.sum(dim=1, keepdim=True)  # (B, 1, N)
+    norm = torch.linalg.vector_norm(energy, dim=2, keepdim=True)  # (B, 1, 1)
+    denom = torch.maximum(norm, _EPS / s.square())
+    a = energy / denom
+    if c is None:
+        torch.mul(1.0 + a, x, out=out)
+    else:
+        torch.mul(c, a, out=out).add_(1.0).mul_(x)
+    return out, ([y, a, s, norm, denom] if keep else [])
+
+
+class _AttentiveDistillation(torch.autograd.Function):
+    """``sum((AD(x) - AD(x_old))^2) / divisor`` with ``AD(x) = (1 + c a) x`` (eq. 7), as one autograd node.
+
+    ``x``, ``x_old``: ``(B, C, N)`` features (``x_old`` a constant target); ``c``, ``c_old``: ``(B, C, 1)``
+    channel weights or ``None``; ``spatial``: whether ``a`` is the spatial map of eq. 6 (else 1). Autograd's
+    chain of broadcast products saves and writes several feature-sized tensors; here every feature-sized
+    operation runs in place in one of three buffers, backward included, which writes the features' gradient
+    once from the saved difference and ``x / s``, with the products over channels and positions as ``bmm``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        c: Tensor | None,
+        x_old: Tensor,
+        c_old: Tensor | None,
+        spatial: bool,
+        divisor: float,
+    ) -> Tensor:
+        diff, parts = _reweight(x, c, spatial, keep=True)
+        target, _ = _reweight(x_old, c_old, spatial, keep=False)
+        diff.sub_(target)
+        loss = torch.mul(diff, diff, out=target).sum() / divisor
+        ctx.spatial, ctx.divisor = spatial, divisor
+        if spatial:
+            ctx.save_for_backward(diff, c, *parts)
+        else:
+            ctx.save_for_backward(diff, c, x)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        k = grad * (2.0 / ctx.divisor)
+        if not ctx.spatial:
+            diff, c, x = ctx.saved_tensors
+            g = diff * x
+            dc = g.sum(dim=2, keepdim=True).mul_(k) if ctx.needs_input_grad[1] else None
+            return torch.mul(1.0 + c, diff, out=g).mul_(k), dc, None, None, None, None
+        diff, c, y, a, s, norm, denom = ctx.saved_tensors
+        g = diff * y  # d loss / d AD(x) = k * diff, and AD(x) = (1 + c a) s y
+        dc = None
+        with _no_autocast(g):
+            if c is None:
+                da = g.sum(dim=1, keepdim=True).mul_(s)
+            else:
+                da = torch.bmm(c.transpose(1, 2), g).mul_(s)  # (B, 1, N), without k
+                if ctx.needs_input_grad[1]:
+                    dc = torch.bmm(g, a.transpose(1, 2)).mul_(s).mul_(k)  # (B, C, 1)
+        # a = e / max(||e||, floor) with e = sum_c y^2: d/de = (da - a <a, da>) / ||e|| unless the floor binds
+        tangent = a * (a * da).sum(dim=2, keepdim=True)
+        de = (da - torch.where(norm >= denom, tangent, torch.zeros_like(tangent))) / denom
+        f = (2.0 * de) / s  # d/dx of e is 2 y / s
+        if c is None:
+            torch.mul(1.0 + a, diff, out=g)
+        else:
+            torch.mul(c, a, out=g).add_(1.0).mul_(diff)
+        return g.addcmul_(y, f).mul_(k), dc, None, None, None, None
+
+
+def _no_autocast(x: Tensor) -> contextlib.AbstractContextManager[object]:
+    """Autocast off for ``x``'s device if it is on (a backward pass run inside autocast would otherwise compute
+    the ``bmm`` in low precision)."""
+    kind = x.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
