@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from incseg.functional import balanced_kd_loss, kd_loss, unbiased_kd_loss
+from incseg.functional import balanced_kd_loss, gamma_balance, kd_loss, unbiased_kd_loss
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "plain": kd_loss,
@@ -88,6 +88,43 @@ def test_plain_ignores_new_classes() -> None:
     changed = logits.clone()
     changed[:, 4:] += 10.0
     torch.testing.assert_close(kd_loss(logits, old_logits), kd_loss(changed, old_logits))
+
+
+def _logits_for(phi: torch.Tensor, n_new: int) -> torch.Tensor:
+    """Student logits whose eq.-10 probabilities are ``phi`` (``(B, n_old, H, W)``): the background's share is
+    split equally between the background and the ``n_new`` new classes."""
+    share = (phi[:, :1] / (n_new + 1)).log()
+    return torch.cat([share, phi[:, 1:].log(), share.expand(-1, n_new, -1, -1)], dim=1)
+
+
+@given(seed=st.integers(0, 2**16), n_old=st.integers(2, 5), n_new=st.integers(1, 3), scale=st.floats(0.5, 4.0))
+def test_balanced_kd_pulls_towards_a_gamma_tilted_teacher(seed: int, n_old: int, n_new: int, scale: float) -> None:
+    """Why the balanced KD costs new classes (docs/results.md): per pixel, unbiased KD is minimal where the
+    student's eq.-10 probabilities equal the teacher's ``q``; the balanced KD is minimal at ``(γ q_0, q_1, ...)``
+    renormalised, so with ``γ < 1`` it moves probability from background-and-new to the old classes."""
+    gen = torch.Generator().manual_seed(seed)
+    old_logits = torch.randn(2, n_old, 3, 3, generator=gen, dtype=torch.float64) * scale
+    q = old_logits.softmax(dim=1)
+    gamma = gamma_balance(old_logits).view(-1, 1, 1, 1)
+    tilted = torch.cat([gamma * q[:, :1], q[:, 1:]], dim=1)
+    tilted = tilted / tilted.sum(dim=1, keepdim=True)
+
+    def grad(fn: Callable[..., torch.Tensor], phi: torch.Tensor) -> torch.Tensor:
+        logits = _logits_for(phi, n_new).requires_grad_()
+        fn(logits, old_logits, class_reduction="sum", reduction="sum").backward()
+        assert logits.grad is not None
+        return logits.grad
+
+    zero = torch.zeros(2, n_old + n_new, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(grad(unbiased_kd_loss, q), zero, atol=1e-12, rtol=0)
+    torch.testing.assert_close(grad(balanced_kd_loss, tilted), zero, atol=1e-12, rtol=0)
+    # at the teacher's own distribution the gradient on the background and new logits is (1 - γ)(1 - q_0) φ_0:
+    # positive, so gradient descent lowers them, exactly when γ < 1
+    g = grad(balanced_kd_loss, q)
+    background_and_new = torch.cat([g[:, :1], g[:, n_old:]], dim=1).sum(dim=1)
+    expected_sign = torch.sign(1 - gamma.view(-1, 1, 1)).expand_as(background_and_new)
+    informative = (1 - gamma.view(-1, 1, 1)).abs().expand_as(background_and_new) > 1e-6
+    assert torch.equal(torch.sign(background_and_new)[informative], expected_sign[informative])
 
 
 @pytest.mark.parametrize("kind", list(LOSSES))

@@ -135,6 +135,7 @@ def test_caf_preset_is_the_recipe_and_caf_paper_the_paper() -> None:
         ("dropout", None, ValueError),
         ("fusion_dropout", 1.5, ValueError),
         ("fusion_dropout", True, TypeError),
+        ("gamma_on_new", 1, TypeError),
     ],
 )
 def test_new_fields_are_validated(field: str, bad: object, error: type[Exception]) -> None:
@@ -145,7 +146,7 @@ def test_new_fields_are_validated(field: str, bad: object, error: type[Exception
 def test_configs_of_older_checkpoints_keep_their_behaviour() -> None:
     """A 0.1 checkpoint's method lacks the new fields: it gets the 0.1 behaviour, not today's defaults."""
     old = METHODS["caf-paper"].replace(name="caf").to_dict()
-    for key in ("ad_balance", "gamma_max", "bn", "dropout", "fusion_dropout", "caf_inner_channels"):
+    for key in ("ad_balance", "gamma_max", "gamma_on_new", "bn", "dropout", "fusion_dropout", "caf_inner_channels"):
         del old[key]
     cfg = MethodConfig.from_dict(old)
     assert cfg == METHODS["caf-paper"].replace(name="caf")

@@ -151,8 +151,8 @@ def test_bad_ad_balance_and_gamma_max(bad: object) -> None:
         CAFLoss(CZ, CH, gamma_max=bad)  # type: ignore[arg-type]
 
 
-def _bkd_reference(logits, old_logits, gamma_max):
-    """Balanced KD (eq. 9-12, class mean) in float64 with γ bounded by ``gamma_max``."""
+def _bkd_reference(logits, old_logits, gamma_max, new_pixels=None):
+    """Balanced KD (eq. 9-12, class mean) in float64 with γ bounded by ``gamma_max``; γ = 1 where ``new_pixels``."""
     x, x_old = logits.double(), old_logits.double()
     n_old = x_old.shape[1]
     p = x.softmax(dim=1)
@@ -162,7 +162,10 @@ def _bkd_reference(logits, old_logits, gamma_max):
     gamma = ((1 - q_bar[:, 0]) / q_bar[:, 0]).clamp(max=gamma_max)
     loss_b = -q[:, 0] * phi_hat[:, 0].log()
     loss_n = -(q[:, 1:] * phi_hat[:, 1:].log()).sum(dim=1)
-    return ((gamma.view(-1, 1, 1) * loss_b + loss_n) / n_old).mean()
+    gamma = gamma.view(-1, 1, 1).expand_as(loss_b)
+    if new_pixels is not None:
+        gamma = torch.where(new_pixels, torch.ones_like(gamma), gamma)
+    return ((gamma * loss_b + loss_n) / n_old).mean()
 
 
 @pytest.mark.parametrize("gamma_max", [0.25, 1.0, 100.0])
@@ -180,6 +183,41 @@ def test_gamma_max_bounds_gamma_float64(gamma_max: float) -> None:
     torch.testing.assert_close(out.loss - seg, _bkd_reference(logits, old_logits, gamma_max), rtol=1e-10, atol=1e-12)
     gamma = gamma_balance(old_logits)
     assert gamma[1] > 1 > gamma[0]
+
+
+@pytest.mark.parametrize("gamma_max", [None, 1.0])
+def test_gamma_on_new_false_keeps_unbiased_kd_on_new_pixels_float64(gamma_max: float | None) -> None:
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(3, K, 4, 4, generator=g, dtype=torch.float64)
+    old_logits = torch.randn(3, N_OLD, 4, 4, generator=g, dtype=torch.float64)
+    old_logits[0, 0] += 4.0  # γ < 1
+    old_logits[1, 0] -= 4.0  # γ > 1
+    labels = torch.randint(0, K, (3, 4, 4), generator=g)
+    labels[2, 0] = 255  # ignored pixels are not new: they keep γ (and count in L_D, as every pixel does)
+    criterion = CAFLoss(None, None, ad=None, gamma_max=gamma_max, gamma_on_new=False, lambda_d=1.0).double()
+    seg = CAFLoss(None, None, ad=None, kd=None).double()(logits, labels, num_old_classes=N_OLD).loss
+    out = criterion(logits, labels, num_old_classes=N_OLD, old_logits=old_logits)
+    new_pixels = (labels >= N_OLD) & (labels != 255)
+    expected = _bkd_reference(logits, old_logits, gamma_max or float("inf"), new_pixels)
+    torch.testing.assert_close(out.loss - seg, expected, rtol=1e-10, atol=1e-12)
+    # no new pixel: the paper's balanced KD; every pixel new: MiB's unbiased KD
+    old_only = labels.clamp(max=N_OLD - 1)
+    paper = CAFLoss(None, None, ad=None, gamma_max=gamma_max, lambda_d=1.0).double()
+    torch.testing.assert_close(
+        criterion(logits, old_only, num_old_classes=N_OLD, old_logits=old_logits).loss,
+        paper(logits, old_only, num_old_classes=N_OLD, old_logits=old_logits).loss,
+    )
+    all_new = torch.full_like(labels, N_OLD)
+    mib = CAFLoss(None, None, ad=None, kd="unbiased", lambda_d=1.0).double()
+    torch.testing.assert_close(
+        criterion(logits, all_new, num_old_classes=N_OLD, old_logits=old_logits).loss,
+        mib(logits, all_new, num_old_classes=N_OLD, old_logits=old_logits).loss,
+    )
+
+
+def test_gamma_on_new_must_be_bool() -> None:
+    with pytest.raises(ValueError, match="gamma_on_new"):
+        CAFLoss(None, None, ad=None, gamma_on_new=1)  # type: ignore[arg-type]
 
 
 def test_gamma_max_none_is_the_paper() -> None:

@@ -104,8 +104,8 @@ def _kd_parts(groups: _ClassGroups, q: Tensor, kind: str) -> tuple[Tensor, Tenso
 
 def _combine(background: Tensor, others: Tensor, gamma: Tensor | None, class_reduction: str, n_old: int) -> Tensor:
     """Per-pixel KD loss ``-(γ · background + others) / d`` (see the module docstring)."""
-    if gamma is not None:
-        background = gamma.view(-1, 1, 1) * background
+    if gamma is not None:  # one γ per image (B,) or per pixel (B, H, W)
+        background = (gamma.view(-1, 1, 1) if gamma.dim() == 1 else gamma) * background
     per_pixel = -(background + others)
     return per_pixel / n_old if class_reduction == "mean" else per_pixel
 

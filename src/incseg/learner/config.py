@@ -80,6 +80,9 @@ class MethodConfig:
             on the network and learning rate; see docs/protocol.md).
         gamma_max: upper bound of the balance ``γ`` of eq. 11 (``None``: the paper's unbounded ``γ``; ``1.0``:
             ``γ`` only ever down-weights the background term, the paper's stated intent).
+        gamma_on_new: ``True`` (the paper) applies ``γ`` on every pixel; ``False`` keeps ``γ = 1`` (MiB's
+            unbiased KD) on pixels labelled with a new class, where ``γ < 1`` pulls the student towards the old
+            classes against the label (see :class:`~incseg.losses.CAFLoss` and docs/results.md).
         bn: ``"train"`` (default) updates the student's batch-norm layers from each batch; ``"frozen"`` keeps
             them in evaluation mode (running statistics of step 0) at steps > 0, as the teacher's, while their
             affine weights still train (MiB's ``--fix_bn``). ``"frozen"`` is not the default: it made deep
@@ -127,6 +130,7 @@ class MethodConfig:
     caf_inner_channels: int | None = None
     ad_balance: float | None = 1.0
     gamma_max: float | None = 1.0
+    gamma_on_new: bool = True
     bn: NormPolicy = "train"
     dropout: NormPolicy = "frozen"
     fusion_dropout: float = 0.5
@@ -146,7 +150,7 @@ class MethodConfig:
             value = getattr(self, field_name)
             if value not in allowed:
                 raise ValueError(f"{field_name} must be one of {list(allowed)}, got {value!r}")
-        for field_name in ("caf", "void_as_background"):
+        for field_name in ("caf", "void_as_background", "gamma_on_new"):
             value = getattr(self, field_name)
             if not isinstance(value, bool):
                 raise TypeError(f"{field_name} must be a bool, got {type(value).__name__}")
@@ -241,6 +245,7 @@ class MethodConfig:
             "caf_inner_channels": None,
             "ad_balance": None,
             "gamma_max": None,
+            "gamma_on_new": True,
             "bn": "train",
             "dropout": "train",
             "fusion_dropout": 0.0,

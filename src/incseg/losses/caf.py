@@ -120,6 +120,9 @@ class CAFLoss(nn.Module):
             ``stats["lambda_ad"]`` of the output reports the mean weight used.
         gamma_max: ``None`` (default: the paper's γ) or an upper bound of the balance γ of eq. 11
             (``1.0``: γ only ever lowers the background term).
+        gamma_on_new: ``True`` (default, the paper) weights the background term of every pixel by its image's
+            γ; ``False`` keeps ``γ = 1`` (MiB's unbiased KD) on pixels whose label is a new class, where a
+            ``γ < 1`` would pull the student towards the old classes against the label (docs/results.md).
 
     Shape:
         - logits: :math:`(B, K, h, w)`; labels: :math:`(B, H, W)` int64.
@@ -159,6 +162,7 @@ class CAFLoss(nn.Module):
         se_reduction: int = 16,
         ad_balance: float | None = None,
         gamma_max: float | None = None,
+        gamma_on_new: bool = True,
     ) -> None:
         super().__init__()
         check_choice(ce, "ce", _CE)
@@ -175,6 +179,9 @@ class CAFLoss(nn.Module):
                 raise ValueError(f"{name} must be None or a finite number > 0, got {opt!r}")
         self.ad_balance = None if ad_balance is None else float(ad_balance)
         self.gamma_max = None if gamma_max is None else float(gamma_max)
+        if not isinstance(gamma_on_new, bool):
+            raise ValueError(f"gamma_on_new must be a bool, got {gamma_on_new!r}")
+        self.gamma_on_new = gamma_on_new
         self.ce = ce
         self.kd = kd
         self.ad = ad
@@ -260,6 +267,11 @@ class CAFLoss(nn.Module):
             gamma = _gamma_balance(x_old) if kd == "balanced" else None
             if gamma is not None and self.gamma_max is not None:
                 gamma = gamma.clamp(max=self.gamma_max)
+            if gamma is not None and not self.gamma_on_new:  # pixels labelled new keep γ = 1 (MiB's KD)
+                new = labels >= n_old
+                if self.ignore_index is not None:
+                    new = new & (labels != self.ignore_index)
+                gamma = torch.where(new, gamma.new_ones(()), gamma.view(-1, 1, 1))
             per_pixel = _combine(background, others, gamma, self.class_reduction, n_old)
             kd_term = self.lambda_d * (per_pixel.mean() if per_pixel.numel() else per_pixel.sum())  # empty: 0
             terms["kd"] = kd_term.detach()
@@ -347,5 +359,5 @@ class CAFLoss(nn.Module):
         return (
             f"ce={self.ce!r}, kd={self.kd!r}, ad={self.ad!r}, lambda_d={self.lambda_d}, lambda_ad={self.lambda_ad}, "
             f"class_reduction={self.class_reduction!r}, ignore_index={self.ignore_index}, "
-            f"ad_balance={self.ad_balance}, gamma_max={self.gamma_max}"
+            f"ad_balance={self.ad_balance}, gamma_max={self.gamma_max}, gamma_on_new={self.gamma_on_new}"
         )

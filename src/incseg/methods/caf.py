@@ -110,6 +110,7 @@ class CAFMethod(Method):
             class_reduction=config.class_reduction,
             ad_balance=config.ad_balance,
             gamma_max=config.gamma_max,
+            gamma_on_new=config.gamma_on_new,
         )
 
     def has_fusion(self, step: int) -> bool:
@@ -158,7 +159,7 @@ class CAFMethod(Method):
 # defaults are the recipe; presets without a component get the paper's (neutral) value of its stabilisers.
 _NO_AD: dict[str, Any] = {"ad_balance": None, "bn": "train", "dropout": "train"}
 _NO_CAF: dict[str, Any] = {"fusion_dropout": 0.0}
-_NO_BKD: dict[str, Any] = {"gamma_max": None}
+_NO_BKD: dict[str, Any] = {"gamma_max": None, "gamma_on_new": True}
 NEUTRAL: dict[str, Any] = {**_NO_AD, **_NO_CAF, **_NO_BKD}
 """The neutral values of the recipe's stabilisers (for presets without AD, CAF module and balanced KD)."""
 
