@@ -80,6 +80,22 @@ def test_non_finite_weights_always_raise() -> None:
     DivergenceGuard(check_weights=False).check({"loss": torch.tensor(1.0)}, tensors=[w])  # opted out
 
 
+@pytest.mark.parametrize("special", [None, -7.5, math.inf, -math.inf, math.nan])
+def test_max_abs_of_the_weights_is_the_infinity_norm(special: float | None) -> None:
+    from incseg.learner.guard import _max_abs
+
+    torch.manual_seed(0)
+    tensors = [torch.randn(4, 3), torch.randn(5).bfloat16() * 3, torch.empty(0), torch.randn(2, 2, 2).double()]
+    if special is not None:
+        tensors[3][1, 0, 1] = special
+    got = _max_abs(tensors)
+    expected = torch.nn.utils.get_total_norm([t for t in tensors if t.numel()], norm_type=math.inf)
+    assert got is not None and got.dtype == torch.float32 and got.shape == ()
+    torch.testing.assert_close(got, expected.float(), rtol=0, atol=0, equal_nan=True)
+    assert _max_abs([]) is None
+    assert float(_max_abs([torch.empty(0)])) == 0.0  # type: ignore[arg-type]
+
+
 def test_check_reads_the_device_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
     original = torch.Tensor.tolist

@@ -80,9 +80,17 @@ class GuardReport:
 
 
 def _max_abs(tensors: list[Tensor]) -> Tensor | None:
+    """The largest absolute value over ``tensors`` (NaN if any holds a NaN), a float32 scalar."""
     if not tensors:
         return None
-    return torch.nn.utils.get_total_norm([t.detach() for t in tensors], norm_type=math.inf)
+    detached = [t.detach() for t in tensors]
+    if any(t.device.type != "cpu" for t in detached):  # one fused foreach kernel per device
+        return torch.nn.utils.get_total_norm(detached, norm_type=math.inf)
+    # On the CPU the infinity norm runs a slow generic reduction (about 5x amax + amin on DeepLabV3-ResNet101's
+    # weights, 0.2 s per check on one thread); max(amax, -amin) is the same number and propagates NaN.
+    with torch.no_grad():
+        maxima = [torch.maximum(t.amax(), t.amin().neg()).float() for t in detached if t.numel()]
+    return torch.stack(maxima).amax() if maxima else torch.zeros(())
 
 
 def _fmt(values: Iterable[float]) -> str:
