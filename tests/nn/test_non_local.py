@@ -289,3 +289,17 @@ def test_rejects_bad_input() -> None:
 def test_rejects_bad_arguments(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="positive int"):
         NonLocalProjection(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("subsample", [True, False])
+@pytest.mark.parametrize("residual", [True, False])
+def test_output_and_input_gradient_are_contiguous_nchw(subsample: bool, residual: bool) -> None:
+    # The projection runs positions-major inside; what leaves it must be a plain (B, C, H, W) tensor, so that
+    # the layers after it keep their usual (not channels-last) kernels.
+    block = NonLocalProjection(8, subsample=subsample, residual=residual)
+    _perturb_zero_init(block)
+    z = torch.randn(2, 8, 7, 5, requires_grad=True)
+    out = block(z)
+    assert out.shape == z.shape and out.is_contiguous()
+    _random_loss(out).backward()
+    assert z.grad is not None and z.grad.is_contiguous()

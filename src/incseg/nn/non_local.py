@@ -6,7 +6,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from incseg._checks import check_feature_map
@@ -37,6 +36,17 @@ def _conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     if bias is not None:
         out = out + bias.to(out.dtype)[:, None]
     return out.reshape(batch, -1, height, width)
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """A 1x1 convolution with weight ``(O, C, 1, 1)`` applied to positions-major features ``(B, N, C) -> (B, N, O)``.
+
+    The same numbers as :func:`torch.nn.functional.conv2d` up to float rounding, as one matrix product: on the
+    CPU PyTorch sends float32 1x1 convolutions with a batch below 16 on one thread to its generic im2col kernel
+    instead of oneDNN; the matmul (MKL) ran about 1.3x faster there (``benchmarks/bench_step.py`` reports the
+    CAF module's FLOP rate). On GPUs both are one GEMM.
+    """
+    return F.linear(x, weight.flatten(1).to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 def non_local_attention(query: Tensor, key: Tensor, value: Tensor, *, use_sdpa: bool = True) -> Tensor:
@@ -183,23 +193,28 @@ class NonLocalProjection(nn.Module):
             TypeError: ``z`` is not a floating-point tensor.
         """
         check_feature_map(z, "z", channels=self.in_channels)
-        batch, _, height, width = z.shape
+        batch, channels, height, width = z.shape
         inner = self.inner_channels
         # theta, phi and g as one GEMM over the concatenated weights (the input is read once; a matmul also runs
-        # at a higher FLOP rate than a 1x1 convolution on the CPU, where those take PyTorch's slow im2col path).
+        # at a higher FLOP rate than a 1x1 convolution on the CPU, where those take PyTorch's slow im2col path),
+        # positions-major: (B, HW, 3 inner), so that the attention reads q, k and v in place (the fused SDPA
+        # kernels need a unit stride on the last dimension, else they fall back to the math kernel, which
+        # materialises the (N, M) affinity) and the key/value pooling runs on a channels-last map (PyTorch's
+        # CPU max pooling is about 15x faster channels-last than on a (B, C, H, W) slice at these sizes).
         weight = torch.cat([self.theta.weight, self.phi.weight, self.g.weight])
         bias = torch.cat([conv.bias for conv in (self.theta, self.phi, self.g) if conv.bias is not None])
-        projected = _conv1x1(z, weight, bias)
-        query = projected[:, :inner]
-        key_value = self._pool(projected[:, inner:])
-        # Fused SDPA kernels (flash / memory-efficient, CPU and GPU) need a unit stride on the last dimension;
-        # without it SDPA silently falls back to the math kernel, which materialises the (N, M) affinity.
-        query = rearrange(query, "b d h w -> b 1 (h w) d").contiguous()
-        key = rearrange(key_value[:, :inner], "b d h w -> b 1 (h w) d").contiguous()
-        value = rearrange(key_value[:, inner:], "b d h w -> b 1 (h w) d").contiguous()
-        y = non_local_attention(query, key, value, use_sdpa=self.use_sdpa)
-        y = rearrange(y, "b 1 n d -> b d n").reshape(batch, inner, height, width)
-        out = self.norm(_conv1x1(y, self.out_proj.weight, self.out_proj.bias))
+        projected = _linear(z.flatten(2).transpose(1, 2), weight, bias)  # (B, HW, 3 inner)
+        query, key_value = projected[..., :inner], projected[..., inner:]
+        if self.subsample:
+            grid = key_value.unflatten(1, (height, width)).permute(0, 3, 1, 2)  # (B, 2 inner, H, W) view
+            pooled = self._pool(grid.contiguous(memory_format=torch.channels_last))
+            key_value = pooled.permute(0, 2, 3, 1).flatten(1, 2)  # (B, M, 2 inner), a view
+        key, value = key_value[..., :inner], key_value[..., inner:]
+        y = non_local_attention(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), use_sdpa=self.use_sdpa)
+        out = _linear(y.squeeze(1), self.out_proj.weight, self.out_proj.bias)  # (B, HW, C)
+        # back to (B, C, H, W), contiguous: a channels-last view would make the norm and everything after it
+        # take PyTorch's channels-last kernels (batch norm's backward is several times slower there on the CPU)
+        out = self.norm(out.transpose(1, 2).contiguous().view(batch, channels, height, width))
         return z + out if self.residual else out
 
     def extra_repr(self) -> str:
