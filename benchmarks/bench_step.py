@@ -1,8 +1,10 @@
 """What incseg adds to a training step and to inference, as ratios to the bare network.
 
 (a) One CAF training step (teacher forward under no_grad + student forward with CAF + CAFLoss + backward) against
-    its lower bound: the teacher's forward plus the bare student's forward and backward with a plain CE.
+    its lower bound: the teacher's forward plus the bare student's forward and backward with a plain CE, and the
+    same optimizer step (SGD with momentum and the learner's weight decay 1e-4).
 (d) Inference with the ``skip`` strategy against the bare network's forward.
+The two sides of (a) and of (d) are timed alternately, so that both see the same machine load.
 
 Paper setting on a GPU:
     python benchmarks/bench_step.py --device cuda --model deeplabv3_resnet101 --size 512 --batch 12 --amp bf16
@@ -32,19 +34,27 @@ from incseg.scenarios import get_scenario
 
 
 def _timeit(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]  # median
+    return _timeit_pair(fn, None, device, iters, warmup)[0]
+
+
+def _timeit_pair(
+    fn: Callable[[], object], other: Callable[[], object] | None, device: torch.device, iters: int, warmup: int
+) -> tuple[float, float]:
+    """Median seconds of ``fn`` and ``other``, run alternately so that both see the same machine load."""
+    fns = [fn] if other is None else [fn, other]
+    times: list[list[float]] = [[] for _ in fns]
+    for i in range(warmup + iters):
+        for f, record in zip(fns, times):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            f()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                record.append(time.perf_counter() - t0)
+    medians = [sorted(t)[len(t) // 2] for t in times]
+    return medians[0], medians[-1]
 
 
 def _flops(fn: Callable[[], object]) -> float:
@@ -110,7 +120,8 @@ def main() -> None:
     bare = copy.deepcopy(learner.model)
     bare.fusion = None
     bare_teacher = freeze(copy.deepcopy(bare))
-    bare_opt = torch.optim.SGD(bare.parameters(), lr=1e-8, momentum=0.9)
+    # Same optimizer as the learner's groups (weight decay 1e-4): the decay is not CAF's cost.
+    bare_opt = torch.optim.SGD(bare.parameters(), lr=1e-8, momentum=0.9, weight_decay=1e-4)
 
     y = torch.randint(0, 21, (args.batch, args.size, args.size), device=device)
     y[y < 16] = 0
@@ -149,10 +160,8 @@ def main() -> None:
 
     learner.module.train()
     bare.train()
-    t_caf = _timeit(caf_step, device, args.iters, args.warmup)
-    t_bound = _timeit(bound_step, device, args.iters, args.warmup)
-    t_skip = _timeit(infer_skip, device, args.iters, args.warmup)
-    t_bare = _timeit(infer_bare, device, args.iters, args.warmup)
+    t_caf, t_bound = _timeit_pair(caf_step, bound_step, device, args.iters, args.warmup)
+    t_skip, t_bare = _timeit_pair(infer_skip, infer_bare, device, args.iters, args.warmup)
     m_caf, m_bound = _peak(caf_step, device), _peak(bound_step, device)
 
     # (e) FLOP rate of the CAF module against the bare network's, forward + backward at the same input.
