@@ -184,6 +184,10 @@ def main() -> None:
         logits.float().sum().backward()
 
     flops_caf, flops_bare = _flops(caf_module_step), _flops(bare_step)
+    # The FLOP ratios of (a) and (d): what the time ratios would be if every FLOP ran at the same rate (the share
+    # of the ratio that the architecture, not the implementation, sets).
+    flop_ratio_step = _flops(caf_step) / _flops(bound_step)
+    flop_ratio_skip = _flops(infer_skip) / _flops(infer_bare)
     t_caf_module = _timeit(caf_module_step, device, args.iters, args.warmup)
     t_bare_step = _timeit(bare_step, device, args.iters, args.warmup)
     rate_caf, rate_bare = flops_caf / t_caf_module, flops_bare / t_bare_step
@@ -194,10 +198,12 @@ def main() -> None:
     print(
         f"    lower bound (T fwd + S fwd/bwd) {1e3 * t_bound:9.1f} ms   ratio {t_caf / t_bound:.3f}  (target <= 1.15)"
     )
+    print(f"    FLOP ratio (the architecture's share) {flop_ratio_step:.3f}")
     if device.type == "cuda":
         print(f"    peak memory {m_caf:.0f} MiB vs {m_bound:.0f} MiB   ratio {m_caf / m_bound:.3f}")
     print(f"(d) inference, skip strategy {1e3 * t_skip:9.1f} ms")
     print(f"    bare network             {1e3 * t_bare:9.1f} ms   ratio {t_skip / t_bare:.3f}  (target <= 1.05)")
+    print(f"    FLOP ratio (the architecture's share) {flop_ratio_skip:.3f}")
     print(
         f"(e) CAF module fwd+bwd {flops_caf / 1e9:8.1f} GFLOP {1e3 * t_caf_module:9.1f} ms  "
         f"{rate_caf / 1e9:7.1f} GFLOP/s"
@@ -220,6 +226,8 @@ def main() -> None:
         "skip_ms": round(1e3 * t_skip, 2),
         "bare_ms": round(1e3 * t_bare, 2),
         "flop_rate_ratio": round(rate_caf / rate_bare, 3),
+        "step_flop_ratio": round(flop_ratio_step, 3),
+        "skip_flop_ratio": round(flop_ratio_skip, 3),
     }
     save_rows("bench_step", [row], key=("device", "model", "batch", "size", "amp", "caf_inner"))
     if args.json:
@@ -232,6 +240,7 @@ def main() -> None:
         results.update({"caf_gflop": flops_caf / 1e9, "caf_gflops_per_s": rate_caf / 1e9})
         results.update({"bare_gflop": flops_bare / 1e9, "bare_gflops_per_s": rate_bare / 1e9})
         results["flop_rate_ratio"] = rate_caf / rate_bare
+        results.update({"step_flop_ratio": flop_ratio_step, "skip_flop_ratio": flop_ratio_skip})
         if device.type == "cuda":
             results.update({"caf_peak_mib": m_caf, "bound_peak_mib": m_bound})
         write_json(args.json, {"benchmark": "step", "setting": setting, "results": results})

@@ -73,6 +73,8 @@ def table(device: str, command: str, losses: dict, step: dict) -> str:
         f"{r['bare_gflops_per_s']:.1f} GFLOP/s) | >= 0.9 |",
         f"| CAF module FLOPs fwd+bwd / network's | {r['caf_gflop']:.0f} / {r['bare_gflop']:.0f} GFLOP | |",
     ]
+    if "step_flop_ratio" in r:  # what (a) and (d) would be at equal FLOP rates: the architecture's share
+        lines.append(f"| FLOP ratio of (a) / of (d) | {r['step_flop_ratio']:.2f} / {r['skip_flop_ratio']:.2f} | |")
     if "caf_peak_mib" in r:
         lines.append(f"| peak memory CAF step / lower bound | {r['caf_peak_mib'] / r['bound_peak_mib']:.2f} | |")
     return "\n".join(lines)
