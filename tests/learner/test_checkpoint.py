@@ -307,7 +307,7 @@ def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
         (lambda d: _set(d, "step", 5), r"step 5 is outside \[0, 3\)"),
         (lambda d: _set(d, "scenario/groups", [[1], [2, 3], [4]]), "another scenario"),
         (lambda d: _set(d, "scenario/mode", "banana"), "scenario is invalid"),
-        (lambda d: _set(d, "method/kd", "unbiased"), r"another method configuration.*'kd': \('unbiased', 'balanced'\)"),
+        (lambda d: _set(d, "method/kd", "balanced"), r"another method configuration.*'kd': \('balanced', 'unbiased'\)"),
         (lambda d: _set(d, "method/ce", "focal"), "method configuration is invalid"),
         (lambda d: _set(d, "classes_per_step", [3, 2, 1]), "classes_per_step"),
         (lambda d: _set(d, "has_fusion", False), "has_fusion"),

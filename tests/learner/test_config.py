@@ -18,7 +18,8 @@ from incseg.learner import METHODS, MethodConfig
         ("joint", "plain", None, None, False, "random"),
         ("lwf", "plain", "plain", None, False, "random"),
         ("mib", "unbiased", "unbiased", None, False, "mib"),
-        ("caf", "unbiased", "balanced", "both", True, "mib"),
+        ("caf", "unbiased", "unbiased", "both", True, "mib"),  # MiB's KD since 2026-12-03 (docs/protocol.md)
+        ("caf-paper", "unbiased", "balanced", "both", True, "mib"),
     ],
 )
 def test_presets(name: str, ce: str, kd: str | None, ad: str | None, caf: bool, init: str) -> None:
@@ -45,7 +46,7 @@ def test_uses_teacher() -> None:
 def test_preset_overrides() -> None:
     cfg = MethodConfig.preset("caf", lambda_ad=100, test_strategy="zero_pad")
     assert cfg.lambda_ad == 100.0 and isinstance(cfg.lambda_ad, float)
-    assert cfg.test_strategy == "zero_pad" and cfg.kd == "balanced"
+    assert cfg.test_strategy == "zero_pad" and cfg.kd == "unbiased"
     assert METHODS["caf"].lambda_ad == 1000.0  # the registry is untouched
 
 

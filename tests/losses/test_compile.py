@@ -68,6 +68,10 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module, dict[str, t
     ),
     "caf_default": (lambda: CAFLoss(16, 8, se_reduction=4), _caf_call("unbiased", "balanced")),
     "caf_mib": (lambda: CAFLoss(None, None, kd="unbiased", ad=None), _caf_call("unbiased", "unbiased")),
+    "caf_gamma_on_new": (
+        lambda: CAFLoss(None, None, ad=None, gamma_max=1.0, gamma_on_new=False),
+        _caf_call("unbiased", "balanced"),
+    ),
     "caf_lwf": (lambda: CAFLoss(None, None, ce="plain", kd="plain", ad=None), _caf_call("plain", "plain")),
 }
 

@@ -155,7 +155,8 @@ class CAFMethod(Method):
 
 # The stabilisers of the default recipe (docs/protocol.md, "A recipe that holds on any network"), each attached
 # to the component it stabilises: attentive distillation gets its gradient balance and deterministic student
-# features (frozen batch norm and dropout), CAF its fusion dropout, the balanced KD its bounded γ. The fields'
+# features (frozen batch norm and dropout), CAF its fusion dropout, the balanced KD (not in the recipe, which uses
+# MiB's KD, but in the +bkd ablations) its bounded γ and MiB's KD on new pixels. The fields'
 # defaults are the recipe; presets without a component get the paper's (neutral) value of its stabilisers.
 _NO_AD: dict[str, Any] = {"ad_balance": None, "bn": "train", "dropout": "train"}
 _NO_CAF: dict[str, Any] = {"fusion_dropout": 0.0}
@@ -177,7 +178,7 @@ def _presets() -> list[MethodConfig]:
         plain.replace(name="lwf", kd="plain"),
         baseline.replace(name="mib", kd="unbiased"),
         recipe,
-        recipe.replace(name="caf-paper", **NEUTRAL),
+        recipe.replace(name="caf-paper", kd="balanced", **NEUTRAL),
         # the authors' public release: MiB plus plain MSE feature distillation x1000 on the encoder output and
         # the refined features; its CAF module is commented out and its gamma never used
         baseline.replace(name="caf-release", kd="unbiased", ad="plain"),
