@@ -1,9 +1,9 @@
 """Drop incseg's losses into an existing training loop, keeping your own model, teacher and optimizer.
 
 Your trainer already has a model that returns features and logits and a frozen copy of the previous step's
-model. incseg only provides the loss: `CAFLoss` = unbiased CE + lambda_D * balanced KD + lambda_AD * attentive
-distillation (eq. 13). The attentive distillation has trainable squeeze-and-excitation blocks: give
-`criterion.parameters()` to the optimizer too.
+model. incseg only provides the loss: `CAFLoss` = unbiased CE + lambda_D * KD + lambda_AD * attentive distillation
+(eq. 13), here with the settings of the `caf` recipe. The attentive distillation has trainable
+squeeze-and-excitation blocks: give `criterion.parameters()` to the optimizer too.
 
     python examples/drop_in_losses.py
 """
@@ -55,7 +55,9 @@ def main() -> None:
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     grow(model, num_new)
 
-    criterion = CAFLoss(z_channels=32, h_channels=16)  # paper defaults: lambda_AD=1000, lambda_D=10
+    # the `caf` recipe's losses (docs/protocol.md): MiB's KD and the attentive distillation's gradient balance;
+    # CAFLoss(32, 16) alone is the paper's eq. 13 (balanced KD, fixed lambda_AD=1000), which diverges on most networks
+    criterion = CAFLoss(z_channels=32, h_channels=16, kd="unbiased", ad_balance=1.0)
     optimizer = torch.optim.SGD([*model.parameters(), *criterion.parameters()], lr=1e-3, momentum=0.9)
 
     images = torch.randn(4, 3, 64, 64)
