@@ -153,9 +153,9 @@ class CAFMethod(Method):
         }
 
 
-# The stabilisers of the default recipe (docs/protocol.md, "A recipe that holds on any network"), each attached
+# The stabilisers of the default recipe (docs/concepts.md, "The default recipe: stabilisers"), each attached
 # to the component it stabilises: attentive distillation gets its gradient balance and deterministic student
-# features (frozen batch norm and dropout), CAF its fusion dropout, the balanced KD (not in the recipe, which uses
+# features (dropout off), CAF its fusion dropout, the balanced KD (not in the recipe, which uses
 # MiB's KD, but in the +bkd ablations) its bounded γ and MiB's KD on new pixels. The fields'
 # defaults are the recipe; presets without a component get the paper's (neutral) value of its stabilisers.
 _NO_AD: dict[str, Any] = {"ad_balance": None, "bn": "train", "dropout": "train"}
