@@ -64,10 +64,11 @@ def check_equivalent(
 
     Use it on hand-written glue (:func:`~incseg.models.from_named_submodules`) and on anything
     :func:`~incseg.models.adapt` built (``adapt(net, check=example)`` calls it). Both networks run in evaluation
-    mode without gradients; every module's own mode is restored afterwards. The original's output may be a
-    tensor, torchvision's dict or a transformers output (a tensor, torchvision's ``"out"``, ``.logits``, or the first entry of a tuple). Where the original resizes
-    its logits (torchvision to the input size), the adapted logits are resized to the original's size as the
-    learner and the metrics resize them to the labels: bilinearly, ``align_corners=False``. A network whose
+    mode without gradients; every module's own mode is restored afterwards. The original's logits are its
+    output tensor, torchvision's ``"out"``, a transformers output's ``.logits`` or a tuple's first entry. Where
+    the original resizes its logits (torchvision to the input size), the adapted logits are resized to the
+    original's size as the learner and the metrics resize them to the labels: bilinearly,
+    ``align_corners=False``. A network whose
     own final resizing differs (another mode, ``align_corners=True``) therefore fails the check, as it should:
     its logits are not the ones the learner trains.
 
