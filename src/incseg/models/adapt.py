@@ -415,9 +415,9 @@ def _probe_image(model: nn.Module) -> Tensor:
     size = getattr(config, "image_size", 224)
     height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     channels = int(getattr(config, "num_channels", 3))
-    weight = next(iter(model.parameters()))
     image = torch.randn(1, channels, height, width, generator=torch.Generator().manual_seed(0))
-    return image.to(device=weight.device, dtype=weight.dtype)
+    weight = next(iter(model.parameters()), None)
+    return image if weight is None else image.to(device=weight.device, dtype=weight.dtype)
 
 
 def _from_hf_head(
