@@ -99,6 +99,63 @@ def _smp(arch: str) -> Callable[[int], IncrementalSegmenter]:
     return build
 
 
+def _hf_segformer(num_classes: int) -> IncrementalSegmenter:
+    """A small SegFormer (MiT, 4 stages of hidden sizes 16-64, 2 blocks each), adapted in one call."""
+    import transformers
+
+    config = transformers.SegformerConfig(
+        depths=[2, 2, 2, 2],
+        hidden_sizes=[16, 32, 48, 64],
+        num_attention_heads=[1, 2, 2, 4],
+        decoder_hidden_size=64,
+        num_labels=num_classes,
+    )
+    return adapt(transformers.SegformerForSemanticSegmentation(config))
+
+
+def _vit_config(config_class: Callable[..., object], num_classes: int, **kwargs: object) -> object:
+    """A 4-layer ViT of hidden size 64 with 8 px patches (8x8 tokens on the 64 px synthetic images)."""
+    return config_class(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=64,
+        patch_size=8,
+        num_labels=num_classes,
+        **kwargs,
+    )
+
+
+def _hf_dpt(num_classes: int) -> IncrementalSegmenter:
+    import transformers
+
+    config = _vit_config(
+        transformers.DPTConfig,
+        num_classes,
+        backbone_out_indices=[0, 1, 2, 3],
+        neck_hidden_sizes=[16, 32, 64, 64],
+        fusion_hidden_size=32,
+        use_auxiliary_head=False,
+    )
+    return adapt(transformers.DPTForSemanticSegmentation(config))
+
+
+def _hf_beit(num_classes: int) -> IncrementalSegmenter:
+    import transformers
+
+    config = _vit_config(
+        transformers.BeitConfig,
+        num_classes,
+        out_indices=[1, 2, 3, 4],
+        pool_scales=[1, 2],
+        channels=64,
+        auxiliary_channels=32,
+        use_auxiliary_head=False,
+    )
+    return adapt(transformers.BeitForSemanticSegmentation(config))
+
+
 NETWORKS: dict[str, Callable[[int], IncrementalSegmenter]] = OrderedDict(
     small=_small,
     outsider=_outsider,
@@ -107,6 +164,9 @@ NETWORKS: dict[str, Callable[[int], IncrementalSegmenter]] = OrderedDict(
     fcn_resnet50=_fcn_resnet50,
     smp_fpn=_smp("FPN"),
     smp_unet=_smp("Unet"),
+    hf_segformer=_hf_segformer,
+    hf_dpt=_hf_dpt,
+    hf_beit=_hf_beit,
 )
 
 

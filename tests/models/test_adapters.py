@@ -19,6 +19,7 @@ from incseg.models import (
     classifier_from_conv,
     from_named_submodules,
     from_torchvision_deeplabv3,
+    without_last_child,
 )
 
 
@@ -65,9 +66,10 @@ def test_tiny_deeplab_logits_gradients_and_sharing(batch: int) -> None:
 
 
 def test_aux_classifier_dropped_with_warning() -> None:
-    with pytest.warns(UserWarning, match="auxiliary classifier"):
+    with pytest.warns(UserWarning, match="auxiliary classifier") as record:
         model = from_torchvision_deeplabv3(_tiny_deeplab(aux=True))
     assert not any(isinstance(m, FCNHead) for m in model.modules())
+    assert [w.filename for w in record] == [__file__]  # the warning points at the caller's line
 
 
 def test_torchvision_adapter_errors() -> None:
@@ -163,13 +165,135 @@ def test_classifier_from_head_with_upsampling(upsample: nn.Module, scale: float,
 @pytest.mark.parametrize(
     ("head", "match"),
     [
-        (nn.Sequential(nn.Conv2d(6, 4, 1), nn.Sigmoid()), "activation"),
-        (nn.Sequential(nn.Conv2d(6, 4, 1), nn.Upsample(size=(8, 8), mode="bilinear")), "Upsample"),
-        (nn.Sequential(nn.Conv2d(6, 4, 1), nn.Upsample(scale_factor=2, mode="nearest")), "Upsample"),
-        (nn.Conv2d(6, 4, 3, stride=2, padding=1), "stride 1"),
-        (nn.Conv2d(6, 4, 2), "odd k"),
+        (nn.Sequential(nn.Conv2d(6, 4, 1), nn.Sigmoid()), "ends with an activation"),
+        (nn.Sequential(nn.Conv2d(6, 4, 1), nn.Upsample(size=(8, 8), mode="bilinear")), "to a fixed size"),
+        (nn.Sequential(nn.Conv2d(6, 4, 1), nn.Upsample(scale_factor=2, mode="nearest")), "mode='nearest'"),
+        (nn.Sequential(nn.Conv2d(6, 4, 1), nn.UpsamplingNearest2d(scale_factor=2)), "mode='nearest'"),
+        (nn.Sequential(nn.Conv2d(6, 4, 1), nn.Upsample(scale_factor=(2, 4), mode="bilinear")), "per axis"),
+        (nn.Sequential(nn.Conv2d(6, 4, 1), nn.UpsamplingBilinear2d(scale_factor=2)), "twice"),
+        (nn.Sequential(nn.Conv2d(6, 4, 1), nn.Dropout2d(0.1)), r"Dropout2d.*after its convolution"),
+        (nn.Conv2d(6, 4, 3, stride=2, padding=1), r"stride \(2, 2\) changes the resolution"),
+        (nn.Conv2d(6, 4, 2), "kernel size 2 is even"),
+        (nn.Conv2d(6, 4, (1, 3), padding=(0, 1)), "not square"),
+        (nn.Conv2d(6, 4, 3, padding=2, dilation=2), "dilated"),
+        (nn.Conv2d(6, 4, 1, groups=2), "grouped"),
+        (nn.Conv2d(6, 4, 3), r"padding \(0, 0\) does not keep the size"),
+        (nn.Conv2d(6, 4, 3, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),
     ],
 )
 def test_classifier_from_conv_refuses_other_heads(head: nn.Module, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        classifier_from_conv(head)
+    upsampling = 2 if "twice" in match else 1
+    with pytest.raises(ValueError, match=match) as info:
+        classifier_from_conv(head, upsampling=upsampling)
+    if "activation" not in match:
+        assert "activation" not in str(info.value)  # the message names the real problem
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(6, 4, 3, padding="same"),
+        nn.Conv2d(6, 4, 5, padding="same", bias=False),
+        nn.Conv2d(6, 4, 1, padding="same"),
+        nn.Conv2d(6, 4, 1, padding="valid"),
+        nn.Conv2d(6, 4, 1, padding_mode="reflect"),
+        nn.Conv2d(6, 4, 1, padding_mode="circular"),
+        nn.Conv2d(6, 4, 1, padding_mode="replicate"),
+    ],
+    ids=["same3", "same5", "same1", "valid1", "reflect1", "circular1", "replicate1"],
+)
+def test_classifier_from_conv_accepts_paddings_that_keep_the_logits(conv: nn.Conv2d) -> None:
+    conv = conv.double()
+    clf = classifier_from_conv(conv)
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    torch.testing.assert_close(clf(x), conv(x), rtol=0, atol=1e-12)
+
+
+class _StdConv2d(nn.Conv2d):
+    """Like timm's StdConv2d: the weight is standardised per output channel on every call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (
+            w.var(dim=(1, 2, 3), keepdim=True, unbiased=False) + 1e-6
+        ).sqrt()
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class _ScaledConv2d(nn.Conv2d):
+    """A subclass overriding only the private conv call."""
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return super()._conv_forward(x, 2 * weight, bias)
+
+
+class _NamedConv2d(nn.Conv2d):
+    """A subclass that adds nothing to the computation."""
+
+    tag = "classifier"
+
+
+@pytest.mark.parametrize(("cls", "method"), [(_StdConv2d, "forward"), (_ScaledConv2d, "_conv_forward")])
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_classifier_from_conv_refuses_a_subclass_with_its_own_forward(cls: type, method: str, kernel: int) -> None:
+    conv = cls(6, 4, kernel, padding=kernel // 2)
+    x = torch.randn(2, 6, 5, 7)
+    plain = nn.Conv2d(6, 4, kernel, padding=kernel // 2)
+    plain.load_state_dict(conv.state_dict())
+    assert (conv(x) - plain(x)).abs().max() > 1e-2  # copying the weight would change the logits
+    with pytest.raises(TypeError, match=rf"{cls.__qualname__} subclasses nn.Conv2d with its own {method}"):
+        classifier_from_conv(conv)
+    with pytest.raises(TypeError, match="own forward"):
+        classifier_from_conv(nn.Sequential(_StdConv2d(6, 4, 1), nn.UpsamplingBilinear2d(scale_factor=2)))
+
+
+def test_classifier_from_conv_accepts_a_subclass_without_its_own_forward() -> None:
+    conv = _NamedConv2d(6, 4, 3, padding=1).double()
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    torch.testing.assert_close(classifier_from_conv(conv)(x), conv(x), rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+def test_classifier_from_conv_with_weight_normalisation() -> None:
+    x = torch.randn(2, 6, 5, 7)
+    hooked = nn.utils.weight_norm(nn.Conv2d(6, 4, 1))  # the old API: a forward pre-hook recomputes the weight
+    with pytest.raises(ValueError, match="forward hooks"):
+        classifier_from_conv(hooked)
+    parametrized = nn.utils.parametrizations.weight_norm(nn.Conv2d(6, 4, 1))  # the weight is computed on access
+    with torch.no_grad():
+        parametrized.parametrizations.weight.original0.mul_(3)
+    torch.testing.assert_close(classifier_from_conv(parametrized)(x), parametrized(x), rtol=0, atol=1e-6)
+
+
+class _Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.classifier = nn.Conv2d(4, 3, 1)  # registered first, called last (as in BEiT's UperHead)
+        self.block = nn.Sequential(nn.Conv2d(8, 4, 3, padding=1), nn.ReLU())
+        self.dropout = nn.Dropout2d(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.block(x)))
+
+
+def test_without_last_child_shares_and_leaves_the_module_intact() -> None:
+    head = _Head().eval()
+    x = torch.randn(2, 8, 5, 5)
+    expected = head(x)
+    features = without_last_child(head, "classifier")
+    assert features.block is head.block and isinstance(features.classifier, nn.Identity)
+    assert isinstance(head.classifier, nn.Conv2d)  # the original keeps its classifier ...
+    torch.testing.assert_close(head(x), expected, rtol=0, atol=0)  # ... and its output
+    torch.testing.assert_close(head.classifier(features(x)), expected, rtol=0, atol=0)
+    assert {n for n, _ in features.named_parameters()} == {"block.0.weight", "block.0.bias"}
+    handle = features.register_forward_hook(lambda *_: None)  # the copy's hooks are its own
+    assert not head._forward_hooks
+    handle.remove()
+    last = without_last_child(head)  # the last registered child: the dropout
+    assert isinstance(last.dropout, nn.Identity) and isinstance(last.classifier, nn.Conv2d)
+    nested = without_last_child(nn.Sequential(head.block, nn.Conv2d(4, 3, 1)), "0.1")
+    assert isinstance(nested[0][1], nn.Identity) and isinstance(head.block[1], nn.ReLU)
+    with pytest.raises(ValueError, match=r"no child 'cls'.*\['classifier', 'block', 'dropout'\]"):
+        without_last_child(head, "cls")
+    with pytest.raises(ValueError, match="no child to remove"):
+        without_last_child(nn.ReLU())

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from incseg._checks import NonFiniteError, check_feature_map
 from incseg._version import __version__
+from incseg._wrappers import unwrap_module
 from incseg.learner._freeze import freeze
 from incseg.learner.checkpoint import (
     CHECKSUM_KEY,
@@ -44,30 +45,6 @@ __all__ = ["IncrementalLearner", "unwrap_module"]
 
 _STRATEGIES = get_args(TestStrategy)
 _GROUPS = ("backbone", "head", "caf", "criterion")
-
-
-def unwrap_module(module: nn.Module) -> nn.Module:
-    """Strip wrappers that hold the real module: ``DistributedDataParallel``/``DataParallel`` (``.module``) and
-    ``torch.compile`` (``._orig_mod``), nested in any order.
-
-    Args:
-        module: a module, possibly wrapped.
-
-    Returns:
-        The innermost module.
-
-    Example:
-        >>> lin = nn.Linear(2, 2)
-        >>> unwrap_module(nn.DataParallel(lin)) is lin
-        True
-    """
-    while True:
-        if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            module = module.module
-        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):
-            module = module._orig_mod  # type: ignore[assignment]
-        else:
-            return module
 
 
 def _cafs(model: nn.Module) -> list[ContinualAttentiveFusion]:
