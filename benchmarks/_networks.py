@@ -51,6 +51,27 @@ def _outsider(num_classes: int) -> IncrementalSegmenter:
     return from_named_submodules(_Outsider(num_classes), z_channels=128, h_channels=64, in_channels=3)
 
 
+class _Plain(nn.Module):
+    """A plain single-scale conv network: 6 conv-BN-ReLU encoder blocks to 128 channels at output stride 8, a
+    2-block refiner and a 1x1 classifier, no skip connections (the network of issues 20 and 26)."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+
+        def block(i: int, o: int, stride: int = 1) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(i, o, 3, stride, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True))
+
+        self.encoder = nn.Sequential(
+            block(3, 32, 2), block(32, 32), block(32, 64, 2), block(64, 64), block(64, 128, 2), block(128, 128)
+        )
+        self.refiner = nn.Sequential(block(128, 128), block(128, 128))
+        self.classifier = nn.Conv2d(128, num_classes, 1)
+
+
+def _plain(num_classes: int) -> IncrementalSegmenter:
+    return from_named_submodules(_Plain(num_classes), z_channels=128, h_channels=128, in_channels=3)
+
+
 def _mobilenet(num_classes: int) -> IncrementalSegmenter:
     from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
 
@@ -158,6 +179,7 @@ def _hf_beit(num_classes: int) -> IncrementalSegmenter:
 
 NETWORKS: dict[str, Callable[[int], IncrementalSegmenter]] = OrderedDict(
     small=_small,
+    plain=_plain,
     outsider=_outsider,
     mobilenet=_mobilenet,
     fcn_resnet18=_fcn_resnet18,
