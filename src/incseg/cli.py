@@ -217,7 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--test-strategy", choices=["skip", "zero_pad", "concat"], help="CAF at test time (default: the method's)"
     )
-    train.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP (CUDA only)")
+    train.add_argument(
+        "--sync-bn",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="SyncBatchNorm under DDP (CUDA only); --no-sync-bn overrides a config file's sync-bn = true",
+    )
     train.add_argument(
         "--void-as-background", action="store_true", help="train labels: void (255) -> background, as MiB"
     )
