@@ -6,8 +6,10 @@ For every HTML page of the site:
 
 - no ``<script src>``, ``<link href>``, ``<img src>`` or other loaded resource points outside the site
   (a CDN script or web font would be fetched when the page is read, and is missing offline);
-- no raw ``\\(`` or ``\\[`` is left in the rendered text (an equation that was not typeset; code blocks are
-  exempt);
+- no raw TeX is left in the rendered text, code exempt: neither the ``\\(`` / ``\\[`` of an equation that was
+  not typeset nor a TeX command (``\\frac``, ``\\mathbf``, ``\\sum``, a Greek letter...) of one that Markdown
+  never handed to the typesetter (``\\[`` without a blank line before it reaches the page as ``[`` with its
+  underscores turned into italics);
 - every ``<img>``, ``<script>``, ``<link>`` and internal ``<a href>`` resolves to a file of the site, and an
   internal link's ``#anchor`` to an ``id`` of the target page.
 
@@ -41,7 +43,18 @@ _LOADED = {
 # Elements whose text is not prose: TeX-like text there is code, not an untypeset equation.
 _NOT_PROSE = {"code", "pre", "script", "style", "math", "textarea", "kbd", "samp"}
 _VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
-_RAW_TEX = re.compile(r"\\[(\[]")
+# The delimiters of an untypeset equation, or a TeX command that prose never contains (a literal backslash, as in
+# C:\\Users, is not one: the command must be followed by a non-letter).
+_TEX_COMMANDS = (
+    "frac dfrac tfrac sqrt sum prod int lim min max log exp argmax argmin operatorname text mathbf mathcal "
+    "mathrm mathbb mathit mathsf boldsymbol left right big Big bigg Bigg bigl bigr Bigl Bigr lVert rVert lvert "
+    "rvert Vert vert lfloor rfloor lceil rceil langle rangle qquad quad cdot cdots ldots dots times div pm mp "
+    "partial nabla infty in notin cup cap setminus subset subseteq le leq ge geq ne neq approx equiv sim propto "
+    "to mapsto rightarrow leftarrow Rightarrow hat tilde bar vec dot overline underline begin end tag ell "
+    "alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi pi rho sigma "
+    "tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Pi Sigma Upsilon Phi Psi Omega"
+).split()
+_RAW_TEX = re.compile(r"\\[(\[]|\\(?:" + "|".join(_TEX_COMMANDS) + r")(?![A-Za-z])")
 _CSS_URL = re.compile(r"url\(\s*['\"]?(?P<url>[^'\")]+)['\"]?\s*\)")
 
 
@@ -90,8 +103,26 @@ class _Page(HTMLParser):
     def handle_data(self, data: str) -> None:
         if _NOT_PROSE.intersection(self._stack):
             return
-        for match in _RAW_TEX.finditer(data):
+        match = _RAW_TEX.search(data)  # one snippet per run of text
+        if match is not None:
             self.raw_tex.append(data[max(0, match.start() - 20) : match.end() + 40].strip())
+
+
+def _parse(html: str) -> _Page:
+    parser = _Page()
+    parser.feed(html)
+    parser.close()
+    return parser
+
+
+def raw_tex(html: str) -> list[str]:
+    """The raw TeX in the text of one HTML page, outside code: a snippet per run of text that holds some.
+
+    Example:
+        >>> raw_tex(r'<p>[ \\Phi^{w}(\\mathbf{f}<em>{s,i,j})</em> C:\\Users</p><code>\\frac</code>')
+        ['[ \\\\Phi^{w}(\\\\mathbf{f}']
+    """
+    return _parse(html).raw_tex
 
 
 def _loads(rel: str) -> bool:
@@ -132,12 +163,7 @@ def check_site(site: str | Path) -> list[str]:
     pages = sorted(site.rglob("*.html"))
     if not pages:
         raise FileNotFoundError(f"no HTML page under {site}: build the site first (mkdocs build --site-dir ...)")
-    parsed: dict[Path, _Page] = {}
-    for page in pages:
-        parser = _Page()
-        parser.feed(page.read_text(encoding="utf-8"))
-        parser.close()
-        parsed[page] = parser
+    parsed = {page: _parse(page.read_text(encoding="utf-8")) for page in pages}
     problems: list[str] = []
     for page, parser in parsed.items():
         name = page.relative_to(site).as_posix()
@@ -149,7 +175,10 @@ def check_site(site: str | Path) -> list[str]:
                 if not target.is_file():
                     problems.append(f"{name}: <{tag}> loads {url}, which is not in the site")
         for text in parser.raw_tex:
-            problems.append(f"{name}: raw TeX in the text (equation not typeset): {text!r}")
+            problems.append(
+                f"{name}: raw TeX in the text (an equation not typeset; a display equation needs a blank line "
+                f"before its \\[): {text!r}"
+            )
         for url in parser.links:
             if _external(url) or url.startswith(("mailto:", "tel:", "javascript:", "data:")):
                 continue

@@ -23,6 +23,7 @@ def _train_args(*argv: str) -> object:
     [
         ("voc-15-5.toml", ("voc", "15-5", "disjoint", "deeplabv3_resnet101", 30, 30, 24, 0.01, 0.001, 512)),
         ("voc-15-1.toml", ("voc", "15-1", "disjoint", "deeplabv3_resnet101", 30, 30, 24, 0.01, 0.001, 512)),
+        ("voc-19-1.toml", ("voc", "19-1", "disjoint", "deeplabv3_resnet101", 30, 30, 24, 0.01, 0.001, 512)),
         ("ade-100-50.toml", ("ade20k", "100-50", "overlapped", "deeplabv3_resnet101", 60, 60, 24, 0.01, 0.01, 512)),
         ("synthetic.toml", ("synthetic", "15-5", "disjoint", "small", 30, 15, 16, 0.05, 0.01, 64)),
     ],
@@ -32,6 +33,8 @@ def test_shipped_configs_parse_to_the_paper_settings(name: str, expected: tuple[
     keys = ("dataset", "task", "mode", "model", "epochs", "epochs_next", "batch_size", "lr", "lr_next", "crop_size")
     assert tuple(getattr(args, k) for k in keys) == expected
     assert args.method == "caf" and args.output_stride == 16 and args.seed == 0
+    if args.dataset != "synthetic":  # the commands of docs/reproduce.md: torchrun on 4 GPUs
+        assert (args.sync_bn, args.amp, args.workers) == (True, "bf16", 6)
 
 
 def test_shipped_synthetic_config_equals_the_dataset_defaults() -> None:
@@ -51,6 +54,7 @@ def test_every_option_can_come_from_the_file_and_flags_override_it(tmp_path: Pat
     args = _train_args("--config", str(config), "--epochs", "1", "--task", "10-1")
     assert (args.epochs, args.task) == (1, "10-1")  # the command line wins
     assert (args.lr_next, args.sync_bn, args.no_progress, args.root) == (0.002, True, True, Path("some/where"))
+    assert _train_args("--config", str(config), "--no-sync-bn").sync_bn is False  # a switch of the file, turned off
     assert (args.lambda_ad, args.max_iters_per_epoch, args.epochs_next) == (5.0, 2, 1)
     assert args.lr == 0.05  # not in the file: the dataset's value
 
@@ -62,8 +66,8 @@ def test_each_option_of_train_is_accepted_in_the_file(tmp_path: Path) -> None:
     for action in cli._subparser(cli.build_parser(), "train")._actions:
         if not action.option_strings or action.dest in ("help", "config"):
             continue
-        key = action.option_strings[-1].lstrip("-")
-        if isinstance(action, argparse._StoreTrueAction):
+        key = action.option_strings[0 if isinstance(action, argparse.BooleanOptionalAction) else -1].lstrip("-")
+        if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
             lines.append(f"{key} = true")
             expected[action.dest] = True
         elif action.choices is not None:

@@ -64,6 +64,29 @@ def test_eval_of_a_run_folder_reproduces_its_final_numbers_exactly(
             assert image.format == "PNG" and image.size == (612, 612)  # max(5, 1.5 + 0.22 * 21) in at 100 dpi
 
 
+def test_eval_of_a_synthetic_run_scores_as_the_demo_evaluates(run_dir: Path) -> None:
+    """The demo's evaluation path, built by hand: the 48 px test images as they are (no upscaling to 512)."""
+    import torch
+
+    from incseg.data import IncrementalSegmentation, SyntheticScenes, TestTransform
+    from incseg.engine import evaluate
+    from incseg.learner import IncrementalLearner
+    from incseg.models import small_segmenter
+
+    learner = IncrementalLearner.from_checkpoint(run_dir / "checkpoints" / "last.pt", small_segmenter(16))
+    test_set = IncrementalSegmentation(
+        SyntheticScenes("val", num_images=40, size=48, seed=0),
+        learner.scenario,
+        learner.step,
+        train=False,
+        transform=TestTransform(size=None),
+    )
+    assert tuple(test_set[0][0].shape) == (3, 48, 48)
+    expected = evaluate(learner, test_set, device=torch.device("cpu"), num_old_classes=16).to_dict()
+    assert main(["eval", str(run_dir), "--no-progress"]) == 0
+    assert json.loads((run_dir / "eval" / "eval.json").read_text())["result"] == expected
+
+
 def test_eval_of_a_checkpoint_file_finds_its_run_settings(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

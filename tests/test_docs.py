@@ -1,13 +1,16 @@
-"""Every Python code block of README.md and docs/**/*.md runs against the real API.
+"""Every Python code block of README.md and docs/**/*.md runs on its own against the real API.
 
-The blocks of one page run in order in one namespace (later blocks use what earlier ones defined), with a
-fresh temporary directory as the working directory. A block whose first line is ``# doctest: skip`` is not
-run (for code that needs dataset files, GPUs or ``torchrun``); bash and other blocks are never run.
+A reader copies one block, not a page: each block runs alone, in a fresh namespace and a fresh temporary
+working directory, and may use only what it imports or defines itself. A block whose first line is
+``# doctest: skip`` is not run (for code that needs dataset files, GPUs or ``torchrun``), but it must parse and
+use no name it does not define either; bash and other blocks are never run.
 """
 
 from __future__ import annotations
 
+import builtins
 import re
+import symtable
 import textwrap
 from pathlib import Path
 
@@ -67,31 +70,48 @@ def test_python_blocks_parser() -> None:
     assert [line for line, _ in blocks] == [3, 10, 13]
 
 
-def _page_id(path: Path) -> str:
-    return str(path.relative_to(ROOT))
+def undefined_names(code: str) -> list[str]:
+    """The names a block uses without importing, defining or assigning them itself (builtins aside), sorted."""
+    top = symtable.symtable(code, "<block>", "exec")
+    defined = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported() or s.is_namespace()}
+    used: set[str] = set()
+    tables = [(top, True)]
+    while tables:
+        table, is_top = tables.pop()
+        # Module level: every name read; inside functions, classes and comprehensions: the module's names.
+        used.update(s.get_name() for s in table.get_symbols() if s.is_referenced() and (is_top or s.is_global()))
+        tables.extend((child, False) for child in table.get_children())
+    return sorted(used - defined - set(dir(builtins)))
 
 
-PAGES = [p for p in _pages() if python_blocks(p.read_text(encoding="utf-8"))]
+def test_undefined_names() -> None:
+    code = (
+        "import torch\nfrom a import b as c\nx = [y for y in range(3)]\n"
+        "class A:\n    z = q\n    def f(self):\n        return torch, c, w, self, A\n"
+        "try:\n    pass\nexcept E as err:\n    print(err, result.groups)\n"
+    )
+    assert undefined_names(code) == ["E", "q", "result", "w"]
 
 
-def test_pages_with_code_are_found() -> None:
-    names = {_page_id(p) for p in PAGES}
-    assert "docs/getting-started.md" in names, names
+def _block_id(page: Path, line: int) -> str:
+    return f"{page.relative_to(ROOT)}:{line}"
 
 
-@pytest.mark.parametrize("page", PAGES, ids=_page_id)
-def test_page_code_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+BLOCKS = [(page, line, code) for page in _pages() for line, code in python_blocks(page.read_text(encoding="utf-8"))]
+
+
+def test_blocks_are_found() -> None:
+    pages = {str(page.relative_to(ROOT)) for page, _, _ in BLOCKS}
+    assert {"README.md", "docs/getting-started.md", "docs/concepts.md"} <= pages, pages
+
+
+@pytest.mark.parametrize(("page", "line", "code"), BLOCKS, ids=[_block_id(p, n) for p, n, _ in BLOCKS])
+def test_block_runs_alone(page: Path, line: int, code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pad with blank lines so that tracebacks point at the line of the page.
+    compiled = compile("\n" * (line - 1) + code, str(page), "exec")  # skipped blocks must parse too
+    missing = undefined_names(code)
+    assert not missing, f"{_block_id(page, line)} uses {missing} without defining them: import or define them there"
+    if code.lstrip().startswith(SKIP_MARK):
+        pytest.skip(f"marked '{SKIP_MARK}'")
     monkeypatch.chdir(tmp_path)
-    namespace: dict[str, object] = {"__name__": f"docs_{page.stem.replace('-', '_')}"}
-    ran, expected = 0, 0
-    for line, code in python_blocks(page.read_text(encoding="utf-8")):
-        # Pad with blank lines so that tracebacks point at the line of the page.
-        compiled = compile("\n" * (line - 1) + code, str(page), "exec")  # skipped blocks must parse too
-        if code.lstrip().startswith(SKIP_MARK):
-            continue
-        expected += 1
-        exec(compiled, namespace)  # the documentation's own code, run as a reader would run it
-        ran += 1
-    if expected == 0:
-        pytest.skip(f"every Python block of {_page_id(page)} is marked '{SKIP_MARK}'")
-    assert ran == expected
+    exec(compiled, {"__name__": f"docs_{page.stem.replace('-', '_')}_{line}"})  # as a reader would run it

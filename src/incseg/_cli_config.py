@@ -72,11 +72,13 @@ def config_arguments(parser: argparse.ArgumentParser, settings: dict[str, Any], 
                 f"config file {path}: unknown setting {key!r}; the settings are the options of incseg train: {known}"
             )
         flag = action.option_strings[-1]
-        is_flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
-        if is_flag:
+        switch = isinstance(action, argparse.BooleanOptionalAction)  # --sync-bn / --no-sync-bn
+        if switch or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             if not isinstance(value, bool):
                 raise ValueError(f"config file {path}: {key} is a flag and takes true or false, got {value!r}")
-            if value == isinstance(action, argparse._StoreTrueAction):
+            if switch:
+                tokens.append(action.option_strings[0] if value else action.option_strings[1])
+            elif value == isinstance(action, argparse._StoreTrueAction):
                 tokens.append(flag)
             continue
         if isinstance(value, (bool, dict, list)):

@@ -217,7 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--test-strategy", choices=["skip", "zero_pad", "concat"], help="CAF at test time (default: the method's)"
     )
-    train.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP (CUDA only)")
+    train.add_argument(
+        "--sync-bn",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="SyncBatchNorm under DDP (CUDA only); --no-sync-bn overrides a config file's sync-bn = true",
+    )
     train.add_argument(
         "--void-as-background", action="store_true", help="train labels: void (255) -> background, as MiB"
     )
@@ -356,7 +361,7 @@ def run_demo(args: argparse.Namespace) -> int:
     import torch
 
     from incseg import distributed as D
-    from incseg.data import IncrementalSegmentation, SyntheticScenes, TestTransform, TrainTransform
+    from incseg.data import IncrementalSegmentation
     from incseg.engine import TrainConfig, evaluate, train_scenario
     from incseg.learner import METHODS, IncrementalLearner
     from incseg.metrics import StepHistory
@@ -373,10 +378,9 @@ def run_demo(args: argparse.Namespace) -> int:
         args.epochs, args.epochs_next = min(args.epochs, 10), min(args.epochs_next, 5)
         args.train_images, args.val_images = min(args.train_images, 500), min(args.val_images, 100)
     scenario = get_scenario("synthetic", args.task, mode=args.mode)
-    train_src = SyntheticScenes("train", num_images=args.train_images, size=args.size, seed=args.seed)
-    test_src = SyntheticScenes("val", num_images=args.val_images, size=args.size, seed=args.seed)
-    train_tf = TrainTransform(crop_size=args.size, scale=(0.75, 1.25), hflip=True)
-    test_tf = TestTransform(size=None)
+    train_src, test_src, train_tf, test_tf = _synthetic_sources(
+        args.size, args.seed, args.train_images, args.val_images
+    )
     common: dict[str, Any] = {
         "batch_size": args.batch_size,
         "lr": args.lr,
@@ -555,15 +559,28 @@ def _build_model(args: argparse.Namespace, num_classes: int) -> IncrementalSegme
     return deeplabv3_resnet101(num_classes, output_stride=args.output_stride, backbone_weights=args.backbone_weights)
 
 
+def _synthetic_sources(size: int, seed: int, train_images: int, val_images: int) -> tuple[Any, Any, Any, Any]:
+    """The synthetic benchmark of ``incseg demo``, ``train`` and ``eval``: ``size`` px images, trained on with a
+    mild scale jitter and evaluated as they are (``TestTransform(size=None)``: no resizing)."""
+    from incseg.data import SyntheticScenes, TestTransform, TrainTransform
+
+    train_src = SyntheticScenes("train", num_images=train_images, size=size, seed=seed)
+    test_src = SyntheticScenes("val", num_images=val_images, size=size, seed=seed)
+    return train_src, test_src, TrainTransform(crop_size=size, scale=(0.75, 1.25), hflip=True), TestTransform(None)
+
+
 def _sources(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
-    """``(train source, test source, train transform, test transform)`` of ``args.dataset``."""
-    from incseg.data import ADE20K, PascalVOC, SyntheticScenes, TestTransform, TrainTransform
+    """``(train source, test source, train transform, test transform)`` of ``args.dataset``.
+
+    VOC and ADE20K are evaluated as in MiB and the paper (short side resized to ``--crop-size``, centre crop);
+    the synthetic images at their own size (``--crop-size`` is their side).
+    """
+    from incseg.data import ADE20K, PascalVOC, TestTransform, TrainTransform
 
     if args.dataset == "synthetic":
-        size = args.crop_size
-        train_src: Any = SyntheticScenes("train", num_images=_SYNTHETIC_IMAGES["train"], size=size, seed=args.seed)
-        test_src: Any = SyntheticScenes("val", num_images=_SYNTHETIC_IMAGES["val"], size=size, seed=args.seed)
-        return train_src, test_src, TrainTransform(crop_size=size, scale=(0.75, 1.25), hflip=True), TestTransform()
+        return _synthetic_sources(args.crop_size, args.seed, _SYNTHETIC_IMAGES["train"], _SYNTHETIC_IMAGES["val"])
+    train_src: Any
+    test_src: Any
     if args.root is None:
         raise ValueError(f"--root is required for --dataset {args.dataset} (the folder that holds the dataset)")
     if args.dataset == "voc":

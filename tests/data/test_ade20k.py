@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,29 +14,10 @@ from PIL import Image
 from incseg.data import ADE20K, ADE20KIncremental, SegmentationSource
 from incseg.scenarios import get_scenario
 
-SIZE = 16
-TRAINING = {"ADE_train_00000001": [1, 120], "ADE_train_00000002": [3], "ADE_train_00000003": [101, 150]}
-VALIDATION = {"ADE_val_00000001": [7, 140], "ADE_val_00000002": []}
-
-
-def _mask(classes: list[int]) -> np.ndarray:
-    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)  # 0: unlabelled ("other"), the background
-    for k, c in enumerate(classes):
-        mask[1 + 7 * k : 7 + 7 * k, 2:14] = c
-    return mask
-
-
-def make_ade(root: Path) -> Path:
-    """Write ``root/ADEChallengeData2016`` with grayscale annotations; return its path."""
-    base = root / "ADEChallengeData2016"
-    for split, items in (("training", TRAINING), ("validation", VALIDATION)):
-        (base / "images" / split).mkdir(parents=True)
-        (base / "annotations" / split).mkdir(parents=True)
-        for k, (name, classes) in enumerate(items.items()):
-            rgb = np.random.default_rng(k).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
-            Image.fromarray(rgb).save(base / "images" / split / f"{name}.jpg")
-            Image.fromarray(_mask(classes), mode="L").save(base / "annotations" / split / f"{name}.png")
-    return base
+sys.path.insert(0, str(Path(__file__).parent))
+from _fake_datasets import ADE_TRAINING as TRAINING
+from _fake_datasets import SIZE, make_ade
+from _fake_datasets import ade_mask as _mask
 
 
 @pytest.fixture

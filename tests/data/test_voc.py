@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -14,69 +15,12 @@ from PIL import Image
 from incseg.data import PascalVOC, PascalVOCIncremental, SegmentationSource, TestTransform
 from incseg.scenarios import get_scenario
 
-SIZE = 16
-# Image id -> classes drawn in its mask (plus a void border). Train ids are 2007_*, val ids 2008_*.
-TRAIN = {"2007_000001": [1, 2], "2007_000002": [16], "2007_000003": [3, 17], "2007_000004": [15]}
-VAL = {"2008_000001": [1], "2008_000002": [18], "2008_000003": []}
-AUG_EXTRA = {"2007_100001": [19], "2007_100002": [5, 20]}
-
-
-def _voc_palette() -> list[int]:
-    """The standard VOC colour map (bit-interleaved), 256 RGB triples."""
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
-
-
-def _mask(classes: list[int]) -> np.ndarray:
-    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
-    for k, c in enumerate(classes):
-        mask[2 + 5 * k : 6 + 5 * k, 3:12] = c
-    mask[0, :] = 255  # void border
-    return mask
-
-
-def _write_mask(path: Path, mask: np.ndarray, *, palette: bool) -> None:
-    img = Image.fromarray(mask, mode="L")
-    if palette:
-        img = img.convert("P")
-        img.putpalette(_voc_palette())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-
-
-def _write_image(path: Path, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(path, quality=95)
-
-
-def make_voc(root: Path, *, aug: bool = False, deeplab_list: bool = False) -> Path:
-    """Write ``root/VOCdevkit/VOC2012`` (and the augmented set when ``aug``); return the VOC2012 path."""
-    voc = root / "VOCdevkit" / "VOC2012"
-    sets = voc / "ImageSets" / "Segmentation"
-    sets.mkdir(parents=True)
-    for k, (image_id, classes) in enumerate({**TRAIN, **VAL, **AUG_EXTRA}.items()):
-        _write_image(voc / "JPEGImages" / f"{image_id}.jpg", k)
-        if image_id not in AUG_EXTRA:
-            _write_mask(voc / "SegmentationClass" / f"{image_id}.png", _mask(classes), palette=True)
-        if aug:
-            _write_mask(voc / "SegmentationClassAug" / f"{image_id}.png", _mask(classes), palette=False)
-    (sets / "train.txt").write_text("\n".join(TRAIN) + "\n")
-    (sets / "val.txt").write_text("\n".join(VAL) + "\n")
-    if aug:
-        ids = [*TRAIN, *AUG_EXTRA]
-        lines = [f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png" if deeplab_list else i for i in ids]
-        (sets / "train_aug.txt").write_text("\n".join(lines) + "\n\n")
-    return voc
+sys.path.insert(0, str(Path(__file__).parent))
+from _fake_datasets import SIZE, make_voc
+from _fake_datasets import VOC_AUG_EXTRA as AUG_EXTRA
+from _fake_datasets import VOC_TRAIN as TRAIN
+from _fake_datasets import VOC_VAL as VAL
+from _fake_datasets import voc_mask as _mask
 
 
 @pytest.fixture
