@@ -36,7 +36,7 @@ from incseg.models import from_named_submodules
 from incseg.scenarios import Scenario, get_scenario
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from robustness import parse_method  # noqa: E402
+from robustness import parse_method
 
 NUM_CLASSES = 21  # background + 20, as Pascal VOC
 
@@ -122,7 +122,9 @@ def run(args: argparse.Namespace, text: str, seed: int, perturb_seed: int | None
         with torch.no_grad():
             for p in net.parameters():
                 p.mul_(1 + args.perturb * torch.randn(p.shape, generator=g))
-    learner = IncrementalLearner(from_named_submodules(net, z_channels=128, h_channels=128), scenario, method, **overrides)
+    learner = IncrementalLearner(
+        from_named_submodules(net, z_channels=128, h_channels=128), scenario, method, **overrides
+    )
     t0 = time.monotonic()
     for step in range(scenario.num_steps):
         learner.begin_step(step)

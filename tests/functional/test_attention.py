@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from incseg.functional import attentive_distillation_loss, spatial_attention
+from incseg.functional import attentive_distillation_loss, pixel_weights, spatial_attention
 from incseg.nn.squeeze_excitation import SqueezeExcitation
 
 ATTENTIONS = ["both", "spatial", "channel", "none"]
@@ -270,3 +270,69 @@ def test_backward_inside_autocast_keeps_float32_gradients() -> None:
         (got,) = torch.autograd.grad(loss, m)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
+
+
+def _weighted_loss_ref(
+    m: torch.Tensor, m_old: torch.Tensor, se: SqueezeExcitation, attention: str, weight: torch.Tensor
+) -> torch.Tensor:
+    """sum_{b,c,p} w_{b,p} (AD(m) - AD(m_old))^2 with explicit loops over the positions."""
+    diff = (_ad_ref(m, se, attention) - _ad_ref(m_old, se, attention)) ** 2
+    total = torch.zeros((), dtype=torch.float64)
+    for b in range(m.shape[0]):
+        for i in range(m.shape[2]):
+            for j in range(m.shape[3]):
+                total = total + weight[b, 0, i, j].double() * diff[b, :, i, j].sum()
+    return total
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_weighted_loss_and_gradient_match_float64_reference(attention: str, reduction: str) -> None:
+    g = torch.Generator().manual_seed(11)
+    se = SqueezeExcitation(8, reduction=2).double()
+    m = torch.randn(2, 8, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    m_old = torch.randn(2, 8, 3, 4, generator=g, dtype=torch.float64)
+    weight = torch.rand(2, 1, 3, 4, generator=g, dtype=torch.float64)
+    weight[0, 0, 0] = 0.0  # a row of positions left out entirely
+    loss = attentive_distillation_loss(m, m_old, se, attention=attention, reduction=reduction, weight=weight)
+    ref = _weighted_loss_ref(m, m_old.detach(), se, attention, weight)
+    if reduction == "mean":
+        ref = ref / m.numel()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-14)
+    (grad,) = torch.autograd.grad(loss, m)
+    m_ref = m.detach().clone().requires_grad_(True)
+    target = _ad_ref(m_old, se, attention).detach()
+    diff = ((_ad_ref(m_ref, se, attention) - target) ** 2 * weight).sum() / (m.numel() if reduction == "mean" else 1)
+    (grad_ref,) = torch.autograd.grad(diff, m_ref)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-13)
+
+
+@given(attention=st.sampled_from(ATTENTIONS), seed=st.integers(0, 2**16), split=st.floats(0.0, 1.0, allow_nan=False))
+def test_weights_split_the_loss_linearly(attention: str, seed: int, split: float) -> None:
+    """w and 1 - w partition the unweighted loss; all-ones weights are the unweighted loss."""
+    g = torch.Generator().manual_seed(seed)
+    se = SqueezeExcitation(4, reduction=2).double()
+    m = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64)
+    m_old = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64)
+    w = (torch.rand(2, 1, 3, 3, generator=g, dtype=torch.float64) < split).double()
+    full = attentive_distillation_loss(m, m_old, se, attention=attention)
+    parts = [attentive_distillation_loss(m, m_old, se, attention=attention, weight=x) for x in (w, 1 - w)]
+    torch.testing.assert_close(parts[0] + parts[1], full, rtol=1e-12, atol=1e-15)
+    ones = attentive_distillation_loss(m, m_old, se, attention=attention, weight=torch.ones_like(w))
+    torch.testing.assert_close(ones, full, rtol=1e-12, atol=1e-15)
+
+
+def test_weight_of_the_wrong_shape_raises() -> None:
+    m = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"weight must have shape \(B, 1, H, W\)"):
+        attentive_distillation_loss(m, m, None, attention="spatial", weight=torch.ones(2, 1, 3, 4))
+
+
+def test_pixel_weights_are_the_fraction_of_kept_pixels() -> None:
+    keep = torch.ones(1, 16, 16, dtype=torch.bool)
+    keep[0, :4, :2] = False  # half of the top-left cell (each cell of the 4x4 map covers 4x4 pixels)
+    w = pixel_weights(keep, (4, 4))
+    assert w.shape == (1, 1, 4, 4)
+    assert w[0, 0, 0, 0].item() == pytest.approx(0.5)
+    assert torch.all(w.flatten()[1:] == 1.0)
+    assert torch.equal(pixel_weights(keep, (16, 16)), keep.float().unsqueeze(1))  # same size: the mask

@@ -370,3 +370,70 @@ def test_huge_features_give_a_finite_attentive_distillation() -> None:
         logits, labels, num_old_classes=N_OLD, old_logits=old_logits, features=features, old_features=old_features
     )
     assert torch.isfinite(out.terms["ad"])
+
+
+def _ad_ref_weighted(criterion: CAFLoss, features, old_features, labels, n_old: int) -> torch.Tensor:
+    """L_AD of eq. 8 in float64, each position weighted by the fraction of its pixels not labelled new."""
+    keep = ((labels < n_old) | (labels == 255)).double()
+    ad = torch.zeros((), dtype=torch.float64)
+    assert criterion.ad_loss is not None
+    for key, se in (("z", criterion.ad_loss.se_z), ("h", criterion.ad_loss.se_h)):
+        assert se is not None
+        m_new, m_old = features[key].double(), old_features[key].double()
+        b, c, hh, ww = m_new.shape
+        ads = []
+        for m in (m_new, m_old):
+            energy = (m**2).sum(dim=1, keepdim=True)
+            spatial = energy / energy.pow(2).sum(dim=(2, 3), keepdim=True).sqrt()
+            ads.append((_se_ref(se, m) * spatial + 1) * m)
+        sq = ((ads[0] - ads[1]) ** 2).sum(dim=1)  # (B, h, w)
+        total = torch.zeros((), dtype=torch.float64)
+        for i in range(hh):  # each feature position covers the label pixels of its adaptive-pooling window
+            r0, r1 = (i * labels.shape[1]) // hh, -((-(i + 1) * labels.shape[1]) // hh)
+            for j in range(ww):
+                c0, c1 = (j * labels.shape[2]) // ww, -((-(j + 1) * labels.shape[2]) // ww)
+                total = total + (keep[:, r0:r1, c0:c1].mean(dim=(1, 2)) * sq[:, i, j]).sum()
+        ad = ad + total / (b * c * hh * ww)
+    return ad
+
+
+def test_ad_on_new_false_leaves_new_pixels_out_float64() -> None:
+    torch.manual_seed(3)
+    criterion = CAFLoss(CZ, CH, kd=None, se_reduction=4, lambda_ad=1.0, ad_on_new=False).double()
+    logits, labels, _, features, old_features = _batch(size=(6, 6), dtype=torch.float64)
+    out = criterion(logits, labels, num_old_classes=N_OLD, features=features, old_features=old_features)
+    expected = _ad_ref_weighted(criterion, features, old_features, labels, N_OLD)
+    torch.testing.assert_close(out.terms["ad"], expected, rtol=1e-10, atol=1e-14)
+    # no pixel labelled new: the paper's L_AD; every pixel new: no attentive distillation at all
+    paper = CAFLoss(CZ, CH, kd=None, se_reduction=4, lambda_ad=1.0).double()
+    paper.load_state_dict(criterion.state_dict())
+    old_only = labels.clamp(max=N_OLD - 1)
+    torch.testing.assert_close(
+        criterion(logits, old_only, num_old_classes=N_OLD, features=features, old_features=old_features).terms["ad"],
+        paper(logits, old_only, num_old_classes=N_OLD, features=features, old_features=old_features).terms["ad"],
+    )
+    all_new = torch.full_like(labels, N_OLD)
+    none = criterion(logits, all_new, num_old_classes=N_OLD, features=features, old_features=old_features)
+    assert none.terms["ad"].item() == 0.0
+
+
+def test_ad_on_new_false_gives_no_feature_gradient_where_every_pixel_is_new() -> None:
+    """With plain feature distillation a position covering only new pixels gets no gradient from L_AD (with
+    attention it still gets the small one through the image-wide normalisation of the attention maps)."""
+    criterion = CAFLoss(CZ, CH, kd=None, ad="plain", ad_on_new=False)
+    logits, labels, _, features, old_features = _batch(size=(6, 6))
+    labels[:, :2, :2] = N_OLD  # the top-left feature position covers only new pixels
+    labels[:, 2:, :] = 0
+    labels[:, :, 2:] = 0
+    features = {k: v.requires_grad_(True) for k, v in features.items()}
+    out = criterion(logits, labels, num_old_classes=N_OLD, features=features, old_features=old_features)
+    seg = CAFLoss(CZ, CH, kd=None, ad=None)(logits, labels, num_old_classes=N_OLD).loss
+    grads = torch.autograd.grad(out.loss - seg, [features["z"], features["h"]])  # L_AD alone
+    for g in grads:
+        assert g.abs().sum() > 0
+        assert torch.all(g[:, :, 0, 0] == 0)
+
+
+def test_ad_on_new_must_be_bool() -> None:
+    with pytest.raises(ValueError, match="ad_on_new"):
+        CAFLoss(CZ, CH, ad_on_new=0)  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ expect finite logits and support first-order gradients.
 
 from __future__ import annotations
 
-from incseg.functional.attention import attentive_distillation_loss, spatial_attention
+from incseg.functional.attention import attentive_distillation_loss, pixel_weights, spatial_attention
 from incseg.functional.background import gamma_balance, new_background_log_probs, old_background_log_probs
 from incseg.functional.cross_entropy import unbiased_cross_entropy
 from incseg.functional.distillation import balanced_kd_loss, kd_loss, unbiased_kd_loss
@@ -33,6 +33,7 @@ __all__ = [
     "new_background_log_probs",
     "normalized_entropy",
     "old_background_log_probs",
+    "pixel_weights",
     "spatial_attention",
     "unbiased_cross_entropy",
     "unbiased_kd_loss",

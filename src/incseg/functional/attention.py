@@ -13,7 +13,7 @@ from torch import Tensor
 from incseg._checks import check_feature_map, check_same_shape
 from incseg.functional._common import Reduction, check_choice, upcast
 
-__all__ = ["Attention", "attentive_distillation_loss", "spatial_attention"]
+__all__ = ["Attention", "attentive_distillation_loss", "pixel_weights", "spatial_attention"]
 
 Attention = Literal["both", "spatial", "channel", "none"]
 _ATTENTIONS = ("both", "spatial", "channel", "none")
@@ -97,6 +97,7 @@ def attentive_distillation_loss(
     *,
     attention: Attention = "both",
     reduction: Reduction = "mean",
+    weight: Tensor | None = None,
 ) -> Tensor:
     r"""Attentive feature distillation of one feature map (one term of eq. 8).
 
@@ -108,6 +109,11 @@ def attentive_distillation_loss(
     ``(AD_SP + 1) ⊙ m``, ``"channel"`` uses ``(AD_CH + 1) ⊙ m``, ``"none"`` is plain feature distillation
     ``||m - m_old||^2``. Computed in float32 for half/bfloat16 features.
 
+    ``weight`` weights the squared differences per position, ``sum_{b,c,p} w_{b,p} (AD(m) - AD(m_old))^2``
+    (divided by the number of elements for ``"mean"``, as without it): the attention maps still see the whole
+    image, only the distillation target is restricted. :class:`~incseg.losses.CAFLoss` uses it with
+    ``ad_on_new=False`` to leave the positions of new-class pixels free (see :func:`pixel_weights`).
+
     Args:
         m: student feature map (``z̄`` or ``h`` of the current step).
         m_old: teacher feature map of the same shape.
@@ -116,9 +122,11 @@ def attentive_distillation_loss(
         attention: ``"both"`` (eq. 7), ``"spatial"``, ``"channel"`` or ``"none"``.
         reduction: ``"mean"`` over all elements (PROTOCOL default, as the public release's MSE), ``"sum"`` (the
             squared Frobenius norm of eq. 8), or ``"none"`` (element-wise squared differences).
+        weight: optional non-negative weights of the positions (``None``: every position counts 1).
 
     Shape:
         - m, m_old: :math:`(B, C, H, W)`.
+        - weight: :math:`(B, 1, H, W)`.
         - Output: scalar, or :math:`(B, C, H, W)` for ``reduction="none"``.
 
     Returns:
@@ -127,7 +135,8 @@ def attentive_distillation_loss(
     Raises:
         TypeError: non-floating features.
         ValueError: wrong ranks, ``m`` and ``m_old`` of different shapes (e.g. a channel mismatch), ``se``
-            missing when needed or returning the wrong shape, unknown ``attention`` or ``reduction``.
+            missing when needed or returning the wrong shape, unknown ``attention`` or ``reduction``, a
+            ``weight`` of another shape than ``(B, 1, H, W)``.
 
     Example:
         >>> from incseg.nn.squeeze_excitation import SqueezeExcitation
@@ -145,22 +154,65 @@ def attentive_distillation_loss(
         raise ValueError(f"attention={attention!r} needs a channel attention module se, got None")
     x = upcast(m)
     x_old = upcast(m_old, x.dtype).detach()
+    w = None
+    if weight is not None:
+        check_feature_map(weight, "weight", channels=1)
+        expected = (m.shape[0], 1, *m.shape[2:])
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"weight must have shape (B, 1, H, W) = {expected}, got {tuple(weight.shape)}")
+        w = weight.detach().to(x.dtype)
     if reduction != "none" and x.numel() > 0:
-        if attention == "none":
+        if attention == "none" and w is None:
             return F.mse_loss(x, x_old, reduction=reduction)
-        return _fused_loss(x, x_old, se, attention, reduction)
+        if attention != "none":
+            return _fused_loss(x, x_old, se, attention, reduction, w)
     with torch.no_grad():
         target = _attend(x_old, se, attention)
     diff = (_attend(x, se, attention) - target).square()
+    if w is not None:
+        diff = diff * w
     if reduction == "none":
         return diff
+    if reduction == "mean" and diff.numel() > 0:
+        return diff.sum() / diff.numel()
     return diff.sum()  # "sum", or an empty batch: 0, not NaN
 
 
+def pixel_weights(keep: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """Per-position weights of a feature map from a label-resolution mask: the fraction of kept pixels.
+
+    Every position of a ``size`` feature map gets the mean of ``keep`` over the label pixels it covers (adaptive
+    average pooling), e.g. the fraction of pixels *not* labelled with a new class for ``ad_on_new=False``.
+
+    Args:
+        keep: ``(B, H, W)`` boolean or ``[0, 1]`` floating mask at label resolution.
+        size: spatial size ``(h, w)`` of the feature map.
+
+    Returns:
+        ``(B, 1, h, w)`` float32 weights in ``[0, 1]``.
+
+    Example:
+        >>> keep = torch.ones(1, 8, 8, dtype=torch.bool)
+        >>> keep[0, :4, :4] = False  # the top-left quarter is a new class
+        >>> pixel_weights(keep, (2, 2)).flatten().tolist()
+        [0.0, 1.0, 1.0, 1.0]
+    """
+    mask = keep.to(torch.float32).unsqueeze(1)
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    return F.adaptive_avg_pool2d(mask, (int(size[0]), int(size[1])))
+
+
 def _fused_loss(
-    x: Tensor, x_old: Tensor, se: Callable[[Tensor], Tensor] | None, attention: str, reduction: str
+    x: Tensor,
+    x_old: Tensor,
+    se: Callable[[Tensor], Tensor] | None,
+    attention: str,
+    reduction: str,
+    weight: Tensor | None = None,
 ) -> Tensor:
-    """``||AD(x) - AD(x_old)||^2`` (summed, or averaged over the elements) through one autograd node.
+    """``||AD(x) - AD(x_old)||^2`` (summed, or averaged over the elements; each position weighted by ``weight``
+    ``(B, 1, H, W)`` if given) through one autograd node.
 
     The channel weights come from ``se`` through autograd as usual (``se`` and the features get their
     gradient from it); the spatial maps, the reweighting, the difference and its square are
@@ -174,8 +226,9 @@ def _fused_loss(
         with torch.no_grad():
             channel_old = _channel_attention(se, x_old).to(x.dtype).reshape(b, c, 1)
     divisor = float(x.numel()) if reduction == "mean" else 1.0
+    w = None if weight is None else weight.reshape(b, 1, -1)
     loss: Tensor = _AttentiveDistillation.apply(
-        x.reshape(b, c, -1), channel, x_old.reshape(b, c, -1), channel_old, attention != "channel", divisor
+        x.reshape(b, c, -1), channel, x_old.reshape(b, c, -1), channel_old, attention != "channel", divisor, w
     )
     return loss
 
@@ -206,10 +259,12 @@ def _reweight(x: Tensor, c: Tensor | None, spatial: bool, keep: bool) -> tuple[T
 
 
 class _AttentiveDistillation(torch.autograd.Function):
-    """``sum((AD(x) - AD(x_old))^2) / divisor`` with ``AD(x) = (1 + c a) x`` (eq. 7), as one autograd node.
+    """``sum(w (AD(x) - AD(x_old))^2) / divisor`` with ``AD(x) = (1 + c a) x`` (eq. 7), as one autograd node.
 
     ``x``, ``x_old``: ``(B, C, N)`` features (``x_old`` a constant target); ``c``, ``c_old``: ``(B, C, 1)``
-    channel weights or ``None``; ``spatial``: whether ``a`` is the spatial map of eq. 6 (else 1). Autograd's
+    channel weights or ``None``; ``spatial``: whether ``a`` is the spatial map of eq. 6 (else 1); ``w``:
+    ``(B, 1, N)`` constant position weights or ``None`` (all 1). The loss's gradient with respect to ``AD(x)`` is
+    ``2 w diff / divisor``: the backward pass is the unweighted one with ``w diff`` in place of ``diff``. Autograd's
     chain of broadcast products saves and writes several feature-sized tensors; here every feature-sized
     operation runs in place in one of three buffers, backward included, which writes the features' gradient
     once from the saved difference and ``x / s``, with the products over channels and positions as ``bmm``.
@@ -224,11 +279,16 @@ class _AttentiveDistillation(torch.autograd.Function):
         c_old: Tensor | None,
         spatial: bool,
         divisor: float,
+        w: Tensor | None = None,
     ) -> Tensor:
         diff, parts = _reweight(x, c, spatial, keep=True)
         target, _ = _reweight(x_old, c_old, spatial, keep=False)
         diff.sub_(target)
-        loss = torch.mul(diff, diff, out=target).sum() / divisor
+        squares = torch.mul(diff, diff, out=target)
+        if w is not None:
+            squares.mul_(w)
+            diff.mul_(w)  # from here on diff is w (AD(x) - AD(x_old)), what the backward pass needs
+        loss = squares.sum() / divisor
         ctx.spatial, ctx.divisor = spatial, divisor
         if spatial:
             ctx.save_for_backward(diff, c, *parts)
@@ -243,7 +303,7 @@ class _AttentiveDistillation(torch.autograd.Function):
             diff, c, x = ctx.saved_tensors
             g = diff * x
             dc = g.sum(dim=2, keepdim=True).mul_(k) if ctx.needs_input_grad[1] else None
-            return torch.mul(1.0 + c, diff, out=g).mul_(k), dc, None, None, None, None
+            return torch.mul(1.0 + c, diff, out=g).mul_(k), dc, None, None, None, None, None
         diff, c, y, a, s, norm, denom = ctx.saved_tensors
         g = diff * y  # d loss / d AD(x) = k * diff, and AD(x) = (1 + c a) s y
         dc = None
@@ -262,7 +322,7 @@ class _AttentiveDistillation(torch.autograd.Function):
             torch.mul(1.0 + a, diff, out=g)
         else:
             torch.mul(c, a, out=g).add_(1.0).mul_(diff)
-        return g.addcmul_(y, f).mul_(k), dc, None, None, None, None
+        return g.addcmul_(y, f).mul_(k), dc, None, None, None, None, None
 
 
 def _no_autocast(x: Tensor) -> contextlib.AbstractContextManager[object]:

@@ -87,6 +87,9 @@ class MethodConfig:
             (default) keeps ``γ = 1`` (MiB's unbiased KD) on pixels labelled with a new class, where ``γ < 1``
             pulls the student towards the old classes against the label (see :class:`~incseg.losses.CAFLoss`
             and docs/results.md).
+        ad_on_new: ``True`` (the paper) distils the features at every position; ``False`` leaves the positions
+            of pixels labelled with a new class out of the attentive distillation, where the old model's features
+            work against the label (see :class:`~incseg.losses.CAFLoss` and docs/protocol.md).
         bn: ``"train"`` (default) updates the student's batch-norm layers from each batch; ``"frozen"`` keeps
             them in evaluation mode (running statistics of step 0) at steps > 0, as the teacher's, while their
             affine weights still train (MiB's ``--fix_bn``). ``"frozen"`` is not the default: it made deep
@@ -135,6 +138,7 @@ class MethodConfig:
     ad_balance: float | None = 1.0
     gamma_max: float | None = 1.0
     gamma_on_new: bool = False
+    ad_on_new: bool = True
     bn: NormPolicy = "train"
     dropout: NormPolicy = "frozen"
     fusion_dropout: float = 0.5
@@ -154,7 +158,7 @@ class MethodConfig:
             value = getattr(self, field_name)
             if value not in allowed:
                 raise ValueError(f"{field_name} must be one of {list(allowed)}, got {value!r}")
-        for field_name in ("caf", "void_as_background", "gamma_on_new"):
+        for field_name in ("caf", "void_as_background", "gamma_on_new", "ad_on_new"):
             value = getattr(self, field_name)
             if not isinstance(value, bool):
                 raise TypeError(f"{field_name} must be a bool, got {type(value).__name__}")
@@ -250,6 +254,7 @@ class MethodConfig:
             "ad_balance": None,
             "gamma_max": None,
             "gamma_on_new": True,
+            "ad_on_new": True,
             "bn": "train",
             "dropout": "train",
             "fusion_dropout": 0.0,

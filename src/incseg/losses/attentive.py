@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from incseg._checks import check_feature_map
 from incseg.functional._common import Reduction, check_choice
-from incseg.functional.attention import _ATTENTIONS, Attention, attentive_distillation_loss
+from incseg.functional.attention import _ATTENTIONS, Attention, attentive_distillation_loss, pixel_weights
 from incseg.nn.squeeze_excitation import SqueezeExcitation
 
 __all__ = ["AttentiveDistillationLoss"]
@@ -93,23 +93,43 @@ class AttentiveDistillationLoss(nn.Module):
             self.se_h = None
 
     def forward(
-        self, z: Tensor | Mapping[Any, Tensor], z_old: Tensor | Mapping[Any, Tensor], h: Tensor, h_old: Tensor
+        self,
+        z: Tensor | Mapping[Any, Tensor],
+        z_old: Tensor | Mapping[Any, Tensor],
+        h: Tensor,
+        h_old: Tensor,
+        *,
+        keep: Tensor | None = None,
     ) -> Tensor:
         """Return ``L_AD`` for the student features ``(z, h)`` and the teacher features ``(z_old, h_old)``.
 
         ``z`` and ``z_old`` are dicts level -> feature map when ``channels_z`` is a mapping (keys compared as
-        ``str(level)``).
+        ``str(level)``). ``keep`` (optional, ``(B, H, W)`` at any resolution, usually the labels'): the pixels to
+        distil; each position of a feature map is weighted by the fraction of kept pixels it covers (see
+        :func:`~incseg.functional.pixel_weights`), e.g. all but the pixels labelled with a new class.
         """
-        loss_z, loss_h = self.terms(z, z_old, h, h_old)
+        loss_z, loss_h = self.terms(z, z_old, h, h_old, keep=keep)
         return loss_z + loss_h
 
     def terms(
-        self, z: Tensor | Mapping[Any, Tensor], z_old: Tensor | Mapping[Any, Tensor], h: Tensor, h_old: Tensor
+        self,
+        z: Tensor | Mapping[Any, Tensor],
+        z_old: Tensor | Mapping[Any, Tensor],
+        h: Tensor,
+        h_old: Tensor,
+        *,
+        keep: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Return the two terms of ``L_AD`` (eq. 8), ``(||AD(z̄) - AD(z̄_old)||², ||AD(h) - AD(h_old)||²)``; the
-        first sums over the levels of a multi-scale ``z``."""
+        first sums over the levels of a multi-scale ``z``. ``keep``: as in :meth:`forward`."""
         for name, x, channels in (("h", h, self.channels_h), ("h_old", h_old, self.channels_h)):
             check_feature_map(x, name, channels=channels)
+        if keep is not None and (keep.dim() != 3 or keep.shape[0] != h.shape[0]):
+            raise ValueError(f"keep must be a (B, H, W) mask with B = {h.shape[0]}, got shape {tuple(keep.shape)}")
+
+        def weight(x: Tensor) -> Tensor | None:
+            return None if keep is None else pixel_weights(keep, x.shape[-2:]).to(x.device)
+
         if isinstance(self.channels_z, Mapping):
             new, old = _by_level(z, "z", self.channels_z), _by_level(z_old, "z_old", self.channels_z)
             se = self.se_z if isinstance(self.se_z, nn.ModuleDict) else None
@@ -121,6 +141,7 @@ class AttentiveDistillationLoss(nn.Module):
                         None if se is None else se[key],
                         attention=self.attention,
                         reduction=self.reduction,
+                        weight=weight(new[key]),
                     )
                     for key in self.channels_z
                 ),
@@ -131,8 +152,12 @@ class AttentiveDistillationLoss(nn.Module):
             check_feature_map(z_old, "z_old", channels=self.channels_z)
             assert isinstance(z, Tensor) and isinstance(z_old, Tensor)
             se_z = self.se_z if isinstance(self.se_z, SqueezeExcitation) else None
-            loss_z = attentive_distillation_loss(z, z_old, se_z, attention=self.attention, reduction=self.reduction)
-        loss_h = attentive_distillation_loss(h, h_old, self.se_h, attention=self.attention, reduction=self.reduction)
+            loss_z = attentive_distillation_loss(
+                z, z_old, se_z, attention=self.attention, reduction=self.reduction, weight=weight(z)
+            )
+        loss_h = attentive_distillation_loss(
+            h, h_old, self.se_h, attention=self.attention, reduction=self.reduction, weight=weight(h)
+        )
         return loss_z, loss_h
 
     def extra_repr(self) -> str:

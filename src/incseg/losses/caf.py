@@ -123,6 +123,11 @@ class CAFLoss(nn.Module):
         gamma_on_new: ``True`` (default, the paper) weights the background term of every pixel by its image's
             γ; ``False`` keeps ``γ = 1`` (MiB's unbiased KD) on pixels whose label is a new class, where a
             ``γ < 1`` would pull the student towards the old classes against the label (docs/results.md).
+        ad_on_new: ``True`` (default, the paper) distils the features at every position; ``False`` leaves the
+            positions of pixels labelled with a new class out of ``L_AD`` (each position of ``z̄`` and ``h`` is
+            weighted by the fraction of its pixels that are not labelled new, see
+            :func:`~incseg.functional.pixel_weights`): the old model knows nothing of a new class, and holding
+            its features there works against the label (docs/protocol.md, "Attentive distillation").
 
     Shape:
         - logits: :math:`(B, K, h, w)`; labels: :math:`(B, H, W)` int64.
@@ -163,6 +168,7 @@ class CAFLoss(nn.Module):
         ad_balance: float | None = None,
         gamma_max: float | None = None,
         gamma_on_new: bool = True,
+        ad_on_new: bool = True,
     ) -> None:
         super().__init__()
         check_choice(ce, "ce", _CE)
@@ -182,6 +188,9 @@ class CAFLoss(nn.Module):
         if not isinstance(gamma_on_new, bool):
             raise ValueError(f"gamma_on_new must be a bool, got {gamma_on_new!r}")
         self.gamma_on_new = gamma_on_new
+        if not isinstance(ad_on_new, bool):
+            raise ValueError(f"ad_on_new must be a bool, got {ad_on_new!r}")
+        self.ad_on_new = ad_on_new
         self.ce = ce
         self.kd = kd
         self.ad = ad
@@ -290,7 +299,12 @@ class CAFLoss(nn.Module):
                     where = name if level is None else f"{name}[{level!r}]"
                     check_batch(logits, check_feature_map(x, where), "logits", where)
                     check_finite(x, where)
-            loss_z, loss_h = ad_loss.terms(z, z_old, h, h_old)
+            keep = None
+            if not self.ad_on_new:  # positions of new-class pixels are left free
+                keep = labels < n_old
+                if self.ignore_index is not None:
+                    keep = keep | (labels == self.ignore_index)
+            loss_z, loss_h = ad_loss.terms(z, z_old, h, h_old, keep=keep)
             if self.ad_balance is None:
                 ad_term = self.lambda_ad * (loss_z + loss_h)
             else:
@@ -359,5 +373,6 @@ class CAFLoss(nn.Module):
         return (
             f"ce={self.ce!r}, kd={self.kd!r}, ad={self.ad!r}, lambda_d={self.lambda_d}, lambda_ad={self.lambda_ad}, "
             f"class_reduction={self.class_reduction!r}, ignore_index={self.ignore_index}, "
-            f"ad_balance={self.ad_balance}, gamma_max={self.gamma_max}, gamma_on_new={self.gamma_on_new}"
+            f"ad_balance={self.ad_balance}, gamma_max={self.gamma_max}, gamma_on_new={self.gamma_on_new}, "
+            f"ad_on_new={self.ad_on_new}"
         )

@@ -111,6 +111,7 @@ class CAFMethod(Method):
             ad_balance=config.ad_balance,
             gamma_max=config.gamma_max,
             gamma_on_new=config.gamma_on_new,
+            ad_on_new=config.ad_on_new,
         )
 
     def has_fusion(self, step: int) -> bool:
@@ -158,7 +159,12 @@ class CAFMethod(Method):
 # features (dropout off), CAF its fusion dropout, the balanced KD (not in the recipe, which uses
 # MiB's KD, but in the +bkd ablations) its bounded γ and MiB's KD on new pixels. The fields'
 # defaults are the recipe; presets without a component get the paper's (neutral) value of its stabilisers.
-_NO_AD: dict[str, Any] = {"ad_balance": None, "bn": "train", "dropout": "train"}
+_NO_AD: dict[str, Any] = {
+    "ad_balance": None,
+    "ad_on_new": True,
+    "bn": "train",
+    "dropout": "train",
+}
 _NO_CAF: dict[str, Any] = {"fusion_dropout": 0.0}
 _NO_BKD: dict[str, Any] = {"gamma_max": None, "gamma_on_new": True}
 NEUTRAL: dict[str, Any] = {**_NO_AD, **_NO_CAF, **_NO_BKD}
