@@ -126,6 +126,7 @@ def run(args: argparse.Namespace, text: str, seed: int, perturb_seed: int | None
         from_named_submodules(net, z_channels=128, h_channels=128), scenario, method, **overrides
     )
     t0 = time.monotonic()
+    stats: dict[str, list[float]] = {}
     for step in range(scenario.num_steps):
         learner.begin_step(step)
         lr = args.lr0 if step == 0 else args.lr_next
@@ -137,6 +138,8 @@ def run(args: argparse.Namespace, text: str, seed: int, perturb_seed: int | None
             for b in range(len(x) // args.batch_size):
                 idx = order[b * args.batch_size : (b + 1) * args.batch_size]
                 out = learner.training_step(x[idx], y[idx])
+                for key, value in out.stats.items():
+                    stats.setdefault(key, []).append(float(value))
                 optimizer.zero_grad()
                 out.loss.backward()
                 optimizer.step()
@@ -149,6 +152,7 @@ def run(args: argparse.Namespace, text: str, seed: int, perturb_seed: int | None
     row.update(evaluate(learner, x, y, scenario))
     if learner.model.fusion is not None:
         row["concat_all"] = evaluate(learner, x, y, scenario, strategy="concat")["all"]
+    row.update({key: round(sum(v) / len(v), 4) for key, v in stats.items()})  # means over the steps > 0
     row["seconds"] = round(time.monotonic() - t0, 1)
     return row
 

@@ -331,6 +331,21 @@ def _step_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
         scheduler.step()
 
 
+def _opposition_note(means: dict[str, float]) -> str:
+    """The step's mean share of the output losses' pull that attentive distillation cancelled, in words."""
+    shares = {k.removeprefix("ad_opposition_"): v for k, v in means.items() if k.startswith("ad_opposition_")}
+    if not shares:
+        return ""
+    text = "attentive distillation cancelled " + ", ".join(f"{v:.0%} on {k}" for k, v in shares.items())
+    text += " of the output losses' pull on the features (mean over the step)"
+    if max(shares.values()) > 0.5:
+        text += (
+            "; above 50% it holds the features against the labels and new classes learn slowly: lower ad_balance "
+            "(see 'Attentive distillation' in docs/protocol.md)"
+        )
+    return text
+
+
 def _guard_terms(out: LossOutput | None) -> dict[str, torch.Tensor]:
     """The loss first, then the named terms (``total`` is the loss); a NaN loss when none was computed."""
     if out is None:
@@ -475,6 +490,8 @@ def train_scenario(
         guard.reset()
         guarded = learner.guarded_tensors()
         hints = learner.divergence_hints()
+        stat_sums: dict[str, torch.Tensor] = {}  # the loss's stats summed over the step (no host sync)
+        stat_count = 0
         for epoch in range(first_epoch, epochs):
             torch.manual_seed(_seed_for(config.seed, step, epoch))
             # A new image order every epoch: single-process from the seed of (seed, step, epoch), DDP from the
@@ -536,9 +553,13 @@ def train_scenario(
                 scaler.step(optimizer)
                 scaler.update()
                 running = value if i == 0 else 0.9 * running + 0.1 * value
+                for key, stat in out.stats.items():
+                    stat_sums[key] = stat_sums.get(key, 0.0) + stat.detach().float()
+                stat_count += 1
                 if on_iteration is not None and main:
-                    names = list(out.terms)
-                    values = torch.stack([out.terms[k].detach().float() for k in names]).tolist() if names else []
+                    logged = {**out.terms, **out.stats}
+                    names = list(logged)
+                    values = torch.stack([logged[k].detach().float() for k in names]).tolist() if names else []
                     record = {"step": step, "epoch": epoch, "iteration": it, "lr": optimizer.param_groups[0]["lr"]}
                     on_iteration({**record, "loss": value, **dict(zip(names, values))})
                 _step_scheduler(scheduler)
@@ -558,6 +579,10 @@ def train_scenario(
                 )
         learner.end_step()
         say(f"step {step} trained in {time.monotonic() - t0:.1f}s")
+        if stat_count:
+            note = _opposition_note({k: float(v) / stat_count for k, v in stat_sums.items()})
+            if note:
+                say(f"step {step}: {note}")
         if memory is not None:
             if not isinstance(step_set, IncrementalSegmentation):
                 raise TypeError(f"a replay memory needs IncrementalSegmentation training sets, got {step_set!r}")

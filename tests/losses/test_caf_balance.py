@@ -228,3 +228,28 @@ def test_gamma_max_none_is_the_paper() -> None:
     out = CAFLoss(None, None, ad=None, lambda_d=1.0)(logits, labels, num_old_classes=N_OLD, old_logits=old_logits)
     seg = CAFLoss(None, None, ad=None, kd=None)(logits, labels, num_old_classes=N_OLD).loss
     torch.testing.assert_close(out.loss - seg, balanced_kd_loss(logits, old_logits))
+
+
+@pytest.mark.parametrize("kappa", [0.1, 1.0])
+def test_ad_opposition_is_the_cancelled_share_of_the_task_descent_float64(kappa: float) -> None:
+    net, z, z_old, h_old, labels, old_logits = _setup(2)
+    criterion = CAFLoss(CZ, CH, ad_balance=kappa, lambda_ad=1000.0).double()
+    out, _, _ = _run(criterion, net, z, z_old, h_old, labels, old_logits)
+    lam_z, *_ = _reference_weights(criterion, net, z, z_old, h_old, labels, old_logits, kappa, 1000.0)
+    plain = CAFLoss(CZ, CH, ad=None, lambda_d=criterion.lambda_d).double()
+    g_task = torch.autograd.grad(plain(net(z)[1], labels, num_old_classes=N_OLD, old_logits=old_logits).loss, [z])
+    ad = criterion.ad_loss
+    assert ad is not None
+    (g_ad_z,) = torch.autograd.grad(attentive_distillation_loss(z, z_old, ad.se_z), z)
+    expected = max(0.0, -lam_z * float((g_ad_z * g_task[0]).sum())) / float(g_task[0].square().sum())
+    torch.testing.assert_close(out.stats["ad_opposition_z"].item(), expected, rtol=1e-9, atol=1e-12)
+    assert 0.0 <= out.stats["ad_opposition_h"].item() <= kappa + 1e-9  # |<a, t>| <= |a||t| <= κ |t|²
+
+
+@given(seed=st.integers(0, 2**16), kappa=st.sampled_from([0.01, 0.3, 1.0, 3.0]))
+@settings(max_examples=25, deadline=None)
+def test_ad_opposition_never_exceeds_kappa(seed: int, kappa: float) -> None:
+    net, z, z_old, h_old, labels, old_logits = _setup(seed)
+    out, _, _ = _run(CAFLoss(CZ, CH, ad_balance=kappa).double(), net, z, z_old, h_old, labels, old_logits)
+    for key in ("ad_opposition_z", "ad_opposition_h"):
+        assert 0.0 <= out.stats[key].item() <= kappa * (1 + 1e-9)

@@ -308,9 +308,10 @@ class CAFLoss(nn.Module):
             if self.ad_balance is None:
                 ad_term = self.lambda_ad * (loss_z + loss_h)
             else:
-                lam_z, lam_h = self._balanced_weights(total, (z, h), (loss_z, loss_h))
+                (lam_z, lam_h), opposition = self._balanced_weights(total, (z, h), (loss_z, loss_h))
                 ad_term = lam_z * loss_z + lam_h * loss_h
                 stats["lambda_ad"] = (0.5 * (lam_z + lam_h)).detach()
+                stats.update(opposition)
             terms["ad"] = ad_term.detach()
             total = total + ad_term
 
@@ -320,22 +321,28 @@ class CAFLoss(nn.Module):
     @torch.compiler.disable  # autograd.grad inside a traced graph: run eagerly (a graph break under compile)
     def _balanced_weights(
         self, task: Tensor, maps: tuple[Any, Tensor], losses: tuple[Tensor, Tensor]
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[tuple[Tensor, Tensor], dict[str, Tensor]]:
         """``λ_m = min(λ_AD, κ ||∂task/∂m|| / ||∂L_AD(m)/∂m||)`` per feature map (detached; ``λ_AD`` where
         a gradient is unavailable). A multi-scale ``z̄`` (dict of levels) counts as one map: the norms run over
-        all its levels."""
+        all its levels.
+
+        Also returns, per map ``m`` (``"ad_opposition_z"``, ``"ad_opposition_h"``), the share of the output
+        losses' descent on ``m`` that the weighted AD gradient cancels,
+        ``max(0, -λ_m <∂L_AD/∂m, ∂task/∂m>) / ||∂task/∂m||²`` (0: AD does not oppose the labels, 1: the two
+        pulls cancel along the task's direction); free, since both gradients are computed anyway."""
         lam = self.lambda_ad
         assert self.ad_balance is not None
         groups = [list(m.values()) if isinstance(m, Mapping) else [m] for m in maps]
         fixed = (task.new_tensor(lam), task.new_tensor(lam))
         if not (torch.is_grad_enabled() and task.requires_grad and all(t.requires_grad for g in groups for t in g)):
-            return fixed
+            return fixed, {}
         # One backward of the task losses to every map's tensors (the classifier's backward is shared).
         flat = [t for g in groups for t in g]
         g_task_all = torch.autograd.grad(task, flat, retain_graph=True, allow_unused=True)
         weights = []
+        opposition: dict[str, Tensor] = {}
         start = 0
-        for tensors, loss in zip(groups, losses):
+        for name, tensors, loss in zip(("z", "h"), groups, losses):
             g_task = g_task_all[start : start + len(tensors)]
             start += len(tensors)
             if not loss.requires_grad:
@@ -350,8 +357,14 @@ class CAFLoss(nn.Module):
             norm_ad = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=wide) for g in g_ad]))
             ratio = self.ad_balance * norm_task / norm_ad
             # A zero AD gradient (identical features) gives an infinite ratio: the cap then does not bind.
-            weights.append(torch.nan_to_num(ratio, nan=lam, posinf=lam).clamp(max=lam).detach())
-        return weights[0], weights[1]
+            weight = torch.nan_to_num(ratio, nan=lam, posinf=lam).clamp(max=lam).detach()
+            weights.append(weight)
+            inner = sum(
+                ((a.to(wide) * t.to(wide)).sum() for a, t in zip(g_ad, g_task)), start=task.new_zeros((), dtype=wide)
+            )
+            share = (-weight * inner / norm_task.square()).clamp(min=0.0)
+            opposition[f"ad_opposition_{name}"] = torch.nan_to_num(share, nan=0.0, posinf=0.0).detach()
+        return (weights[0], weights[1]), opposition
 
     def _features(
         self, features: Mapping[str, Any] | None, old_features: Mapping[str, Any] | None
