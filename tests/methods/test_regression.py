@@ -2,8 +2,9 @@
 recorded before methods became plugins (``golden_terms.json``, written by the pre-refactor learner).
 
 A deliberate change of a preset's definition re-records that preset's values, and only those: the seven presets
-with attentive distillation were re-recorded when the recipe's batch-norm policy became ``bn="train"``; the other
-eleven are still the values written before the refactor."""
+with the recipe's attentive distillation were re-recorded when its batch-norm policy became ``bn="train"``, and
+again when it became ``ad_balance=0.1, ad_on_new=False`` (issue 20); the other eleven are still the values written
+before the refactor."""
 
 from __future__ import annotations
 

@@ -135,10 +135,10 @@ class MethodConfig:
     test_strategy: TestStrategy = "skip"
     void_as_background: bool = False
     caf_inner_channels: int | None = None
-    ad_balance: float | None = 1.0
+    ad_balance: float | None = 0.1
     gamma_max: float | None = 1.0
     gamma_on_new: bool = False
-    ad_on_new: bool = True
+    ad_on_new: bool = False
     bn: NormPolicy = "train"
     dropout: NormPolicy = "frozen"
     fusion_dropout: float = 0.5
