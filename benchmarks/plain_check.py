@@ -1,8 +1,9 @@
 """An independent check through the public API: a plain conv network, data of its own, a plain PyTorch loop.
 
-Nothing here comes from the library but the API a user calls: the network is a plain single-scale conv net (6
-conv-BN-ReLU encoder blocks to 128 channels at output stride 8, a 2-block refiner, a 1x1 classifier, no skip
-connections) adapted with ``from_named_submodules``; the scenes come from a generator of this file (ellipses and
+Nothing here comes from the library but the API a user calls: the network is by default ``plain`` of
+``benchmarks/_networks.py``, a single-scale conv net (6 conv-BN-ReLU encoder blocks to 128 channels at output
+stride 8, a 2-block refiner, a 1x1 classifier, no skip connections) adapted with ``from_named_submodules``
+(``--network`` picks another network of that file); the scenes come from a generator of this file (ellipses and
 rectangles of a class colour with class-dependent stripes, unlike the built-in synthetic benchmark); the loop
 calls ``begin_step``, ``param_groups``, ``training_step``, an SGD step, ``end_step`` and ``predict``. Step 0 is
 trained with the method itself (at step 0 every CAF-family method is cross-entropy), so every run of a seed
@@ -28,31 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from incseg.learner import IncrementalLearner
 from incseg.metrics import MeanIoU
-from incseg.models import from_named_submodules
 from incseg.scenarios import Scenario, get_scenario
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _networks import NETWORKS
 from robustness import parse_method
 
 NUM_CLASSES = 21  # background + 20, as Pascal VOC
-
-
-def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
-class PlainNet(nn.Module):
-    def __init__(self, num_classes: int) -> None:
-        super().__init__()
-        self.encoder = nn.Sequential(
-            _block(3, 32, 2), _block(32, 32), _block(32, 64, 2), _block(64, 64), _block(64, 128, 2), _block(128, 128)
-        )
-        self.refiner = nn.Sequential(_block(128, 128), _block(128, 128))
-        self.classifier = nn.Conv2d(128, num_classes, 1)
 
 
 def scenes(n: int, size: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -116,15 +103,13 @@ def run(args: argparse.Namespace, text: str, seed: int, perturb_seed: int | None
     scenario = get_scenario("voc", args.task, mode=args.mode)  # VOC's class ids and order, our own images
     train_x, train_y = scenes(args.images, args.size, 1000 + seed)
     test_x, test_y = scenes(args.images // 4, args.size, 2000 + seed)
-    net = PlainNet(scenario.num_classes_at(0))
+    model = NETWORKS[args.network](scenario.num_classes_at(0))
     if perturb_seed is not None:
         g = torch.Generator().manual_seed(perturb_seed)
         with torch.no_grad():
-            for p in net.parameters():
+            for p in model.parameters():
                 p.mul_(1 + args.perturb * torch.randn(p.shape, generator=g))
-    learner = IncrementalLearner(
-        from_named_submodules(net, z_channels=128, h_channels=128), scenario, method, **overrides
-    )
+    learner = IncrementalLearner(model, scenario, method, **overrides)
     t0 = time.monotonic()
     stats: dict[str, list[float]] = {}
     for step in range(scenario.num_steps):
@@ -146,7 +131,7 @@ def run(args: argparse.Namespace, text: str, seed: int, perturb_seed: int | None
         learner.end_step()
     last = scenario.num_steps - 1
     x, y = step_data(test_x, test_y, scenario, last, train=False)
-    row: dict[str, Any] = {"network": "plain", "method": text, "task": args.task, "mode": args.mode, "seed": seed}
+    row: dict[str, Any] = {"network": args.network, "method": text, "task": args.task, "mode": args.mode, "seed": seed}
     if perturb_seed is not None:
         row.update(perturb=args.perturb, perturb_seed=perturb_seed)
     row.update(evaluate(learner, x, y, scenario))
@@ -159,6 +144,7 @@ def run(args: argparse.Namespace, text: str, seed: int, perturb_seed: int | None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--network", default="plain", choices=list(NETWORKS))
     parser.add_argument("--methods", nargs="+", default=["mib", "caf"], help="method[:field=value,...]")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--task", default="15-5")
