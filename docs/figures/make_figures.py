@@ -246,15 +246,19 @@ def ablation(results: Path, out: Path) -> list[Path]:
 # ------------------------------------------------------------------------------------------------ robustness
 
 
-def _robustness_files(results: Path) -> list[Path]:
-    """The matrix files of ``benchmarks/robustness.py`` (one per network or run: ``robustness*.json``)."""
-    return sorted(results.glob("robustness*.json"))
+def _robustness_files(results: Path, pattern: str = "robustness*.json") -> list[Path]:
+    """The matrix files of ``benchmarks/robustness.py`` (one per network or run: ``robustness*.json``), or of
+    ``benchmarks/plain_check.py`` with ``pattern="plain-check*.json"``."""
+    return sorted(results.glob(pattern))
 
 
-def robustness(results: Path, out: Path) -> Path:
-    """Matrix of final all-class mIoU: methods x (network, task), mean over seeds; diverged runs marked."""
+def robustness(
+    results: Path, out: Path, *, pattern: str = "robustness*.json", name: str = "robustness.svg", key: str = "all"
+) -> Path:
+    """Matrix of final mIoU (``key``: ``"all"``, ``"new"`` or ``"old"`` classes): methods x (network, task), mean
+    over seeds; diverged runs marked."""
     rows: list[dict[str, Any]] = []
-    for path in _robustness_files(results):
+    for path in _robustness_files(results, pattern):
         data = _read_json(path)
         rows += data["rows"] if isinstance(data, dict) else data
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -267,7 +271,7 @@ def robustness(results: Path, out: Path) -> Path:
     for i, m in enumerate(methods):
         for j, c in enumerate(columns):
             runs = cells.get((m, c), [])
-            values = [r["all"] for r in runs if r.get("all") is not None]
+            values = [r[key] for r in runs if r.get(key) is not None]
             if not values:
                 continue
             grid[i, j] = statistics.fmean(values)
@@ -279,10 +283,10 @@ def robustness(results: Path, out: Path) -> Path:
     ax.set_xticks(range(len(columns)), [f"{n}\n{t}" for n, t in columns], fontsize=7)
     ax.set_yticks(range(len(methods)), [_method_label(m) for m in methods], fontsize=8)
     ax.grid(False)
-    fig.colorbar(image, ax=ax, label="mIoU all classes (%)", shrink=0.8)
+    fig.colorbar(image, ax=ax, label=f"mIoU {key} classes (%)", shrink=0.8)
     seeds = sorted({r["seed"] for r in rows})
-    ax.set_title(f"Robustness: mean over seeds {', '.join(map(str, seeds))}", fontsize=9)
-    return _save(fig, out / "robustness.svg", "All-class mIoU per method, network and task, mean over seeds")
+    ax.set_title(f"{key} classes: mean over seeds {', '.join(map(str, seeds))}", fontsize=9)
+    return _save(fig, out / name, f"mIoU of the {key} classes per method, network and task, mean over seeds")
 
 
 # ------------------------------------------------------------------------------------------------ speed
@@ -371,6 +375,9 @@ def make_figures(demo: Path, results: Path, out: Path) -> list[Path]:
         written.append(robustness(results, out))
     else:
         print(f"skipped the robustness figure: no {results}/robustness*.json (run benchmarks/robustness.py)")
+    if _robustness_files(results, "plain-check*.json"):  # issue 20's matrix: new and old classes
+        for key in ("new", "old"):
+            written.append(robustness(results, out, pattern="plain-check*.json", name=f"ad-matrix-{key}.svg", key=key))
     figure = speed(results, out)
     if figure is None:
         print(f"skipped the speed figure: no {results}/bench_step.json or bench_losses.json")

@@ -53,7 +53,9 @@ class LossOutput(NamedTuple):
         terms: detached scalars by name (for :class:`CAFLoss`: ``"seg"``, ``"kd"``, ``"ad"``, ``"total"``,
             only those active), each already multiplied by its weight so that they add up to ``"total"``.
         stats: other detached scalars worth logging that are not terms of the loss (for :class:`CAFLoss` with
-            ``ad_balance``: ``"lambda_ad"``, the mean weight the AD terms got); empty by default.
+            ``ad_balance``: ``"lambda_ad"``, the mean weight the AD terms got, and ``"ad_opposition_z"`` /
+            ``"ad_opposition_h"``, the share of the output losses' descent on each feature map that the AD
+            gradient cancels); empty by default.
     """
 
     loss: Tensor
