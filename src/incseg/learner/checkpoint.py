@@ -608,13 +608,14 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: object) -> No
         )
     params: dict[int, Tensor] = {}
     for i, (group, mine, live) in enumerate(zip(groups, own, optimizer.param_groups)):
-        if group["params"] != mine["params"] or set(group) != set(mine):
+        scheduler_keys = {"initial_lr"}  # set by an LR scheduler, which may be built after the optimizer
+        if group["params"] != mine["params"] or set(group) - scheduler_keys != set(mine) - scheduler_keys:
             raise CheckpointError(
                 f"checkpoint optimizer group {i} has parameter indices or settings {sorted(map(str, group))} that "
                 f"this optimizer ({type(optimizer).__name__}, settings {sorted(mine)}) does not have"
             )
         for key, value in group.items():
-            if key != "params" and not _same_kind(value, mine[key]):
+            if key != "params" and not _same_kind(value, mine.get(key, group["lr"] if key in scheduler_keys else None)):
                 raise CheckpointError(
                     f"checkpoint optimizer group {i} has {key}={value!r:.80}, which a {type(optimizer).__name__} "
                     f"cannot hold (this optimizer has {mine[key]!r:.80})"

@@ -482,12 +482,17 @@ class IncrementalLearner:
                     tensors=self.guarded_tensors(),
                     where=f"step {self._step}",
                     hints=self.divergence_hints(),
+                    inputs={"images": images},
                 )
             raise
         if guard and self.guard is not None:
             terms = {"loss": out.loss, **{k: v for k, v in out.terms.items() if k != "total"}}
             self.guard.check(
-                terms, tensors=self.guarded_tensors(), where=f"step {self._step}", hints=self.divergence_hints()
+                terms,
+                tensors=self.guarded_tensors(),
+                where=f"step {self._step}",
+                hints=self.divergence_hints(),
+                inputs={"images": images},
             )
         return out
 
