@@ -803,6 +803,8 @@ def _check_resume(
     if not isinstance(extra["train_config"], dict):
         raise CheckpointError(f"{path} holds a train_config of type {type(extra['train_config']).__name__}: {fix}")
     differences = config_differences(extra["train_config"], config.to_dict(), ignore=NON_RESULT_FIELDS)
+    if saved.get("format_version") == OLD_FORMAT_VERSION:  # incseg 0.1 saved no TrainConfig.extra: not a change
+        differences = {k: v for k, v in differences.items() if not (k.startswith("extra") and v[0] in (None, {}))}
     if differences and not allow:
         raise ValueError(
             f"cannot resume {path}: the run was started with other settings that change its results "
