@@ -331,6 +331,17 @@ def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
         (lambda d: _set(d, "teacher/refiner.project.1.bias", torch.zeros(3)), "teacher weights do not fit"),
         (lambda d: _set(d, "criterion/extra_key", torch.zeros(1)), r"criterion weights do not fit.*Unexpected"),
         (lambda d: _set(d, "model/encoder.stem.0.weight", [1.0]), "must map names to tensors"),
+        # found by the fuzz test: accepted before, though save never writes them
+        (
+            lambda d: _set(d, "scenario/extra_key", 1),
+            r"'scenario' has fields that its writer never writes: \['extra_key",
+        ),
+        (lambda d: _set(d, "method/lambda_d", 10), r"'method' has fields .*\['lambda_d'\]"),
+        (
+            lambda d: _set(d, "model/encoder.stem.1.num_batches_tracked", torch.ones(1, dtype=torch.long)),
+            r"\(\(1,\) -> \(\)\)",
+        ),
+        (lambda d: _set(d, "unknown", 1), r"unknown keys \['unknown'\]"),
     ],
 )
 def test_invalid_checkpoint_leaves_learner_unchanged(
@@ -747,6 +758,7 @@ def test_c9_an_optimizer_state_of_the_wrong_shape_or_dtype_is_refused(
         (lambda s: s.__setitem__("momentum_buffer", torch.zeros(3)), r"shape \(3,\)"),
         (lambda s: s.__setitem__("momentum_buffer", s["momentum_buffer"].double()), "torch.float64"),
         (lambda s: s.__setitem__("momentum_buffer", s["momentum_buffer"] * math.nan), "NaN/Inf"),
+        (lambda s: s.__setitem__("momentum_buffer", "x"), "is a str, which no optimizer state holds"),
     ]:
 
         def change(d: dict[str, Any], edit: Callable[[dict[str, Any]], None] = edit) -> None:
@@ -757,6 +769,12 @@ def test_c9_an_optimizer_state_of_the_wrong_shape_or_dtype_is_refused(
         with pytest.raises(CheckpointError, match=match):
             learner.load(bad, optimizer=optimizer)
         assert torch.equal(optimizer.state_dict()["state"][0]["momentum_buffer"], before["state"][0]["momentum_buffer"])
+
+    def float_index(d: dict[str, Any]) -> None:  # 0.0 == 0: torch would map the state to the wrong parameters
+        d["optimizer"]["param_groups"][0]["params"][0] = 0.0
+
+    with pytest.raises(CheckpointError, match="group 0 has parameter indices or settings"):
+        learner.load(_tampered(path, tmp_path, float_index), optimizer=optimizer)
 
 
 def test_a_scenario_with_another_class_order_names_the_difference(

@@ -500,6 +500,16 @@ def load_into(module: nn.Module, weights: Mapping[str, Any], what: str) -> None:
             f"{', '.join(cast[:3])}: incseg does not cast weights silently; build the network in the checkpoint's "
             "dtype (model.to(dtype)) before loading, or convert the checkpoint's tensors yourself"
         )
+    shaped = [
+        f"{k} ({tuple(v.shape)} -> {tuple(own[k].shape)})"
+        for k, v in weights.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if shaped:  # load_state_dict would take a (1,) tensor for a 0-dim buffer (num_batches_tracked)
+        raise CheckpointError(
+            f"checkpoint {what} weights do not fit this learner's network (another architecture, width or method?): "
+            f"size mismatch in {len(shaped)} tensors, e.g. {', '.join(shaped[:3])}"
+        )
     try:
         module.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
@@ -565,6 +575,14 @@ def check_learner_state(state: object, scenario: Scenario, config: MethodConfig)
         raise CheckpointError(
             f"checkpoint was written for another method configuration; differing fields (checkpoint, learner): {diff}"
         )
+    if version == FORMAT_VERSION:  # this format holds exactly what to_dict() writes: no unknown or retyped fields
+        for key, mine in (("scenario", saved_scenario.to_dict()), ("method", saved_config.to_dict())):
+            odd = _retyped(state[key], mine)
+            if odd:
+                raise CheckpointError(
+                    f"checkpoint entry {key!r} has fields that its writer never writes: {odd[:5]} (unknown, missing "
+                    "or of another type): it was edited or not written by incseg"
+                )
     step = state["step"]
     if not 0 <= step < scenario.num_steps:
         raise CheckpointError(f"checkpoint step {step} is outside [0, {scenario.num_steps})")
@@ -574,6 +592,16 @@ def check_learner_state(state: object, scenario: Scenario, config: MethodConfig)
             f"checkpoint classes_per_step {state['classes_per_step']} do not match the scenario at step {step} ({cps})"
         )
     return step, cps
+
+
+def _retyped(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> list[str]:
+    """Keys of ``saved`` that differ from ``mine`` in presence, type or value (``1.0`` is not ``1``)."""
+    keys = list(mine) + [k for k in saved if k not in mine]
+    return [
+        str(k)
+        for k in keys
+        if k not in saved or k not in mine or content_checksum(saved[k]) != content_checksum(mine[k])
+    ]
 
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: object) -> None:
@@ -609,7 +637,10 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: object) -> No
     params: dict[int, Tensor] = {}
     for i, (group, mine, live) in enumerate(zip(groups, own, optimizer.param_groups)):
         scheduler_keys = {"initial_lr"}  # set by an LR scheduler, which may be built after the optimizer
-        if group["params"] != mine["params"] or set(group) - scheduler_keys != set(mine) - scheduler_keys:
+        same_params = [type(i) for i in group["params"]] == [int] * len(mine["params"]) and group["params"] == mine[
+            "params"
+        ]
+        if not same_params or set(group) - scheduler_keys != set(mine) - scheduler_keys:
             raise CheckpointError(
                 f"checkpoint optimizer group {i} has parameter indices or settings {sorted(map(str, group))} that "
                 f"this optimizer ({type(optimizer).__name__}, settings {sorted(mine)}) does not have"
@@ -626,7 +657,14 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: object) -> No
             raise CheckpointError(f"checkpoint optimizer state has an entry {index!r} for no parameter of its groups")
         param = params[index]
         for key, value in entry.items():
-            if not isinstance(value, Tensor) or key == "step":
+            if not isinstance(value, Tensor):
+                if value is not None and type(value) not in (int, float):
+                    raise CheckpointError(
+                        f"checkpoint optimizer state {key!r} of parameter {index} is a {type(value).__name__}, which "
+                        "no optimizer state holds (tensors, numbers or None): the file was edited"
+                    )
+                continue
+            if key == "step":
                 continue
             if value.shape != param.shape or value.dtype != param.dtype:
                 raise CheckpointError(
