@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
+import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -244,3 +248,154 @@ def test_cache_check_flag() -> None:
     parse = build_parser().parse_args
     assert parse(["train", "--dataset", "voc"]).cache_check == "stat"
     assert parse(["train", "--dataset", "voc", "--cache-check", "content"]).cache_check == "content"
+
+
+# ----------------------------------------------------------------------------- issue 23: the second red team
+
+_QUICK = [
+    "train", "--dataset", "synthetic", "--method", "ft", "--epochs", "1", "--max-iters-per-epoch", "1",
+    "--batch-size", "2", "--device", "cpu", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture
+def few_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fewer synthetic images than the command's 1200/300 (speed)."""
+    from incseg import cli
+
+    monkeypatch.setitem(cli._SYNTHETIC_IMAGES, "train", 48)
+    monkeypatch.setitem(cli._SYNTHETIC_IMAGES, "val", 8)
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], command: str = "train") -> str:
+    err = capsys.readouterr().err
+    assert err.startswith(f"incseg {command}: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_b2_a_checkpoint_copied_into_a_run_with_another_crop_size_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], few_images: None
+) -> None:
+    assert main([*_QUICK, "--crop-size", "48", "--out", str(tmp_path / "a")]) == 0
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "a" / "checkpoints" / "last.pt", tmp_path / "b" / "checkpoints" / "last.pt")
+    capsys.readouterr()
+    assert main([*_QUICK, "--crop-size", "64", "--out", str(tmp_path / "b")]) == 2
+    assert "extra.crop_size: 48 -> 64" in _one_line_error(capsys)
+
+
+def test_b5_a_failed_run_leaves_no_config_json_that_blocks_the_corrected_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], few_images: None
+) -> None:
+    out = ["--out", str(tmp_path)]
+    assert main([*_QUICK, *out, "--batch-size", "1000", "--crop-size", "48"]) == 2
+    assert "fewer than one batch of 1000" in _one_line_error(capsys)  # b5: no run of 0 iterations
+    assert main([*_QUICK, *out, "--crop-size", "48"]) == 0
+    assert json.loads((tmp_path / "config.json").read_text())["args"]["batch_size"] == 2
+
+
+def test_c3_a_full_disk_during_a_save_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, few_images: None
+) -> None:
+    import torch
+
+    real_save = torch.save
+
+    class ShortWrites(io.RawIOBase):  # a disk with 100 bytes left: short writes, then ENOSPC
+        room = 100
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: Any) -> int:
+            n = min(len(data), self.room)
+            self.room -= n
+            if n == 0 and len(data):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return n
+
+    monkeypatch.setattr(torch, "save", lambda obj, f, **kw: real_save(obj, ShortWrites(), **kw))
+    assert main([*_QUICK, "--crop-size", "48", "--out", str(tmp_path)]) == 2
+    err = _one_line_error(capsys)
+    assert "cannot write checkpoint" in err and "No space left on device" in err and "inline_container" not in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (["--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
+        (["--lr-next", "inf"], "argument --lr-next: must be a finite number > 0, got inf"),
+        (["--lambda-ad", "-1"], "argument --lambda-ad: must be a finite number >= 0"),
+        (["--workers", "-1"], "argument --workers: must be >= 0, got -1"),
+    ],
+)
+def test_settings_that_cannot_train_are_refused_naming_the_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], match: str
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--dataset", "synthetic", "--out", str(tmp_path), *flags])
+    assert info.value.code == 2 and match in capsys.readouterr().err
+    assert not (tmp_path / "config.json").exists()  # validated before anything is written
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")
+@pytest.mark.parametrize(("text", "match"), [("[1, 2]", "holds a JSON list, not an object"), ("{", "not valid JSON")])
+def test_c4_a_history_json_that_is_no_history_names_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, match: str
+) -> None:
+    (tmp_path / "history.json").write_text(text)
+    assert main(["plot", str(tmp_path)]) == 2
+    err = _one_line_error(capsys, "plot")
+    assert match in err and str(tmp_path / "history.json") in err
+
+
+@pytest.mark.parametrize(("text", "match"), [("[]", "holds a JSON list, not an object"), ("{]", "not valid JSON")])
+def test_c5_a_config_json_that_is_no_object_names_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, match: str
+) -> None:
+    from incseg.learner import IncrementalLearner
+    from incseg.models import small_segmenter
+    from incseg.scenarios import get_scenario
+
+    scenario = get_scenario("synthetic", "15-5")
+    learner = IncrementalLearner(small_segmenter(scenario.num_classes_at(0), width=8), scenario, "ft")
+    learner.begin_step(0)
+    (tmp_path / "checkpoints").mkdir()
+    learner.save(tmp_path / "checkpoints" / "last.pt")
+    (tmp_path / "config.json").write_text(text)
+    assert main(["eval", str(tmp_path), "--no-progress"]) == 2
+    err = _one_line_error(capsys, "eval")
+    assert match in err and str(tmp_path / "config.json") in err
+    assert main([*_QUICK, "--out", str(tmp_path)]) == 2
+    err = _one_line_error(capsys)
+    assert match in err and str(tmp_path / "config.json") in err
+
+
+class _BadMask:
+    """A dataset whose item 1 fails as a VOC mask of another size than its image does."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> int:
+        if i == 1:
+            raise ValueError("image a.jpg has size (4, 4) but its label a.png has size (5, 5)")
+        return i
+
+
+def test_c6_an_error_in_a_dataloader_worker_is_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch.utils.data import DataLoader
+
+    from incseg import cli
+
+    def run(_args: object) -> int:
+        for _ in DataLoader(_BadMask(), batch_size=2, num_workers=1):  # type: ignore[arg-type]
+            pass
+        return 0
+
+    monkeypatch.setattr(cli, "run_train", run)
+    assert main(["train", "--dataset", "synthetic"]) == 2
+    err = _one_line_error(capsys)
+    assert err.rstrip().endswith("its label a.png has size (5, 5) (in DataLoader worker 0)"), err

@@ -130,4 +130,4 @@ def test_errors_are_one_line(run_dir: Path, tmp_path: Path, capsys: pytest.Captu
     err = error_of([str(run_dir), "--dataset", "voc", "--root", str(tmp_path)])
     assert "synthetic-15-5" in err and "--dataset voc" in err
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    assert "corrupt" in error_of([str(tmp_path / "junk.pt"), "--dataset", "synthetic"])
+    assert "not a torch.save file" in error_of([str(tmp_path / "junk.pt"), "--dataset", "synthetic"])

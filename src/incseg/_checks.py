@@ -8,8 +8,10 @@ and are opt-out on the hot path.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
@@ -23,6 +25,7 @@ __all__ = [
     "check_logits",
     "check_num_old_classes",
     "check_same_shape",
+    "load_json_object",
     "set_validate_values",
     "validate_values",
 ]
@@ -203,3 +206,35 @@ def check_num_old_classes(
             f"{num_old_classes}"
         )
     return num_old_classes
+
+
+def load_json_object(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
+    """Read a JSON file that must hold an object (``config.json``, ``history.json`` of a run folder).
+
+    Args:
+        path: the file.
+        what: what it should be, for the message (e.g. ``"the run's settings"``).
+
+    Returns:
+        The object as a dict.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not valid JSON or holds something else than an object; the message names the
+            file, the place of the error and the fix.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not a text file ({exc.reason}); it should hold {what} as JSON") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); it should hold {what}: "
+            "repair or delete it"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path} holds a JSON {type(data).__name__}, not an object; it should hold {what}: repair or delete it"
+        )
+    return data

@@ -117,8 +117,12 @@ def _settings(args: argparse.Namespace, run_dir: Path | None, model_weights: dic
     saved: dict[str, Any] = {}
     train: dict[str, Any] = {}
     if run_dir is not None and (run_dir / "config.json").is_file():
-        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        from incseg._checks import load_json_object
+
+        config = load_json_object(run_dir / "config.json", "the settings of incseg train")
         saved, train = config.get("args", {}), config.get("train", {})
+        if not isinstance(saved, dict) or not isinstance(train, dict):
+            raise ValueError(f"{run_dir / 'config.json'} holds 'args' or 'train' that are not objects: repair it")
 
     def pick(name: str, default: Any) -> Any:
         value = getattr(args, name)

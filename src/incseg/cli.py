@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
+import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +107,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -117,7 +133,7 @@ def _common(p: argparse.ArgumentParser, *, out_default: str, device_default: str
     p.add_argument("--seed", type=int, default=0, help="seed of everything random")
     p.add_argument("--device", default=None, help=f"cpu, cuda or cuda:N (default: {device_default})")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")
+    p.add_argument("--workers", type=_non_negative_int, default=0, help="DataLoader workers per process")
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--nan-policy", choices=["stop", "skip"], default="stop", help="what to do on a NaN/Inf loss")
@@ -153,11 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=_positive_int, default=synthetic["epochs"], help="epochs of step 0 and joint")
     demo.add_argument("--epochs-next", type=_positive_int, default=synthetic["epochs_next"], help="later steps")
     demo.add_argument("--batch-size", type=_positive_int, default=synthetic["batch_size"], help="batch size")
-    demo.add_argument("--lr", type=float, default=synthetic["lr"], help="learning rate of step 0 and joint")
-    demo.add_argument("--lr-next", type=float, default=synthetic["lr_next"], help="learning rate of later steps")
+    demo.add_argument("--lr", type=_positive_float, default=synthetic["lr"], help="learning rate of step 0 and joint")
+    demo.add_argument(
+        "--lr-next", type=_positive_float, default=synthetic["lr_next"], help="learning rate of later steps"
+    )
     demo.add_argument(
         "--lambda-ad",
-        type=float,
+        type=_non_negative_float,
         default=None,
         help="attentive distillation weight (default: the method's, 1000 with CAF's gradient balance)",
     )
@@ -205,15 +223,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--batch-size", type=_positive_int, help="global batch size (" + _per_dataset("batch_size") + ")"
     )
-    train.add_argument("--lr", type=float, help="learning rate of step 0 (" + _per_dataset("lr") + ")")
-    train.add_argument("--lr-next", type=float, help="learning rate of later steps (" + _per_dataset("lr_next") + ")")
+    train.add_argument("--lr", type=_positive_float, help="learning rate of step 0 (" + _per_dataset("lr") + ")")
+    train.add_argument(
+        "--lr-next", type=_positive_float, help="learning rate of later steps (" + _per_dataset("lr_next") + ")"
+    )
     train.add_argument(
         "--crop-size",
         type=_positive_int,
         help="training crop; synthetic: image side (" + _per_dataset("crop_size") + ")",
     )
-    train.add_argument("--lambda-d", type=float, help="weight of the knowledge distillation (default: the method's)")
-    train.add_argument("--lambda-ad", type=float, help="weight of the attentive distillation (default: the method's)")
+    train.add_argument(
+        "--lambda-d", type=_non_negative_float, help="weight of the knowledge distillation (default: the method's)"
+    )
+    train.add_argument(
+        "--lambda-ad", type=_non_negative_float, help="weight of the attentive distillation (default: the method's)"
+    )
     train.add_argument(
         "--test-strategy", choices=["skip", "zero_pad", "concat"], help="CAF at test time (default: the method's)"
     )
@@ -390,6 +414,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "nan_policy": args.nan_policy,
         "progress": not args.no_progress,
+        "extra": _result_args(args, ("task", "mode", "train_images", "val_images", "size", "width", "lambda_ad")),
     }
     first = TrainConfig(epochs=args.epochs, **common)
     later = TrainConfig(epochs=args.epochs_next, **common)
@@ -614,14 +639,20 @@ def _write_run_config(out: Path, args: argparse.Namespace, config: TrainConfig, 
     """Write ``out/config.json`` once (real JSON types); on a resume, refuse settings that change results.
 
     A resumed run keeps the file of its first start; with ``--allow-config-change`` the changes are appended
-    to its ``resumed_with_changes`` list, so the file never claims settings the run was not trained with.
+    to its ``resumed_with_changes`` list, so the file never claims settings the run was not trained with. A folder
+    without a checkpoint has nothing to resume: its file is replaced.
     """
+    from incseg._checks import load_json_object
     from incseg.engine import config_differences, format_differences
 
     path = out / "config.json"
     now = {"args": {k: _json_value(v) for k, v in sorted(vars(args).items())}, "train": config.to_dict()}
-    if resume and path.is_file():
-        saved = json.loads(path.read_text())
+    # Only a run with a checkpoint holds anything to protect: a run that failed before its first checkpoint
+    # (a bad setting, a missing file) leaves a config.json that the corrected command simply replaces.
+    if resume and path.is_file() and (out / "checkpoints" / "last.pt").exists():
+        saved = load_json_object(path, "the settings of the run in this folder")
+        if not isinstance(saved.get("args", {}), dict):
+            raise ValueError(f"{path} holds 'args' that are not an object: repair it, or use another --out")
         differences = config_differences(saved.get("args", {}), now["args"], ignore=_NON_RESULT_ARGS)
         if not differences:
             return
@@ -639,6 +670,20 @@ def _write_run_config(out: Path, args: argparse.Namespace, config: TrainConfig, 
 
 def _json_value(value: Any) -> Any:
     return str(value) if isinstance(value, Path) else value
+
+
+# Options of incseg train that are TrainConfig fields; every other option that changes results goes into
+# TrainConfig.extra, so that a checkpoint records them all (a checkpoint copied into another run folder with
+# another --crop-size is refused on resume, whatever that folder's config.json says).
+_TRAIN_CONFIG_ARGS = frozenset(
+    {"epochs", "epochs_next", "batch_size", "lr", "lr_next", "amp", "workers", "seed", "max_iters_per_epoch"}
+)
+
+
+def _result_args(args: argparse.Namespace, names: Iterable[str] | None = None) -> dict[str, Any]:
+    """The options that change results and are no :class:`~incseg.engine.TrainConfig` field, as JSON values."""
+    keep = set(vars(args)) - _NON_RESULT_ARGS - _TRAIN_CONFIG_ARGS if names is None else set(names)
+    return {k: _json_value(v) for k, v in sorted(vars(args).items()) if k in keep}
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -694,6 +739,7 @@ def run_train(args: argparse.Namespace) -> int:
         nan_policy=args.nan_policy,
         progress=not args.no_progress,
         max_iters_per_epoch=args.max_iters_per_epoch,
+        extra=_result_args(args),
     )
     out = args.out or _default_out(args)
     if D.is_main_process():
@@ -787,12 +833,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _error_line(err: BaseException) -> str:
+    """The one line to print for ``err``. A DataLoader worker's error carries the worker's whole traceback in its
+    message ("Caught ValueError in DataLoader worker process 0. Original Traceback ..."): keep its own message."""
+    text = str(err)
+    if "Original Traceback" in text:
+        worker = re.search(r"in DataLoader worker process (\d+)", text)
+        lines = text.rstrip().splitlines()
+        name = f"{type(err).__name__}: "
+        start = max((i for i, line in enumerate(lines) if line.startswith(name)), default=len(lines) - 1)
+        text = " ".join(lines[start:]).removeprefix(name)
+        if worker:
+            text += f" (in DataLoader worker {worker.group(1)})"
+    return " ".join(text.split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``incseg`` console script."""
     try:
         args = parse_args(argv)
     except (FileNotFoundError, ValueError) as err:  # a bad --config file
-        print(f"incseg train: error: {err}", file=sys.stderr)
+        print(f"incseg train: error: {_error_line(err)}", file=sys.stderr)
         return 2
     try:
         if args.command == "demo":
@@ -803,14 +864,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_eval(args)
         return run_train(args)
     except (OSError, ValueError) as err:  # missing files, permissions, full disks, bad settings or data
-        print(f"incseg {args.command}: error: {err}", file=sys.stderr)
+        print(f"incseg {args.command}: error: {_error_line(err)}", file=sys.stderr)
         return 2
     except RuntimeError as err:
         from incseg.learner.guard import DivergenceError
 
         if not isinstance(err, DivergenceError):
             raise
-        print(f"incseg {args.command}: error: {err}", file=sys.stderr)  # names the term, values, rank and fix
+        print(f"incseg {args.command}: error: {_error_line(err)}", file=sys.stderr)  # names the term, values, fix
         return 1
     except KeyboardInterrupt:  # checkpoints are written after every epoch: the same command resumes
         print(f"\nincseg {args.command}: interrupted; resume with the same command", file=sys.stderr)

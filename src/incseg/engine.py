@@ -30,7 +30,13 @@ from incseg._checks import NonFiniteError
 from incseg._progress import Progress
 from incseg.data import IncrementalSegmentation
 from incseg.learner import CheckpointError, IncrementalLearner
-from incseg.learner.checkpoint import read_checkpoint, remove_stale_temporaries
+from incseg.learner.checkpoint import (
+    OLD_FORMAT_VERSION,
+    check_optimizer_state,
+    check_plain,
+    read_checkpoint,
+    remove_stale_temporaries,
+)
 from incseg.learner.guard import DivergenceError, DivergenceGuard, NonFiniteLossError, check_finite_module
 from incseg.losses import LossOutput
 from incseg.methods.replay import ReplayMemory
@@ -77,7 +83,16 @@ class TrainConfig:
             :class:`~incseg.learner.DivergenceGuard`) raise :class:`DivergenceError`.
         eval_batch_size: batch size for evaluation (default: ``batch_size``).
         progress: print a progress bar on rank 0.
-        max_iters_per_epoch: cap on iterations per epoch (for quick runs); ``None`` for full epochs.
+        max_iters_per_epoch: cap on iterations per epoch (for quick runs, >= 1); ``None`` for full epochs.
+        extra: other settings of the caller that change results and that the loop does not see (``incseg train``
+            puts its data and network options here: dataset, task, crop size, model, ...). Plain values; saved
+            with the fields in every checkpoint and compared on resume like them.
+
+    Raises:
+        TypeError: a field of the wrong type (``epochs=1.5``, ``seed=True``, a non-plain ``extra``).
+        ValueError: a value that cannot train as asked: epochs, batch sizes or ``max_iters_per_epoch`` below 1,
+            learning rates that are not finite and > 0, a negative or non-finite momentum, weight decay or
+            ``poly_power``, negative ``num_workers``, an unknown ``amp`` or ``nan_policy``.
     """
 
     epochs: int = 30
@@ -98,16 +113,26 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or (self.epochs_next is not None and self.epochs_next < 1):
-            raise ValueError(f"epochs must be >= 1, got {self.epochs} and epochs_next={self.epochs_next}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        # Every value that cannot train as asked is refused here, before anything runs or is written.
+        _check_int("epochs", self.epochs, 1)
+        _check_int("epochs_next", self.epochs_next, 1, optional=True)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_number("lr", self.lr, positive=True)
+        _check_number("lr_next", self.lr_next, positive=True, optional=True)
+        _check_number("momentum", self.momentum)
+        _check_number("weight_decay", self.weight_decay)
+        _check_number("poly_power", self.poly_power)  # a negative power divides by zero at the last iteration
         if self.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"amp must be one of 'none', 'bf16', 'fp16', got {self.amp!r}")
+        _check_int("num_workers", self.num_workers, 0)
+        _check_int("seed", self.seed, None)
         if self.nan_policy not in ("stop", "skip"):
             raise ValueError(f"nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
-        if self.lr <= 0 or (self.lr_next is not None and self.lr_next <= 0):
-            raise ValueError("learning rates must be positive")
+        _check_int("eval_batch_size", self.eval_batch_size, 1, optional=True)
+        _check_int("max_iters_per_epoch", self.max_iters_per_epoch, 1, optional=True)  # 0 would train nothing
+        if not isinstance(self.extra, dict):
+            raise TypeError(f"extra must be a dict of plain values, got {type(self.extra).__name__}")
+        check_plain(self.extra, "TrainConfig.extra")  # it is saved in every checkpoint
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-python view (for logs and checkpoints)."""
@@ -116,6 +141,27 @@ class TrainConfig:
     def epochs_at(self, step: int) -> int:
         """Epochs of ``step``: :attr:`epochs` at step 0, :attr:`epochs_next` (if set) later."""
         return self.epochs if step == 0 or self.epochs_next is None else self.epochs_next
+
+
+def _check_int(name: str, value: object, minimum: int | None, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if type(value) is not int:  # 1.5, True, "3", numpy ints
+        kind = "an int or None" if optional else "an int"
+        raise TypeError(f"TrainConfig.{name} must be {kind}, got {value!r} ({type(value).__name__})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"TrainConfig.{name} must be >= {minimum}, got {value}")
+
+
+def _check_number(name: str, value: object, *, positive: bool = False, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if type(value) not in (int, float):
+        raise TypeError(f"TrainConfig.{name} must be a number, got {value!r} ({type(value).__name__})")
+    number = float(value)  # type: ignore[arg-type]
+    if not math.isfinite(number) or number < 0 or (positive and number == 0):
+        rule = "> 0" if positive else ">= 0"
+        raise ValueError(f"TrainConfig.{name} must be a finite number {rule}, got {value}")
 
 
 NON_RESULT_FIELDS = frozenset({"progress", "nan_policy", "eval_batch_size"})
@@ -140,7 +186,8 @@ def config_differences(
 
     Used to refuse resuming a run with settings that change its results (``train_scenario``, ``incseg train``).
     Values are compared in their JSON form (tuples equal lists, paths equal their strings); a key missing on
-    one side counts as a difference (``None`` shown for the missing side).
+    one side counts as a difference (``None`` shown for the missing side). Nested dicts are compared key by key
+    (``"extra.crop_size"``).
 
     Args:
         saved: the configuration the run was started with (e.g. ``TrainConfig.to_dict()`` from a checkpoint).
@@ -156,6 +203,7 @@ def config_differences(
         {'lr': (0.01, 0.5)}
     """
     skip = set(ignore)
+    saved, current = _flatten(saved), _flatten(current)
     out: dict[str, tuple[Any, Any]] = {}
     for key in sorted(set(saved) | set(current)):
         if key in skip:
@@ -163,6 +211,18 @@ def config_differences(
         a, b = _plain(saved.get(key)), _plain(current.get(key))
         if a != b or (key in saved) != (key in current):
             out[key] = (saved.get(key), current.get(key))
+    return out
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"extra": {"crop_size": 64}}`` -> ``{"extra.crop_size": 64}`` (an empty dict stays a value)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
     return out
 
 
@@ -421,11 +481,13 @@ def train_scenario(
     if ckpt_dir is not None and main and ckpt_dir.is_dir():
         for stale in remove_stale_temporaries(ckpt_dir):  # left by a save that was killed before its rename
             say(f"removed {stale.name}, the temporary file of an interrupted checkpoint save")
+    config_changed = False
     if resume and last_path is not None and last_path.exists():
         saved = read_checkpoint(last_path, map_location=device)
-        _check_resume(last_path, saved, config, allow_config_change, say)
+        config_changed = _check_resume(last_path, saved, config, allow_config_change, say)
+        saved_history = _history_from(last_path, saved)
         extra = learner.load_state_dict(saved)
-        history = StepHistory.from_dict(extra["history"])
+        history = saved_history
         if memory is not None and isinstance(extra.get("memory"), dict):
             memory.load_state_dict(extra["memory"])
         if extra.get("step_finished", False):
@@ -458,6 +520,10 @@ def train_scenario(
         optimizer = _optimizer(learner, lr, config)
         if resume_state is not None and step == start_step:
             if resume_state.get("optimizer") is not None:
+                try:  # optimizer.load_state_dict alone keeps state of any shape and casts dtypes silently
+                    check_optimizer_state(optimizer, resume_state["optimizer"])
+                except CheckpointError as err:
+                    raise CheckpointError(f"cannot resume {last_path}: {err}") from err
                 optimizer.load_state_dict(resume_state["optimizer"])
             if "scaler" in resume_state.get("extra", {}):
                 scaler.load_state_dict(resume_state["extra"]["scaler"])
@@ -469,11 +535,19 @@ def train_scenario(
         iters_per_epoch = len(
             _loader(train_set, config.batch_size, shuffle=True, seed=0, num_workers=0, drop_last=True)
         )
+        if iters_per_epoch == 0:  # drop_last: no full batch, so every epoch would train nothing
+            raise ValueError(
+                f"step {step} has {len(train_set)} training images, fewer than one batch of {config.batch_size} "  # type: ignore[arg-type]
+                f"({max(1, config.batch_size // D.get_world_size())} per process): nothing would be trained; lower "
+                "the batch size (--batch-size) or check the dataset and the scenario's rules"
+            )
         if config.max_iters_per_epoch is not None:
             iters_per_epoch = min(iters_per_epoch, config.max_iters_per_epoch)
         epochs = config.epochs_at(step)
         max_it = epochs * iters_per_epoch
         resuming = resume_state is not None and step == start_step
+        if resume_state is not None and resuming:
+            _check_resume_schedule(last_path, resume_state, epochs, iters_per_epoch, config_changed)
         scheduler = _poly_scheduler(
             optimizer, max_it, config.poly_power, resume_state if resuming else None, first_epoch * iters_per_epoch
         )
@@ -492,6 +566,7 @@ def train_scenario(
         hints = learner.divergence_hints()
         stat_sums: dict[str, torch.Tensor] = {}  # the loss's stats summed over the step (no host sync)
         stat_count = 0
+        buffers = [b for b in learner.module.buffers() if b.is_floating_point() or b.dtype == torch.long]
         for epoch in range(first_epoch, epochs):
             torch.manual_seed(_seed_for(config.seed, step, epoch))
             # A new image order every epoch: single-process from the seed of (seed, step, epoch), DDP from the
@@ -523,6 +598,8 @@ def train_scenario(
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 out, refused = None, ""
+                # A batch to skip must leave no trace: its forward pass updates the batch-norm statistics.
+                statistics = [b.clone() for b in buffers] if config.nan_policy == "skip" else []
                 try:
                     with autocast_context(device, config.amp):
                         out = learner.training_step(images, labels, module=module, guard=False)
@@ -537,6 +614,7 @@ def train_scenario(
                     hints=hints,
                     reduce=True,
                     skip_nonfinite=True,
+                    inputs={"images": images},
                 )
                 value = report.values.get("loss", math.nan)
                 if not report.finite:
@@ -544,6 +622,9 @@ def train_scenario(
                     if config.nan_policy == "stop":
                         raise NonFiniteLossError(msg + " (use nan_policy='skip' to drop such batches)")
                     say(msg + " -> batch skipped")
+                    with torch.no_grad():
+                        for buffer, saved_value in zip(buffers, statistics):
+                            buffer.copy_(saved_value)
                     optimizer.zero_grad(set_to_none=True)
                     _step_scheduler(scheduler)
                     continue
@@ -723,8 +804,9 @@ class TensorBoardLog:
 
 def _check_resume(
     path: Path, saved: Mapping[str, Any], config: TrainConfig, allow: bool, say: Callable[[str], None]
-) -> None:
-    """Refuse a ``last.pt`` without the loop's state, or one trained with settings that change results."""
+) -> bool:
+    """Refuse a ``last.pt`` without the loop's state, with values the loop never writes, or one trained with
+    settings that change results; return whether the settings changed (``allow``)."""
     extra = saved.get("extra")
     missing = [
         k
@@ -737,15 +819,78 @@ def _check_resume(
             "learner.save?): to start from its weights, load them with learner.load() and train into another "
             "checkpoint_dir, or move the file away"
         )
+    fix = "it is damaged or was edited; use another copy, an earlier checkpoint, or start again (--no-resume)"
+    finished, epoch, step = extra["step_finished"], extra["epoch"], saved.get("step")
+    if type(finished) is not bool or finished is not saved.get("step_finished"):
+        raise CheckpointError(
+            f"{path} says both step_finished={saved.get('step_finished')!r} and, in its loop state, {finished!r}: {fix}"
+        )
+    if not isinstance(extra["train_config"], dict):
+        raise CheckpointError(f"{path} holds a train_config of type {type(extra['train_config']).__name__}: {fix}")
     differences = config_differences(extra["train_config"], config.to_dict(), ignore=NON_RESULT_FIELDS)
+    if saved.get("format_version") == OLD_FORMAT_VERSION:  # incseg 0.1 saved no TrainConfig.extra: not a change
+        differences = {k: v for k, v in differences.items() if not (k.startswith("extra") and v[0] in (None, {}))}
     if differences and not allow:
         raise ValueError(
             f"cannot resume {path}: the run was started with other settings that change its results "
             f"({format_differences(differences)}, checkpoint -> now); use the original settings, another output "
             "folder, or allow_config_change=True (incseg train --allow-config-change) to resume anyway"
         )
+    if type(epoch) is not int or type(step) is not int or step < 0:
+        raise CheckpointError(f"{path} holds epoch {epoch!r} at step {step!r}, which the loop never writes: {fix}")
+    epochs = config.epochs_at(step)
+    if not finished:
+        if not 1 <= epoch <= epochs:
+            raise CheckpointError(
+                f"{path} is after epoch {epoch} of step {step}, which has {epochs} epochs (1 to {epochs} in the "
+                f"middle of a step): {fix}"
+            )
+        if saved.get("optimizer") is None:
+            raise CheckpointError(
+                f"{path} is in the middle of step {step} but holds no optimizer state (its momentum would restart "
+                f"from zero): {fix}"
+            )
+        if saved.get("format_version") != OLD_FORMAT_VERSION and not isinstance(extra.get("scheduler"), dict):
+            raise CheckpointError(f"{path} is in the middle of step {step} but holds no learning-rate schedule: {fix}")
     if differences:
         say(f"resuming {path} with changed settings: {format_differences(differences)}")
+    return bool(differences)
+
+
+def _history_from(path: Path, saved: Mapping[str, Any]) -> StepHistory:
+    """The results of the steps before the checkpoint's (and of its own once finished), checked."""
+    extra = saved["extra"]
+    try:
+        history = StepHistory.from_dict(extra["history"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{path} holds a malformed result history ({err}): use another copy") from err
+    step: int = saved["step"]  # an int: checked by _check_resume
+    last = step if extra["step_finished"] else step - 1
+    late = [s for s in history.steps if s > last]
+    if late:
+        raise CheckpointError(
+            f"{path} is at step {step} (finished: {extra['step_finished']}) but holds results of steps {late}: it is "
+            "damaged or was edited; use another copy or an earlier checkpoint"
+        )
+    return history
+
+
+def _check_resume_schedule(
+    path: Path | None, saved: Mapping[str, Any], epochs: int, iters_per_epoch: int, config_changed: bool
+) -> None:
+    """The saved learning-rate schedule must be where the loop left it: after ``epoch`` full epochs."""
+    schedule = saved["extra"].get("scheduler")
+    if schedule is None or config_changed:  # incseg 0.1 (closed form), or changed on purpose
+        return
+    epoch = saved["extra"]["epoch"]
+    expected = {"last_epoch": epoch * iters_per_epoch, "total_iters": epochs * iters_per_epoch}
+    found = {k: schedule.get(k) for k in expected}
+    if found != expected:
+        raise CheckpointError(
+            f"{path} holds a learning-rate schedule at {found}, but after epoch {epoch} of {epochs} with "
+            f"{iters_per_epoch} iterations per epoch the loop leaves it at {expected}: it is damaged or was edited; "
+            "use another copy, an earlier checkpoint, or start again (--no-resume)"
+        )
 
 
 def _summary(result: IoUResult) -> str:

@@ -49,6 +49,7 @@ def plot_run(run_dir: str | Path, *, out_dir: str | Path | None = None, dpi: int
     Raises:
         ImportError: matplotlib is not installed.
         FileNotFoundError: ``run_dir`` holds neither ``metrics.jsonl`` nor ``history.json``.
+        ValueError: ``history.json`` is not valid JSON or not the history of a run (the message names the file).
     """
     run = Path(run_dir)
     metrics, history = run / "metrics.jsonl", run / "history.json"
@@ -68,7 +69,11 @@ def plot_run(run_dir: str | Path, *, out_dir: str | Path | None = None, dpi: int
         if records:
             written.append(_loss_figure(plt, records, out / "loss.png", dpi))
     if history.exists():
-        data = json.loads(history.read_text(encoding="utf-8"))
+        from incseg._checks import load_json_object
+
+        data = load_json_object(history, "the results per step of incseg train")
+        if not isinstance(data.get("steps", []), list) or not all(isinstance(e, dict) for e in data.get("steps", [])):
+            raise ValueError(f"{history} holds 'steps' that are not a list of results: repair or delete it")
         if data.get("steps"):
             written.append(_miou_figure(plt, data, out / "miou.png", dpi))
             written.append(_heatmap_figure(plt, data, out / "iou_heatmap.png", dpi))

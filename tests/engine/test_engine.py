@@ -94,7 +94,7 @@ def test_nan_loss_skip_leaves_weights_untouched(monkeypatch: pytest.MonkeyPatch)
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"epochs": 0}, "epochs"), ({"batch_size": 0}, "batch_size"), ({"amp": "fp8"}, "amp"), ({"lr": -1.0}, "rate")],
+    [({"epochs": 0}, "epochs"), ({"batch_size": 0}, "batch_size"), ({"amp": "fp8"}, "amp"), ({"lr": -1.0}, "lr")],
 )
 def test_config_rejects_bad_values(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -182,7 +182,12 @@ def test_resume_without_scheduler_state_continues_the_closed_form(
     with pytest.raises(KeyboardInterrupt):
         tiny_run(tmp_path, learner=victim)
     monkeypatch.undo()
-    assert "scheduler" not in torch.load(tmp_path / "last.pt", weights_only=True)["extra"]
+    data = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert "scheduler" not in data["extra"]
+    with pytest.raises(CheckpointError, match="in the middle of step 1 but holds no learning-rate schedule"):
+        tiny_run(tmp_path, learner=tiny_learner(tiny_scenario()))  # format 2 always holds it: damaged
+    data.pop("checksum")
+    torch.save({**data, "format_version": 1}, tmp_path / "last.pt")  # as the loop of incseg 0.1 wrote it
     records: list[dict] = []
     tiny_run(tmp_path, learner=tiny_learner(tiny_scenario()), on_iteration=records.append)
     assert [(r["step"], r["iteration"]) for r in records] == [(1, 3), (1, 4), (1, 5)]
@@ -342,3 +347,134 @@ def test_opposition_note_names_the_maps_and_warns_above_half() -> None:
     assert "10% on z" in quiet and "20% on h" in quiet and "ad_balance" not in quiet
     loud = _opposition_note({"ad_opposition_z": 0.1, "ad_opposition_h": 0.8})
     assert "80% on h" in loud and "lower ad_balance" in loud
+
+
+# ----------------------------------------------------------------------------- issue 23: the second red team
+
+
+@pytest.fixture
+def mid_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A run killed in the second epoch of step 1: ``last.pt`` is after epoch 1 of step 1, with optimizer state."""
+    victim = tiny_learner(tiny_scenario())
+    original = type(victim).training_step
+    calls = {"n": 0}
+
+    def dying_step(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] > 6 + 4:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(victim), "training_step", dying_step)
+        with pytest.raises(KeyboardInterrupt):
+            tiny_run(tmp_path, learner=victim)
+    return tmp_path
+
+
+def _edit_last(folder: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    """Edit ``last.pt`` and store a recomputed checksum: only the loop's own checks can refuse it."""
+    from incseg.learner.checkpoint import content_checksum
+
+    data = torch.load(folder / "last.pt", weights_only=True)
+    data.pop("checksum")
+    edit(data)
+    torch.save({**data, "checksum": content_checksum(data)}, folder / "last.pt")
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda d: d["extra"].__setitem__("epoch", 99), r"after epoch 99 of step 1, which has 2 epochs"),
+        (lambda d: d["extra"].__setitem__("epoch", 0), r"after epoch 0 of step 1"),
+        (lambda d: d.__setitem__("optimizer", None), r"holds no optimizer state \(its momentum would restart"),
+        (lambda d: d["extra"].__setitem__("step_finished", True), r"says both step_finished=False and.*True"),
+        (lambda d: d.__setitem__("step_finished", True), r"says both step_finished=True and.*False"),
+        (
+            lambda d: d["extra"]["scheduler"].__setitem__("last_epoch", 4),
+            r"learning-rate schedule at .*'last_epoch': 4",
+        ),
+        (
+            lambda d: d["optimizer"]["state"][0].__setitem__("momentum_buffer", torch.zeros(1)),
+            r"cannot resume .*'momentum_buffer' of parameter 0 has shape \(1,\)",
+        ),
+        (lambda d: d["extra"]["history"]["steps"].append(d["extra"]["history"]["steps"][0]), "result history"),
+    ],
+)
+def test_b3_c9_impossible_resume_states_are_refused(mid_step: Path, edit, match: str) -> None:  # type: ignore[no-untyped-def]
+    _edit_last(mid_step, edit)
+    with pytest.raises(CheckpointError, match=match):
+        tiny_run(mid_step)
+
+
+def test_b5_a_training_set_smaller_than_one_batch_is_an_error() -> None:
+    scenario = tiny_scenario()
+    with pytest.raises(ValueError, match=r"step 0 has \d+ training images, fewer than one batch of 100"):
+        train_scenario(
+            tiny_learner(scenario),
+            tiny_datasets(scenario),
+            tiny_config(batch_size=100),
+            device=torch.device("cpu"),
+            log=lambda _m: None,
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"max_iters_per_epoch": 0}, ValueError, "max_iters_per_epoch must be >= 1"),  # b7
+        ({"epochs": 1.5}, TypeError, r"epochs must be an int, got 1\.5"),  # c8
+        ({"poly_power": -1.0}, ValueError, "poly_power must be a finite number >= 0"),  # c8
+        ({"lr": float("nan")}, ValueError, r"lr must be a finite number > 0, got nan"),
+        ({"lr_next": float("inf")}, ValueError, "lr_next must be a finite number > 0"),
+        ({"num_workers": -1}, ValueError, "num_workers must be >= 0"),
+        ({"seed": True}, TypeError, "seed must be an int"),
+        ({"extra": {"crop": torch.float32}}, TypeError, "TrainConfig.extra"),
+    ],
+)
+def test_b7_c8_train_config_refuses_values_that_cannot_train(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        TrainConfig(**kwargs)
+
+
+class _NanFirst(torch.utils.data.Dataset):
+    """The tiny training set with NaN pixels in its first image."""
+
+    def __init__(self, base) -> None:  # type: ignore[no-untyped-def]
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):  # type: ignore[no-untyped-def]
+        image, label = self.base[i]
+        if i == 0:
+            image = image.clone()
+            image[:, :2, :2] = float("nan")
+        return image, label
+
+
+def _nan_image_run(nan_policy: str, logs: list[str]) -> IncrementalLearner:
+    scenario = tiny_scenario()
+    make = tiny_datasets(scenario)
+    learner = tiny_learner(scenario, "ft")
+    train_scenario(
+        learner,
+        lambda step: (_NanFirst(make(step)[0]), make(step)[1]),
+        tiny_config(epochs=1, max_iters_per_epoch=None, batch_size=16, nan_policy=nan_policy),
+        device=torch.device("cpu"),
+        steps=range(0, 1),
+        log=logs.append,
+    )
+    return learner
+
+
+def test_a_nan_image_is_named_and_skip_restores_the_batch_norm_statistics() -> None:
+    logs: list[str] = []
+    with pytest.raises(NonFiniteLossError, match=r"non-finite input at step 0, epoch 0, batch \d: 12 NaN/Inf values"):
+        _nan_image_run("stop", logs)
+    learner = _nan_image_run("skip", logs)
+    skipped = [line for line in logs if "batch skipped" in line]
+    assert len(skipped) == 1 and "in images" in skipped[0] and "previous optimizer step" not in skipped[0]
+    for name, buffer in learner.model.named_buffers():
+        assert torch.isfinite(buffer.float()).all(), name

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import copy
+import enum
+import errno
+import io
+import math
 import os
+import pickle
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
 
 from incseg.learner import FORMAT_VERSION, CheckpointError, IncrementalLearner
-from incseg.learner.checkpoint import atomic_save, check_plain, read_checkpoint
+from incseg.learner.checkpoint import atomic_save, check_plain, content_checksum, read_checkpoint
 from incseg.models import small_segmenter
 from incseg.scenarios import Scenario
 
@@ -24,18 +31,24 @@ class _Opaque:
     """A class that weights_only loading refuses."""
 
 
+def _signed(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with its checksum, as every file of the current format holds."""
+    data = {k: v for k, v in data.items() if k != "checksum"}
+    return {**data, "checksum": content_checksum(data)}
+
+
 # ----------------------------------------------------------------------------- low level
 
 
 def test_atomic_save_round_trip(tmp_path: Path) -> None:
-    path = atomic_save({"format_version": FORMAT_VERSION, "w": torch.arange(3)}, tmp_path / "a.pt")
+    path = atomic_save(_signed({"format_version": FORMAT_VERSION, "w": torch.arange(3)}), tmp_path / "a.pt")
     assert torch.equal(read_checkpoint(path)["w"], torch.arange(3))
     assert sorted(os.listdir(tmp_path)) == ["a.pt"]
 
 
 def test_atomic_save_failure_leaves_old_file_and_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "a.pt"
-    atomic_save({"format_version": FORMAT_VERSION, "v": 1}, path)
+    atomic_save(_signed({"format_version": FORMAT_VERSION, "v": 1}), path)
     before = path.read_bytes()
 
     def broken_save(obj: Any, f: Any) -> None:
@@ -70,10 +83,10 @@ def test_read_missing_file(tmp_path: Path) -> None:
 def test_read_garbage_truncated_pickled_and_versions(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint" * 10)
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match=r"not a torch\.save file"):
         read_checkpoint(garbage)
 
-    good = atomic_save({"format_version": FORMAT_VERSION, "w": torch.randn(100)}, tmp_path / "good.pt")
+    good = atomic_save(_signed({"format_version": FORMAT_VERSION, "w": torch.randn(100)}), tmp_path / "good.pt")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
@@ -236,7 +249,7 @@ def test_save_errors(tmp_path: Path, make_learner: MakeLearner) -> None:
     with pytest.raises(RuntimeError, match="begin_step"):
         learner.save(tmp_path / "a.pt")
     learner.begin_step(0)
-    with pytest.raises(TypeError, match="weights_only"):
+    with pytest.raises(TypeError, match="which a checkpoint cannot hold"):
         learner.save(tmp_path / "a.pt", extra={"obj": _Opaque()})
     with pytest.raises(TypeError, match="optimizer"):
         learner.save(tmp_path / "a.pt", optimizer="sgd")  # type: ignore[arg-type]
@@ -283,11 +296,12 @@ def victim(make_learner: MakeLearner, advance: Callable[..., Any], images: Tenso
 
 
 def _tampered(path: Path, tmp_path: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """An edited copy of the checkpoint with a recomputed checksum: only the learner's checks can refuse it."""
     data = torch.load(path, weights_only=True)
-    data.pop("checksum")  # an edited file: without its checksum it is checked like a file of incseg 0.1
+    data.pop("checksum")
     edit(data)
     out = tmp_path / "tampered.pt"
-    torch.save(data, out)
+    torch.save(_signed(data), out)
     return out
 
 
@@ -317,6 +331,17 @@ def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
         (lambda d: _set(d, "teacher/refiner.project.1.bias", torch.zeros(3)), "teacher weights do not fit"),
         (lambda d: _set(d, "criterion/extra_key", torch.zeros(1)), r"criterion weights do not fit.*Unexpected"),
         (lambda d: _set(d, "model/encoder.stem.0.weight", [1.0]), "must map names to tensors"),
+        # found by the fuzz test: accepted before, though save never writes them
+        (
+            lambda d: _set(d, "scenario/extra_key", 1),
+            r"'scenario' has fields that its writer never writes: \['extra_key",
+        ),
+        (lambda d: _set(d, "method/lambda_d", 10), r"'method' has fields .*\['lambda_d'\]"),
+        (
+            lambda d: _set(d, "model/encoder.stem.1.num_batches_tracked", torch.ones(1, dtype=torch.long)),
+            r"\(\(1,\) -> \(\)\)",
+        ),
+        (lambda d: _set(d, "unknown", 1), r"unknown keys \['unknown'\]"),
     ],
 )
 def test_invalid_checkpoint_leaves_learner_unchanged(
@@ -500,11 +525,12 @@ def test_a_changed_plain_value_is_refused_as_damaged(tmp_path: Path, saved_step2
         read_checkpoint(saved_step2)
 
 
-def test_a_checkpoint_without_checksum_still_loads(
+def test_a_file_of_format_1_without_checksum_still_loads(
     tmp_path: Path, saved_step2: Path, make_learner: MakeLearner
 ) -> None:
     data = torch.load(saved_step2, weights_only=True)
-    data.pop("checksum")  # as written by incseg 0.1
+    data.pop("checksum")  # as written by incseg 0.1: format_version 1, no checksum
+    data["format_version"] = 1
     old = tmp_path / "old.pt"
     torch.save(data, old)
     fresh = make_learner("caf")
@@ -513,10 +539,42 @@ def test_a_checkpoint_without_checksum_still_loads(
     assert "checksum" not in read_checkpoint(saved_step2)  # verified and removed
 
 
+def test_b1_a_file_of_format_2_without_checksum_is_refused(tmp_path: Path, saved_step2: Path) -> None:
+    data = torch.load(saved_step2, weights_only=True)
+    data.pop("checksum")
+    torch.save(data, saved_step2)
+    with pytest.raises(CheckpointError, match="has no 'checksum' entry, which format_version 2 requires"):
+        read_checkpoint(saved_step2)
+
+
+def _replace_bytes(path: Path, old: bytes, new: bytes) -> None:
+    raw = path.read_bytes()
+    assert raw.count(old) == 1
+    path.write_bytes(raw.replace(old, new))
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_b1_a_flipped_bit_in_the_checksum_key_and_in_a_tensor_is_refused(
+    tmp_path: Path, saved_step2: Path, victim: IncrementalLearner, version: int
+) -> None:
+    """The red team's reproduction: 'checksum' -> 'chdcksum' (one bit) plus one bit in the largest tensor."""
+    if version == 1:  # a file of incseg 0.1 written after checksums existed: format 1 with a checksum
+        data = torch.load(saved_step2, weights_only=True)
+        data.pop("checksum")
+        data["format_version"] = 1
+        torch.save(_signed(data), saved_step2)
+    _replace_bytes(saved_step2, b"checksum", bytes([b"c"[0], b"h"[0], b"e"[0] ^ 0x01]) + b"cksum")
+    _flip_bit_in_largest_tensor(saved_step2)
+    snap = _snapshot(victim)
+    with pytest.raises(CheckpointError, match=r"no 'checksum' entry|unknown keys"):
+        victim.load(saved_step2)
+    _assert_unchanged(victim, snap)
+
+
 def test_an_unknown_checksum_format_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "c.pt"
     torch.save({"format_version": FORMAT_VERSION, "checksum": "md5:00"}, path)
-    with pytest.raises(CheckpointError, match="cannot check"):
+    with pytest.raises(CheckpointError, match="not 'sha256:<64 hex digits>'"):
         read_checkpoint(path)
 
 
@@ -574,3 +632,154 @@ def test_saved_files_respect_the_umask(tmp_path: Path, umask: int) -> None:
     finally:
         os.umask(previous)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# ----------------------------------------------------------------------------- issue 23: the second red team
+
+
+def test_b4_save_never_replaces_a_pipe_or_a_device_node(tmp_path: Path, make_learner: MakeLearner) -> None:
+    learner = make_learner("ft")
+    learner.begin_step(0)
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    nodes = [pipe]
+    if os.geteuid() == 0:  # the red team's case: as root, a rename replaces a device node with a file
+        device = tmp_path / "null"
+        os.mknod(device, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+        nodes.append(device)
+    for node in nodes:
+        with pytest.raises(ValueError, match="not a regular file; save to a new path or a regular file"):
+            learner.save(node)
+    with pytest.raises(ValueError, match="it is a directory"):
+        learner.save(tmp_path)
+    assert stat.S_ISFIFO(pipe.stat().st_mode)
+    if len(nodes) > 1:
+        assert stat.S_ISCHR(nodes[1].stat().st_mode)
+    assert sorted(os.listdir(tmp_path)) == sorted(n.name for n in nodes)
+
+
+def test_b4_save_through_a_symlink_replaces_its_target(tmp_path: Path, make_learner: MakeLearner) -> None:
+    learner = make_learner("ft")
+    learner.begin_step(0)
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "last.pt"
+    link.symlink_to(tmp_path / "real" / "ckpt.pt")
+    learner.save(link)
+    learner.save(link)
+    assert link.is_symlink() and (tmp_path / "real" / "ckpt.pt").is_file()
+    assert read_checkpoint(link)["step"] == 0
+
+
+class _Mode(enum.IntEnum):
+    FAST = 1
+
+
+class _Name(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    "value", [np.float64(0.5), np.int64(3), _Mode.FAST, _Name("a"), {"nested": [np.float32(1.0)]}, {True: 1}]
+)
+def test_b6_save_refuses_what_load_would_refuse(tmp_path: Path, make_learner: MakeLearner, value: object) -> None:
+    learner = make_learner("ft")
+    learner.begin_step(0)
+    with pytest.raises(TypeError, match=r"which a checkpoint cannot hold|key"):
+        learner.save(tmp_path / "a.pt", extra={"miou": value})
+    assert os.listdir(tmp_path) == []
+
+
+def test_b6_load_refuses_what_save_would_refuse(tmp_path: Path, saved_step2: Path, victim: IncrementalLearner) -> None:
+    bad = _tampered(saved_step2, tmp_path, lambda d: _set(d, "extra/sizes", {1, 2}))  # a set: torch loads it
+    snap = _snapshot(victim)
+    with pytest.raises(CheckpointError, match=r"checkpoint\['extra'\]\['sizes'\] is a set"):
+        victim.load(bad)
+    _assert_unchanged(victim, snap)
+
+
+def test_b6_everything_save_accepts_loads(tmp_path: Path, make_learner: MakeLearner) -> None:
+    learner = make_learner("ft")
+    learner.begin_step(0)
+    extra = {"miou": float(np.float64(0.5)), "mode": int(_Mode.FAST), "t": (1, [None, "a"]), 3: torch.ones(2)}
+    learner.save(tmp_path / "a.pt", extra=extra)
+    loaded = make_learner("ft").load(tmp_path / "a.pt")
+    assert loaded.keys() == extra.keys() and loaded["t"] == (1, [None, "a"]) and torch.equal(loaded[3], torch.ones(2))
+
+
+def test_a_plain_pickle_is_named_without_torchs_unsafe_advice(tmp_path: Path) -> None:
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(pickle.dumps({"format_version": FORMAT_VERSION, "w": [1.0, 2.0]}))
+    with pytest.raises(CheckpointError, match=r"is not a torch\.save file") as info:
+        read_checkpoint(path)
+    message = str(info.value)
+    assert "trusted source" not in message and "weights_only" not in message and "\n" not in message
+
+
+class _ShortWrites(io.RawIOBase):
+    """A disk that fills up after ``room`` bytes: short writes, then ENOSPC (what torch reports as
+    ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``)."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        n = min(len(data), self.room)
+        self.room -= n
+        if n == 0 and len(data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return n
+
+
+def test_c3_a_full_disk_is_an_oserror_naming_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "a.pt"
+    atomic_save(_signed({"format_version": FORMAT_VERSION, "v": 1}), path)
+    before = path.read_bytes()
+    real_save = torch.save
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # what torch does on a full disk
+        real_save({"w": torch.zeros(1000)}, _ShortWrites(100))
+    monkeypatch.setattr(torch, "save", lambda obj, f: real_save(obj, _ShortWrites(100)))
+    with pytest.raises(OSError, match=r"cannot write checkpoint .*a\.pt: No space left on device; .* MB free") as info:
+        atomic_save(_signed({"format_version": FORMAT_VERSION, "w": torch.zeros(1000)}), path)
+    assert info.value.errno == errno.ENOSPC
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["a.pt"]
+
+
+def test_c9_an_optimizer_state_of_the_wrong_shape_or_dtype_is_refused(
+    tmp_path: Path, make_learner: MakeLearner, advance: Callable[..., Any], images: Tensor
+) -> None:
+    learner = make_learner("caf")
+    optimizer = advance(learner, images, 1)
+    path = tmp_path / "mid.pt"
+    learner.save(path, optimizer=optimizer)
+    for edit, match in [
+        (lambda s: s.__setitem__("momentum_buffer", torch.zeros(3)), r"shape \(3,\)"),
+        (lambda s: s.__setitem__("momentum_buffer", s["momentum_buffer"].double()), "torch.float64"),
+        (lambda s: s.__setitem__("momentum_buffer", s["momentum_buffer"] * math.nan), "NaN/Inf"),
+        (lambda s: s.__setitem__("momentum_buffer", "x"), "is a str, which no optimizer state holds"),
+    ]:
+
+        def change(d: dict[str, Any], edit: Callable[[dict[str, Any]], None] = edit) -> None:
+            edit(d["optimizer"]["state"][0])
+
+        bad = _tampered(path, tmp_path, change)
+        before = copy.deepcopy(optimizer.state_dict())
+        with pytest.raises(CheckpointError, match=match):
+            learner.load(bad, optimizer=optimizer)
+        assert torch.equal(optimizer.state_dict()["state"][0]["momentum_buffer"], before["state"][0]["momentum_buffer"])
+
+    def float_index(d: dict[str, Any]) -> None:  # 0.0 == 0: torch would map the state to the wrong parameters
+        d["optimizer"]["param_groups"][0]["params"][0] = 0.0
+
+    with pytest.raises(CheckpointError, match="group 0 has parameter indices or settings"):
+        learner.load(_tampered(path, tmp_path, float_index), optimizer=optimizer)
+
+
+def test_a_scenario_with_another_class_order_names_the_difference(
+    tmp_path: Path, saved_step2: Path, victim: IncrementalLearner
+) -> None:
+    bad = _tampered(saved_step2, tmp_path, lambda d: _set(d, "scenario/groups", [[2, 1], [3], [4]]))
+    with pytest.raises(CheckpointError, match=r"differing fields .*'groups': \(\[\[2, 1\], \[3\], \[4\]\], \[\[1, 2\]"):
+        victim.load(bad)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from incseg._checks import NonFiniteError, set_validate_values
 from incseg.learner import CheckpointError, DivergenceError, DivergenceGuard, IncrementalLearner, NonFiniteLossError
+from incseg.learner.checkpoint import content_checksum
 from incseg.losses import LossOutput
 from incseg.models import small_segmenter
 from incseg.scenarios import Scenario
@@ -188,10 +189,10 @@ def test_evaluation_save_and_load_refuse_non_finite_weights(tmp_path: Path) -> N
         learner.save(tmp_path / "bad.pt")
     assert not (tmp_path / "bad.pt").exists()
     state = torch.load(tmp_path / "good.pt", weights_only=True)
-    state.pop("checksum")  # an edited file (with the checksum it would be refused as damaged first)
+    state.pop("checksum")  # an edited file, its checksum recomputed (else it is refused as damaged first)
     key = next(k for k, v in state["model"].items() if v.is_floating_point())
     state["model"][key].view(-1)[0] = math.nan
-    torch.save(state, tmp_path / "nan.pt")
+    torch.save({**state, "checksum": content_checksum(state)}, tmp_path / "nan.pt")
     with pytest.raises(CheckpointError, match="non-finite"):
         learner.load(tmp_path / "nan.pt")
 

@@ -375,3 +375,17 @@ def test_meta_tensors_are_clear_errors() -> None:
         meta_learner.predict(images)
     with pytest.raises(ValueError, match=r"model's weights are on the meta device"):
         meta_learner.training_step(images, torch.zeros(2, 32, 32, dtype=torch.long))
+
+
+@pytest.mark.parametrize("method", ["caf", "caf-paper", "mib"])
+def test_c7_an_empty_batch_at_a_later_step_is_a_zero_loss(
+    make_learner: Callable[..., IncrementalLearner], method: str
+) -> None:
+    """Issue 23 c7: CAF's non-local projection could not reshape a batch of 0 images; every method returns 0."""
+    learner = make_learner(method)
+    learner.begin_step(0)
+    learner.end_step()
+    learner.begin_step(1)
+    out = learner.training_step(torch.zeros(0, 3, 32, 32), torch.zeros(0, 32, 32, dtype=torch.long))
+    assert float(out.loss.detach()) == 0.0 and out.loss.requires_grad
+    out.loss.backward()

@@ -2,6 +2,7 @@
 # (dynamic nn.Module attribute access, e.g. model.refiner[0], is typed Tensor | Module by torch)
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from torchvision.models import resnet50
 from torchvision.models.segmentation.deeplabv3 import ASPP as TorchvisionASPP
 from torchvision.ops import FrozenBatchNorm2d
 
+from incseg.learner import CheckpointError
 from incseg.models import ASPP, deeplabv3_resnet50, deeplabv3_resnet101
 
 
@@ -60,6 +62,24 @@ def test_backbone_weights_errors(tmp_path: Path) -> None:
     torch.save([1, 2], bad)
     with pytest.raises(ValueError, match="does not hold a state dict"):
         deeplabv3_resnet50(21, backbone_weights=bad)
+
+
+class _Evil:
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, ("echo pwned",))
+
+
+def test_c1_c2_backbone_weights_are_read_like_checkpoints(tmp_path: Path) -> None:
+    """Issue 23 c1/c2: a pickle holding code, or an empty file, as --backbone-weights: one-line CheckpointError."""
+    evil = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": _Evil()}, evil)
+    with pytest.raises(CheckpointError, match=r"backbone_weights .* holds python code.*refused as unsafe") as info:
+        deeplabv3_resnet50(3, backbone_weights=evil)
+    assert "weights_only" not in str(info.value) and "trusted source" not in str(info.value)
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"backbone_weights .* is empty \(0 bytes\)"):
+        deeplabv3_resnet50(3, backbone_weights=empty)
 
 
 def test_argument_errors() -> None:

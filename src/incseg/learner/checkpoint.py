@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import math
 import os
 import pickle
 import re
 import secrets
+import shutil
+import stat
 import time
+import warnings
+import zipfile
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,13 +29,16 @@ from incseg.scenarios import Scenario
 __all__ = [
     "CHECKSUM_KEY",
     "FORMAT_VERSION",
+    "OLD_FORMAT_VERSION",
     "SCHEMA",
     "CheckpointError",
     "atomic_save",
     "check_learner_state",
+    "check_optimizer_state",
     "check_plain",
     "content_checksum",
     "levels_record",
+    "load_file",
     "load_into",
     "method_from",
     "read_checkpoint",
@@ -36,13 +46,20 @@ __all__ = [
     "scenario_from",
 ]
 
-FORMAT_VERSION = 1
-"""Version of the checkpoint layout written by :meth:`~incseg.learner.IncrementalLearner.save`."""
+FORMAT_VERSION = 2
+"""Version of the checkpoint layout written by :meth:`~incseg.learner.IncrementalLearner.save`: a file of this
+version must hold a valid :data:`CHECKSUM_KEY` entry."""
+
+OLD_FORMAT_VERSION = 1
+"""The layout of incseg 0.1 (``format_version`` 1), still read: its checksum is optional (files written before
+checksums existed have none) and it may hold only the keys of that layout, so a damaged key name is refused."""
 
 CHECKSUM_KEY = "checksum"
-"""Key of the content checksum in a saved checkpoint (absent in files of incseg 0.1; see :func:`content_checksum`)."""
+"""Key of the content checksum in a saved checkpoint (see :func:`content_checksum`); required from format 2."""
 
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
+_PLAIN_TENSORS = (Tensor, nn.Parameter)
+_PLAIN_DICTS = (dict, OrderedDict)
 _TEMP_SUFFIX = ".tmp"
 
 
@@ -56,10 +73,14 @@ class CheckpointError(ValueError):
 
 
 def check_plain(obj: object, name: str) -> None:
-    """Check that ``obj`` holds only tensors and plain python data (what ``weights_only`` loading accepts).
+    """Check that ``obj`` holds only tensors and plain python data: what every checkpoint may hold.
 
-    Allowed: ``str``, ``int``, ``float``, ``bool``, ``None``, ``torch.Tensor``, and ``dict`` (string or int
-    keys), ``list`` and ``tuple`` of those, nested.
+    Allowed, as exact types (subclasses such as ``numpy.float64``, ``IntEnum`` members or ``str`` subclasses
+    are refused: ``torch.load(weights_only=True)`` could not read them back): ``str``, ``int``, ``float``,
+    ``bool``, ``None``, ``torch.Tensor`` (and ``nn.Parameter``), and ``dict`` / ``OrderedDict`` (``str`` or
+    ``int`` keys), ``list`` and ``tuple`` of those, nested. :meth:`~incseg.learner.IncrementalLearner.save`
+    and :meth:`~incseg.learner.IncrementalLearner.load` apply the same check, so a file that ``save`` writes
+    always loads, and ``load`` accepts nothing that ``save`` would refuse.
 
     Args:
         obj: the object to check.
@@ -70,24 +91,31 @@ def check_plain(obj: object, name: str) -> None:
 
     Example:
         >>> check_plain({"epoch": 3, "rng": torch.get_rng_state()}, "extra")
+        >>> import numpy as np
+        >>> check_plain({"miou": np.float64(0.5)}, "extra")
+        Traceback (most recent call last):
+        ...
+        TypeError: extra['miou'] is a float64 (a subclass of float), which a checkpoint cannot hold: ...
     """
-    if isinstance(obj, (Tensor, *_PLAIN_SCALARS)):
+    kind = type(obj)
+    if kind in _PLAIN_SCALARS or kind in _PLAIN_TENSORS:
         return
-    if isinstance(obj, Mapping):
-        if not isinstance(obj, dict):
-            raise TypeError(f"{name} must be a plain dict, got {type(obj).__name__}")
-        for key, value in obj.items():
-            if isinstance(key, bool) or not isinstance(key, (str, int)):
+    if kind in _PLAIN_DICTS:
+        for key, value in obj.items():  # type: ignore[attr-defined]
+            if type(key) not in (str, int):
                 raise TypeError(f"{name} has a key {key!r} of type {type(key).__name__}; use str or int keys")
             check_plain(value, f"{name}[{key!r}]")
         return
-    if isinstance(obj, (list, tuple)):
-        for i, value in enumerate(obj):
+    if kind in (list, tuple):
+        for i, value in enumerate(obj):  # type: ignore[arg-type]
             check_plain(value, f"{name}[{i}]")
         return
+    plain = next((t for t in (*_PLAIN_SCALARS, Tensor, dict, list, tuple) if isinstance(obj, t)), None)
+    subclass = f" (a subclass of {plain.__name__})" if plain is not None else ""
     raise TypeError(
-        f"{name} is a {type(obj).__name__}, which a weights_only checkpoint cannot hold; "
-        "use tensors, str, int, float, bool, None, and dicts/lists/tuples of those"
+        f"{name} is a {kind.__name__}{subclass}, which a checkpoint cannot hold: convert it to a plain value "
+        "(float(x), int(x), str(x), dict(x)); allowed are tensors, str, int, float, bool, None, and dicts/lists/"
+        "tuples of those"
     )
 
 
@@ -99,6 +127,10 @@ def atomic_save(obj: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     killed save of ``path`` left behind (``.<name>.<random>.tmp``) are removed first. The file is created with
     the permissions of the process's umask (``0o666 & ~umask``), as ``open()`` would.
 
+    ``path`` must be a new path or a regular file: a directory, a device (``/dev/null``), a pipe or a socket is
+    refused before anything is written (renaming over it would replace the node with a file). A symbolic link is
+    followed: its target is replaced and the link kept.
+
     Args:
         obj: the (plain) object to save.
         path: destination; its folder must exist.
@@ -108,20 +140,34 @@ def atomic_save(obj: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
 
     Raises:
         FileNotFoundError: the destination folder does not exist.
-        Exception: whatever ``torch.save`` or the file system raised (after cleaning up).
+        ValueError: ``path`` exists and is not a regular file.
+        OSError: the write failed, e.g. a full disk (``errno.ENOSPC``; the message names the file and the free
+            space), after cleaning up.
+        Exception: whatever else ``torch.save`` raised (after cleaning up).
     """
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot save checkpoint {path}: folder {folder} does not exist")
-    remove_stale_temporaries(folder, path.name)
-    fd, tmp_name = _create_temporary(folder, path.name)
+    try:
+        mode = target.stat().st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a device, pipe or socket, not a regular file"
+        raise ValueError(f"cannot save checkpoint {path}: it is {kind}; save to a new path or a regular file")
+    remove_stale_temporaries(folder, target.name)
+    fd, tmp_name = _create_temporary(folder, target.name)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
+            try:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            except (OSError, RuntimeError) as exc:
+                raise _write_error(exc, path, folder) from exc
+        os.replace(tmp_name, target)
     except BaseException:
         try:
             os.unlink(tmp_name)
@@ -130,6 +176,27 @@ def atomic_save(obj: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
         raise
     _fsync_dir(folder)
     return path
+
+
+def _write_error(exc: BaseException, path: Path, folder: Path) -> BaseException:
+    """An ``OSError`` naming the file for a failed write; torch reports a short write (a full disk) as
+    ``RuntimeError: [enforce fail at inline_container.cc] ... unexpected pos``, with the ``OSError`` as context."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__context__ or cause.__cause__
+    if cause is None and "inline_container" not in str(exc) and "unexpected pos" not in str(exc):
+        return exc  # not a write failure: re-raise as it is
+    code = cause.errno if isinstance(cause, OSError) and cause.errno else errno.EIO
+    try:
+        free = f"; {shutil.disk_usage(folder).free / 1e6:.0f} MB free in {folder}"
+    except OSError:
+        free = ""
+    reason = (cause.strerror or str(cause)) if isinstance(cause, OSError) else "the write stopped short"
+    return OSError(
+        code,
+        f"cannot write checkpoint {path}: {reason}{free}; free some space (or choose another folder) and run "
+        "again, the previous checkpoint is untouched",
+    )
 
 
 def _create_temporary(folder: Path, name: str) -> tuple[int, str]:
@@ -242,92 +309,138 @@ def _feed(digest: Any, obj: Any) -> None:
         digest.update(f"{type(obj).__name__}{len(text)}:{text}|".encode())
 
 
-def _verify_checksum(data: dict[str, Any], path: Path) -> None:
-    """Check and remove the recorded checksum; files without one (incseg 0.1) are accepted as they are."""
+def _verify_checksum(data: dict[str, Any], what: str) -> None:
+    """Check and remove the recorded checksum. Required from :data:`FORMAT_VERSION` 2; a file of
+    :data:`OLD_FORMAT_VERSION` without one (incseg 0.1) is accepted as it is."""
     if CHECKSUM_KEY not in data:
-        return
-    recorded = data.pop(CHECKSUM_KEY)
-    if not isinstance(recorded, str) or not recorded.startswith("sha256:"):
+        if data.get("format_version") == OLD_FORMAT_VERSION:
+            return
         raise CheckpointError(
-            f"checkpoint {path} has a checksum entry {str(recorded)[:80]!r} that this version of incseg cannot "
-            "check (expected 'sha256:<hex>')"
+            f"{what} has no {CHECKSUM_KEY!r} entry, which format_version {data.get('format_version')!r} requires: it "
+            "is damaged (a changed bit in the entry's name) or was edited; use another copy or an earlier checkpoint"
+        )
+    recorded = data.pop(CHECKSUM_KEY)
+    if type(recorded) is not str or not re.fullmatch(r"sha256:[0-9a-f]{64}", recorded):
+        raise CheckpointError(
+            f"{what} has a checksum entry {str(recorded)[:80]!r} that is not 'sha256:<64 hex digits>': it is "
+            "damaged or was written by another program; use another copy or an earlier checkpoint"
         )
     actual = content_checksum(data)
     if actual != recorded:
         raise CheckpointError(
-            f"checkpoint {path} is damaged: its content does not match the checksum recorded when it was saved "
-            "(a changed bit in its tensors or values: a faulty disk, an interrupted or broken copy). Use another "
-            "copy or an earlier checkpoint; if you edited the file on purpose, remove its 'checksum' entry"
+            f"{what} is damaged: its content does not match the checksum recorded when it was saved (a changed "
+            "bit in its tensors or values: a faulty disk, an interrupted or broken copy); use another copy or an "
+            f"earlier checkpoint (a file edited on purpose needs a new {CHECKSUM_KEY!r}: content_checksum(data))"
         )
 
 
+def load_file(path: str | os.PathLike[str], what: str, *, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line errors that name ``what`` and the file.
+
+    The one reader of incseg's ``.pt`` inputs (checkpoints, ``backbone_weights``): it never runs code from the
+    file and never suggests loading it with ``weights_only=False``.
+
+    Args:
+        path: the file.
+        what: its name in messages (``"checkpoint"``, ``"backbone_weights"``).
+        map_location: passed to ``torch.load``.
+
+    Returns:
+        What the file holds.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        PermissionError: the file cannot be read.
+        CheckpointError: ``path`` is a directory or not a regular file; the file is empty, truncated or corrupt,
+            is a plain pickle (not written by ``torch.save``), or holds python code or objects (refused as unsafe).
+    """
+    path = Path(path)
+    name = f"{what} {path}"
+    if not path.exists():
+        raise FileNotFoundError(f"{name} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"{name} is a directory, not a file (e.g. <out>/checkpoints/last.pt)")
+    if not path.is_file():
+        raise CheckpointError(f"{name} is not a regular file (a device or pipe such as /dev/null)")
+    try:
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{name} is empty (0 bytes): an interrupted copy or save; use another copy")
+        with warnings.catch_warnings():  # e.g. about the pickle protocol of a plain pickle: the error says it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except CheckpointError:
+        raise
+    except PermissionError as exc:
+        raise PermissionError(f"cannot read {name}: permission denied (check the file's owner and mode)") from exc
+    except pickle.UnpicklingError as exc:
+        reason = _unpickler_reason(exc)
+        if reason.startswith("global "):
+            raise CheckpointError(
+                f"{name} holds python code or objects ({reason}), which an incseg file never holds; it was "
+                "refused as unsafe and nothing in it was run: load it only if you know where it comes from"
+            ) from exc
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(
+                f"{name} is not a torch.save file (no zip archive: a plain pickle, another format, or damaged; "
+                f"{reason}); nothing in it was run: write tensors with torch.save(state_dict, path)"
+            ) from exc
+        raise CheckpointError(f"{name} is corrupt (unreadable pickle data: {reason})") from exc
+    except Exception as exc:
+        raise CheckpointError(
+            f"{name} is corrupt or truncated ({type(exc).__name__}: {_first_line(exc)}); use another copy"
+        ) from exc
+
+
 def read_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with ``torch.load(weights_only=True)`` and check its format version.
+    """Read a checkpoint with ``torch.load(weights_only=True)``, check its format version and its checksum.
 
     Args:
         path: the checkpoint file.
         map_location: passed to ``torch.load``.
 
     Returns:
-        The checkpoint dictionary.
+        The checkpoint dictionary, without its checksum entry.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         PermissionError: the file cannot be read.
-        CheckpointError: ``path`` is a directory or not a regular file; the file is truncated or corrupt, holds
-            python code or objects (refused as unsafe by ``weights_only``), is not a dictionary, has another
-            ``format_version`` (an int), or its content does not match its recorded checksum (damaged).
+        CheckpointError: as :func:`load_file`; the file is not a dictionary, has another ``format_version`` (an
+            int: :data:`FORMAT_VERSION` or :data:`OLD_FORMAT_VERSION`), has no checksum although its version
+            requires one, or its content does not match its recorded checksum (damaged).
 
-    Files written by :meth:`~incseg.learner.IncrementalLearner.save` hold a :func:`content_checksum`, which is
-    verified and removed from the returned dictionary; files without one (incseg 0.1) load unchecked.
+    A file of :data:`FORMAT_VERSION` must hold a :func:`content_checksum`, which is verified and removed from the
+    returned dictionary. A file of :data:`OLD_FORMAT_VERSION` (incseg 0.1) is checked when it has one and
+    loads unchecked otherwise; whether a file is old is read from its ``format_version`` only, never from a
+    missing key.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file (e.g. <out>/last.pt)")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} is not a regular file (a device or pipe such as /dev/null)")
-    try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
-    except PermissionError as exc:
-        raise PermissionError(
-            f"cannot read checkpoint {path}: permission denied (check the file's owner and mode)"
-        ) from exc
-    except pickle.UnpicklingError as exc:
-        reason = _unpickler_reason(exc)
-        if reason.startswith("global "):
-            raise CheckpointError(
-                f"checkpoint {path} holds python code or objects ({reason}), which an incseg checkpoint never "
-                "holds; it was refused as unsafe and nothing in it was run. Do not load this file unless you "
-                "know where it comes from; incseg checkpoints hold only tensors and plain python data"
-            ) from exc
-        raise CheckpointError(f"checkpoint {path} is corrupt (unreadable pickle data: {reason})") from exc
-    except Exception as exc:
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {_first_line(exc)})"
-        ) from exc
+    data = load_file(path, "checkpoint", map_location=map_location)
+    what = f"checkpoint {path}"
     if not isinstance(data, dict):
-        raise CheckpointError(f"checkpoint {path} must hold a dict, got {type(data).__name__}")
+        raise CheckpointError(f"{what} must hold a dict, got {type(data).__name__}")
     version = data.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:  # 1.0 and True equal 1 but are not a version
+    if type(version) is not int or version not in (FORMAT_VERSION, OLD_FORMAT_VERSION):  # 1.0 and True are no int
         raise CheckpointError(
-            f"checkpoint {path} has format_version {version!r}; this version of incseg reads {FORMAT_VERSION}"
+            f"{what} has format_version {version!r}; this version of incseg reads {FORMAT_VERSION} and "
+            f"{OLD_FORMAT_VERSION} (incseg 0.1)"
         )
-    _verify_checksum(data, path)
+    _verify_checksum(data, what)
     return data
 
 
 def _unpickler_reason(exc: BaseException) -> str:
-    """What torch's weights-only unpickler refused (``"global posix.system"``), without its advice to load the
-    file unsafely; for other errors the message with every sentence that mentions ``weights_only`` removed."""
+    """What torch's weights-only unpickler refused (``"global posix.system"``, ``"Unsupported operand 149"``),
+    without torch's advice to load the file unsafely (every sentence about ``weights_only`` or trust)."""
     text = " ".join(str(exc).split())
     found = re.search(r"GLOBAL\s+([\w.]+)", text)
     if found:
         return f"global {found.group(1)}"
+    detail = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text)
+    if detail and detail.group(1):
+        return detail.group(1)[:300]
     sentences = re.split(r"(?<=[.!?])\s+", text)
-    kept = [x for x in sentences if "weights_only" not in x and "weights only" not in x.lower()]
-    return " ".join(kept)[:300]
+    unsafe = ("weights_only", "weights only", "trusted source", "arbitrary code", "file an issue")
+    kept = [x for x in sentences if not any(u in x.lower() for u in unsafe)]
+    return " ".join(kept)[:300] or "unsupported content"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -348,6 +461,10 @@ SCHEMA: dict[str, tuple[type, ...]] = {
     "optimizer": (dict, type(None)),
     "extra": (dict,),
 }
+"""Required keys of a learner state and their types. Format 2 also requires ``caf_levels`` (``None`` or a dict);
+``format_version``, ``incseg_version`` (a str) and, in a file, ``checksum`` complete the keys a state may hold."""
+
+_OPTIONAL_V1 = ("incseg_version", "caf_levels")  # absent in the earliest files of incseg 0.1
 
 
 def levels_record(model: IncrementalSegmenter) -> dict[str, list[str]] | None:
@@ -383,6 +500,16 @@ def load_into(module: nn.Module, weights: Mapping[str, Any], what: str) -> None:
             f"{', '.join(cast[:3])}: incseg does not cast weights silently; build the network in the checkpoint's "
             "dtype (model.to(dtype)) before loading, or convert the checkpoint's tensors yourself"
         )
+    shaped = [
+        f"{k} ({tuple(v.shape)} -> {tuple(own[k].shape)})"
+        for k, v in weights.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if shaped:  # load_state_dict would take a (1,) tensor for a 0-dim buffer (num_batches_tracked)
+        raise CheckpointError(
+            f"checkpoint {what} weights do not fit this learner's network (another architecture, width or method?): "
+            f"size mismatch in {len(shaped)} tensors, e.g. {', '.join(shaped[:3])}"
+        )
     try:
         module.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
@@ -393,7 +520,8 @@ def load_into(module: nn.Module, weights: Mapping[str, Any], what: str) -> None:
 
 
 def check_learner_state(state: object, scenario: Scenario, config: MethodConfig) -> tuple[int, list[int]]:
-    """The checks of a learner state that need no network: format version, :data:`SCHEMA`, same scenario and
+    """The checks of a learner state that need no network: format version and keys (:data:`SCHEMA`, nothing
+    else), plain values only (:func:`check_plain`), a checksum if the state still holds one, same scenario and
     method configuration, step in range, classifier sizes of the scenario.
 
     Returns:
@@ -405,20 +533,39 @@ def check_learner_state(state: object, scenario: Scenario, config: MethodConfig)
     if not isinstance(state, Mapping):
         raise CheckpointError(f"a learner state must be a dict, got {type(state).__name__}")
     version = state.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:
+    if type(version) is not int or version not in (FORMAT_VERSION, OLD_FORMAT_VERSION):
         raise CheckpointError(
-            f"checkpoint has format_version {state.get('format_version')!r}; this incseg reads {FORMAT_VERSION}"
+            f"checkpoint has format_version {version!r}; this incseg reads {FORMAT_VERSION} and {OLD_FORMAT_VERSION}"
         )
-    for key, types in SCHEMA.items():
+    if CHECKSUM_KEY in state:  # a state read without read_checkpoint (torch.load by hand)
+        _verify_checksum(dict(state), "checkpoint")
+    allowed = {"format_version", CHECKSUM_KEY, *SCHEMA, *_OPTIONAL_V1}
+    unknown = sorted(str(k) for k in state if k not in allowed)
+    if unknown:
+        raise CheckpointError(
+            f"checkpoint has unknown keys {unknown[:5]}: it is damaged (a changed bit in a key's name) or was not "
+            "written by incseg; use another copy or an earlier checkpoint"
+        )
+    required = {**SCHEMA}
+    if version == FORMAT_VERSION:
+        required.update({"incseg_version": (str,), "caf_levels": (dict, type(None))})
+    for key, types in required.items():
         if key not in state:
             raise CheckpointError(f"checkpoint is missing the key {key!r}")
         if not isinstance(state[key], types) or (isinstance(state[key], bool) and bool not in types):
             names = "/".join("None" if t is type(None) else t.__name__ for t in types)
             raise CheckpointError(f"checkpoint entry {key!r} must be {names}, got {type(state[key]).__name__}")
+    try:
+        check_plain(dict(state), "checkpoint")
+    except TypeError as exc:
+        raise CheckpointError(str(exc)) from exc
     saved_scenario = scenario_from(state)
     if saved_scenario != scenario:
+        mine = scenario.to_dict()
+        diff = {k: (v, mine.get(k)) for k, v in saved_scenario.to_dict().items() if mine.get(k) != v}
         raise CheckpointError(
-            f"checkpoint was written for another scenario: {saved_scenario!r}, learner has {scenario!r}"
+            f"checkpoint was written for another scenario; differing fields (checkpoint, learner): {diff}; build the "
+            "learner with the checkpoint's scenario (IncrementalLearner.from_checkpoint)"
         )
     saved_config = method_from(state)
     if saved_config != config:
@@ -428,6 +575,14 @@ def check_learner_state(state: object, scenario: Scenario, config: MethodConfig)
         raise CheckpointError(
             f"checkpoint was written for another method configuration; differing fields (checkpoint, learner): {diff}"
         )
+    if version == FORMAT_VERSION:  # this format holds exactly what to_dict() writes: no unknown or retyped fields
+        for key, mine in (("scenario", saved_scenario.to_dict()), ("method", saved_config.to_dict())):
+            odd = _retyped(state[key], mine)
+            if odd:
+                raise CheckpointError(
+                    f"checkpoint entry {key!r} has fields that its writer never writes: {odd[:5]} (unknown, missing "
+                    "or of another type): it was edited or not written by incseg"
+                )
     step = state["step"]
     if not 0 <= step < scenario.num_steps:
         raise CheckpointError(f"checkpoint step {step} is outside [0, {scenario.num_steps})")
@@ -437,3 +592,104 @@ def check_learner_state(state: object, scenario: Scenario, config: MethodConfig)
             f"checkpoint classes_per_step {state['classes_per_step']} do not match the scenario at step {step} ({cps})"
         )
     return step, cps
+
+
+def _retyped(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> list[str]:
+    """Keys of ``saved`` that differ from ``mine`` in presence, type or value (``1.0`` is not ``1``)."""
+    keys = list(mine) + [k for k in saved if k not in mine]
+    return [
+        str(k)
+        for k in keys
+        if k not in saved or k not in mine or content_checksum(saved[k]) != content_checksum(mine[k])
+    ]
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: object) -> None:
+    """Check that ``saved`` is an optimizer state that ``optimizer`` restores exactly, before loading it.
+
+    ``Optimizer.load_state_dict`` checks only the sizes of the parameter groups: it casts state tensors to the
+    parameters' dtype silently and keeps state of any shape, which then fails in ``optimizer.step()`` (or,
+    broadcast, trains wrongly). Checked here: the same parameter groups (sizes, parameter indices, setting
+    names, and settings of the same kind: numbers finite), state only for those parameters, and every state
+    tensor (momentum buffers, moments; ``step`` counters excepted) of its parameter's shape and dtype, finite.
+
+    Args:
+        optimizer: the optimizer to restore, built from the learner's ``param_groups()``.
+        saved: the checkpoint's optimizer state (``optimizer.state_dict()`` when it was saved).
+
+    Raises:
+        CheckpointError: the first mismatch, naming the group or parameter and what was expected.
+    """
+    if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"}:
+        keys = sorted(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
+        raise CheckpointError(f"checkpoint optimizer state must be a dict of 'state' and 'param_groups', got {keys}")
+    groups, state = saved["param_groups"], saved["state"]
+    own = optimizer.state_dict()["param_groups"]
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups) or not isinstance(state, dict):
+        raise CheckpointError("checkpoint optimizer state is malformed (need a list of dicts and a dict of state)")
+    saved_sizes = [len(g["params"]) if isinstance(g.get("params"), list) else None for g in groups]
+    sizes = [len(g["params"]) for g in own]
+    if saved_sizes != sizes:
+        raise CheckpointError(
+            f"the optimizer has parameter groups of sizes {sizes}, the checkpoint {saved_sizes}: build it from "
+            "learner.param_groups() after loading the structure"
+        )
+    params: dict[int, Tensor] = {}
+    for i, (group, mine, live) in enumerate(zip(groups, own, optimizer.param_groups)):
+        scheduler_keys = {"initial_lr"}  # set by an LR scheduler, which may be built after the optimizer
+        same_params = [type(i) for i in group["params"]] == [int] * len(mine["params"]) and group["params"] == mine[
+            "params"
+        ]
+        if not same_params or set(group) - scheduler_keys != set(mine) - scheduler_keys:
+            raise CheckpointError(
+                f"checkpoint optimizer group {i} has parameter indices or settings {sorted(map(str, group))} that "
+                f"this optimizer ({type(optimizer).__name__}, settings {sorted(mine)}) does not have"
+            )
+        for key, value in group.items():
+            if key != "params" and not _same_kind(value, mine.get(key, group["lr"] if key in scheduler_keys else None)):
+                raise CheckpointError(
+                    f"checkpoint optimizer group {i} has {key}={value!r:.80}, which a {type(optimizer).__name__} "
+                    f"cannot hold (this optimizer has {mine[key]!r:.80})"
+                )
+        params.update(zip(mine["params"], live["params"]))
+    for index, entry in state.items():
+        if index not in params or not isinstance(entry, dict):
+            raise CheckpointError(f"checkpoint optimizer state has an entry {index!r} for no parameter of its groups")
+        param = params[index]
+        for key, value in entry.items():
+            if not isinstance(value, Tensor):
+                if value is not None and type(value) not in (int, float):
+                    raise CheckpointError(
+                        f"checkpoint optimizer state {key!r} of parameter {index} is a {type(value).__name__}, which "
+                        "no optimizer state holds (tensors, numbers or None): the file was edited"
+                    )
+                continue
+            if key == "step":
+                continue
+            if value.shape != param.shape or value.dtype != param.dtype:
+                raise CheckpointError(
+                    f"checkpoint optimizer state {key!r} of parameter {index} has shape {tuple(value.shape)} and dtype "
+                    f"{value.dtype}, the parameter {tuple(param.shape)} and {param.dtype}: the file is damaged or "
+                    "belongs to another network"
+                )
+            if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+                raise CheckpointError(
+                    f"checkpoint optimizer state {key!r} of parameter {index} holds NaN/Inf: the run had diverged"
+                )
+
+
+def _same_kind(value: object, reference: object) -> bool:
+    """Whether an optimizer setting could have been written by the optimizer whose setting is ``reference``."""
+    if isinstance(reference, bool) or reference is None or isinstance(reference, str):
+        return type(value) is type(reference) or (reference is None and value is None)
+    if isinstance(reference, (int, float)) or (isinstance(reference, Tensor) and reference.numel() == 1):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        number = number or (isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point())
+        return number and math.isfinite(float(value))  # type: ignore[arg-type]
+    if isinstance(reference, (list, tuple)):
+        return (
+            type(value) is type(reference)
+            and len(value) == len(reference)  # type: ignore[arg-type]
+            and all(_same_kind(v, r) for v, r in zip(value, reference))  # type: ignore[call-overload]
+        )
+    return type(value) is type(reference)

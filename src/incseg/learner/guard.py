@@ -6,6 +6,8 @@
 term, the loss and the largest absolute value of the weights (after the previous optimizer step), and raises
 :class:`DivergenceError` naming the term, its recent values and the likely fix when
 
+- an input (the batch's images) holds NaN or Inf: a :class:`NonFiniteLossError` that names the inputs, checked
+  before the weights, whose batch-norm statistics such a batch has just poisoned,
 - a term or the loss is NaN or infinite (:class:`NonFiniteLossError`, a :class:`DivergenceError`),
 - a weight or a floating buffer is NaN or infinite (the previous optimizer step broke the network), or
 - a term *explodes*: its value exceeds ``growth`` (100) times the larger of ``floor`` (10) and the smallest of
@@ -42,6 +44,8 @@ __all__ = ["DivergenceError", "DivergenceGuard", "GuardReport", "NonFiniteLossEr
 
 _MAX_TERMS = 16
 _WEIGHTS = "weights"
+_INPUTS = "inputs"
+_HEAD = 3  # row: number of terms, largest |weight|, non-finite input values, then the terms
 
 
 class DivergenceError(RuntimeError):
@@ -137,6 +141,7 @@ class DivergenceGuard:
         hints: Mapping[str, str] | None = None,
         reduce: bool = False,
         skip_nonfinite: bool = False,
+        inputs: Mapping[str, Tensor] | None = None,
     ) -> GuardReport:
         """Read ``terms`` and the largest weight in one host transfer, then check them.
 
@@ -147,25 +152,31 @@ class DivergenceGuard:
             hints: likely fix by term name (``"*"`` for any term); shown in the message.
             reduce: under ``torch.distributed``, gather every process's values (one ``all_reduce``, all ranks
                 must call it): every process then takes the same decision and the message names the rank.
-            skip_nonfinite: report a non-finite loss in the returned :class:`GuardReport` instead of raising,
-                so the caller can skip the batch. Non-finite weights and explosions always raise.
+            skip_nonfinite: report a non-finite loss (or input) in the returned :class:`GuardReport` instead of
+                raising, so the caller can skip the batch. Non-finite weights and explosions always raise.
+            inputs: the batch's input tensors by name (e.g. ``{"images": images}``), counted for NaN/Inf in the
+                same transfer. A non-finite input is reported as such, before the weights: the forward pass has
+                written it into the batch-norm statistics, which are buffers among ``tensors``.
 
         Returns:
             The :class:`GuardReport` (values are averaged over processes when reduced).
 
         Raises:
-            NonFiniteLossError: a term is NaN/Inf (unless ``skip_nonfinite``).
+            NonFiniteLossError: an input or a term is NaN/Inf (unless ``skip_nonfinite``).
             DivergenceError: a weight is NaN/Inf, or a term exploded.
         """
         names = [str(k) for k in terms][:_MAX_TERMS]
         scalars = [terms[k].detach().float().reshape(()) for k in names]
         device = scalars[0].device if scalars else torch.device("cpu")
         weights = _max_abs(list(tensors)) if self.check_weights else None
-        row = torch.zeros(2 + _MAX_TERMS, device=device)
+        row = torch.zeros(_HEAD + _MAX_TERMS, device=device)
         if scalars:
-            row[2 : 2 + len(scalars)] = torch.stack(scalars).to(device)
+            row[_HEAD : _HEAD + len(scalars)] = torch.stack(scalars).to(device)
         if weights is not None:
             row[1] = weights.to(device=device, dtype=row.dtype)
+        for x in (inputs or {}).values():
+            if x.is_floating_point() or x.is_complex():
+                row[2] += (~torch.isfinite(x.detach())).sum().to(device=device, dtype=row.dtype)
         row[0] = len(names)
         distributed = reduce and D.is_distributed()
         rank = D.get_rank() if D.is_distributed() else None
@@ -176,7 +187,7 @@ class DivergenceGuard:
             rows = table.tolist()  # the one host sync
         else:
             rows = [row.tolist()]  # the one host sync
-        per_rank = [dict(zip(names, r[2 : 2 + int(r[0])])) for r in rows]
+        per_rank = [dict(zip(names, r[_HEAD : _HEAD + int(r[0])])) for r in rows]
         ranks = list(range(len(rows))) if distributed else [rank]
         hints = hints or {}
 
@@ -188,6 +199,16 @@ class DivergenceGuard:
             place = f" at {where}" if where else ""
             return place + (f" on rank {r}" if r is not None else "")
 
+        for r, values in zip(ranks, rows):
+            if values[2] > 0:  # before the weights: this batch's forward pass put the NaN into the BN statistics
+                shown = ", ".join(inputs or {})
+                message = (
+                    f"non-finite input{at(r)}: {int(values[2])} NaN/Inf values in {shown}; the data holds NaN/Inf "
+                    "(check the image files, the dataset and its transforms), not the training"
+                )
+                if skip_nonfinite:
+                    return GuardReport({k: math.nan for k in names}, False, message)
+                raise NonFiniteLossError(message, term=_INPUTS, values=[values[2]], rank=r)
         if weights is not None:
             for r, values in zip(ranks, rows):
                 if not math.isfinite(values[1]):

@@ -23,6 +23,7 @@ from incseg.learner.checkpoint import (
     CheckpointError,
     atomic_save,
     check_learner_state,
+    check_optimizer_state,
     check_plain,
     content_checksum,
     levels_record,
@@ -458,12 +459,17 @@ class IncrementalLearner:
                     tensors=self.guarded_tensors(),
                     where=f"step {self._step}",
                     hints=self.divergence_hints(),
+                    inputs={"images": images},
                 )
             raise
         if guard and self.guard is not None:
             terms = {"loss": out.loss, **{k: v for k, v in out.terms.items() if k != "total"}}
             self.guard.check(
-                terms, tensors=self.guarded_tensors(), where=f"step {self._step}", hints=self.divergence_hints()
+                terms,
+                tensors=self.guarded_tensors(),
+                where=f"step {self._step}",
+                hints=self.divergence_hints(),
+                inputs={"images": images},
             )
         return out
 
@@ -621,11 +627,11 @@ class IncrementalLearner:
         extra = {} if extra is None else extra
         if not isinstance(extra, dict):
             raise TypeError(f"extra must be a dict, got {type(extra).__name__}")
-        check_plain(extra, "extra")
+        check_plain(extra, "extra")  # and the whole state below: load() accepts exactly what this writes
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         model = self.model
-        return {
+        state = {
             "format_version": FORMAT_VERSION,
             "incseg_version": __version__,
             "scenario": self._scenario.to_dict(),
@@ -641,6 +647,8 @@ class IncrementalLearner:
             "optimizer": None if optimizer is None else optimizer.state_dict(),
             "extra": dict(extra),
         }
+        check_plain(state, "the learner state")
+        return state
 
     def save(
         self,
@@ -871,13 +879,4 @@ class IncrementalLearner:
             raise CheckpointError(
                 "the optimizer holds parameters that are not this learner's; build it from param_groups()"
             )
-        groups = saved.get("param_groups") if isinstance(saved, dict) else None
-        if not isinstance(groups, list) or not isinstance(saved.get("state"), dict):
-            raise CheckpointError("checkpoint optimizer state is malformed (no 'state'/'param_groups')")
-        saved_sizes = [len(g.get("params", ())) for g in groups]
-        sizes = [len(g["params"]) for g in optimizer.param_groups]
-        if saved_sizes != sizes:
-            raise CheckpointError(
-                f"the optimizer has parameter groups of sizes {sizes}, the checkpoint {saved_sizes}: build it from "
-                "learner.param_groups() after loading the structure"
-            )
+        check_optimizer_state(optimizer, saved)

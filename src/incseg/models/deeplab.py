@@ -115,7 +115,9 @@ def _weights_file(path: str | PathLike[str]) -> Path:
 
 
 def _load_backbone_weights(backbone: nn.Module, file: Path) -> None:
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    from incseg.learner.checkpoint import load_file  # the one safe reader (no import cycle at module load)
+
+    state = load_file(file, "backbone_weights")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -203,7 +205,8 @@ def deeplabv3_resnet101(
     Raises:
         TypeError: ``num_classes`` is not an int.
         ValueError: ``num_classes < 1``, ``output_stride`` not in ``{8, 16}``, or a weights file that is not a
-            ResNet-101 state dict.
+            ResNet-101 state dict (:class:`~incseg.learner.CheckpointError` for an empty, corrupt or unsafe file:
+            a pickle holding code is refused without running anything).
         FileNotFoundError: ``backbone_weights`` does not exist.
 
     Example:

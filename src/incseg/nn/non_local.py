@@ -35,7 +35,7 @@ def _conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     out = torch.matmul(weight.flatten(1).to(x.dtype), x.flatten(2))
     if bias is not None:
         out = out + bias.to(out.dtype)[:, None]
-    return out.reshape(batch, -1, height, width)
+    return out.reshape(batch, weight.shape[0], height, width)  # not -1: a batch of 0 images has no size to infer
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
