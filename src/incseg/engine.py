@@ -396,14 +396,8 @@ def _opposition_note(means: dict[str, float]) -> str:
     shares = {k.removeprefix("ad_opposition_"): v for k, v in means.items() if k.startswith("ad_opposition_")}
     if not shares:
         return ""
-    text = "attentive distillation cancelled " + ", ".join(f"{v:.0%} on {k}" for k, v in shares.items())
-    text += " of the output losses' pull on the features (mean over the step)"
-    if max(shares.values()) > 0.5:
-        text += (
-            "; above 50% it holds the features against the labels and new classes learn slowly: lower ad_balance "
-            "(see 'Attentive distillation' in docs/protocol.md)"
-        )
-    return text
+    text = "attentive distillation cancelled " + ", ".join(f"{v:.1%} on {k}" for k, v in shares.items())
+    return text + " of the output losses' descent on the features (mean over the step)"
 
 
 def _guard_terms(out: LossOutput | None) -> dict[str, torch.Tensor]:

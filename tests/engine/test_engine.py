@@ -339,14 +339,12 @@ def test_stale_save_temporaries_are_removed_when_a_run_resumes(tmp_path: Path) -
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_opposition_note_names_the_maps_and_warns_above_half() -> None:
+def test_opposition_note_names_the_maps() -> None:
     from incseg.engine import _opposition_note
 
     assert _opposition_note({"lambda_ad": 3.0}) == ""
-    quiet = _opposition_note({"ad_opposition_z": 0.1, "ad_opposition_h": 0.2})
-    assert "10% on z" in quiet and "20% on h" in quiet and "ad_balance" not in quiet
-    loud = _opposition_note({"ad_opposition_z": 0.1, "ad_opposition_h": 0.8})
-    assert "80% on h" in loud and "lower ad_balance" in loud
+    note = _opposition_note({"ad_opposition_z": 0.1, "ad_opposition_h": 0.012})
+    assert "10.0% on z" in note and "1.2% on h" in note
 
 
 # ----------------------------------------------------------------------------- issue 23: the second red team
