@@ -142,6 +142,32 @@ def run(args: argparse.Namespace, text: str, seed: int, perturb_seed: int | None
     return row
 
 
+def table(paths: list[Path]) -> str:
+    """Markdown table of rows from ``--out`` files: per network, task and method, old / new / all mIoU per seed,
+    and against MiB of the same seed: the new-class ratio and the old- and all-class differences."""
+    rows = [r for p in paths for r in json.loads(p.read_text()) if "perturb" not in r]
+    mib = {(r["network"], r["task"], r["mode"], r["seed"]): r for r in rows if r["method"] == "mib"}
+    lines = [
+        "| network | task | method | old / new / all (per seed) | new / MiB's | old - MiB's | all - MiB's "
+        "| skip - concat |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    keys = list(dict.fromkeys((r["network"], r["task"], r["mode"], r["method"]) for r in rows))
+    for network, task, mode, method in keys:
+        runs = [r for r in rows if (r["network"], r["task"], r["mode"], r["method"]) == (network, task, mode, method)]
+        runs.sort(key=lambda r: r["seed"])
+        cells = "; ".join(f"{r['old']:.1f} / {r['new']:.1f} / {r['all']:.1f}" for r in runs)
+        ref = [mib.get((network, task, mode, r["seed"])) for r in runs]
+        pairs = [(r, m) for r, m in zip(runs, ref) if m is not None and method != "mib"]
+        ratio = ", ".join(f"{r['new'] / m['new']:.2f}" if m["new"] else "-" for r, m in pairs)
+        old = ", ".join(f"{r['old'] - m['old']:+.1f}" for r, m in pairs)
+        all_ = ", ".join(f"{r['all'] - m['all']:+.1f}" for r, m in pairs)
+        skip = ", ".join(f"{r['all'] - r['concat_all']:+.1f}" for r in runs if "concat_all" in r)
+        task_name = task if mode == "disjoint" else f"{task} ov."
+        lines.append(f"| {network} | {task_name} | `{method}` | {cells} | {ratio} | {old} | {all_} | {skip} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--network", default="plain", choices=list(NETWORKS))
@@ -160,7 +186,11 @@ def main() -> None:
     parser.add_argument("--perturb-seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="append the rows to this JSON file")
+    parser.add_argument("--table", type=Path, nargs="+", default=None, help="print the markdown table of JSON files")
     args = parser.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
     torch.set_num_threads(args.threads)
     perturbations: list[int | None] = list(args.perturb_seeds) if args.perturb else [None]
     for seed in args.seeds:
