@@ -272,8 +272,14 @@ def test_plop_configuration() -> None:
         MethodConfig.preset("plop", pod_factor=-1.0)
     with pytest.raises(TypeError, match="pseudo_bins must be a int"):
         MethodConfig.preset("plop", pseudo_bins=2.5)
-    with pytest.raises(ValueError, match="no kd, ad or CAF"):
+    with pytest.raises(ValueError, match=r"\['kd'\] are not settings of method family 'plop'.*pod_factor"):
         MethodConfig.preset("plop", kd="unbiased")
+    for foreign in ({"lambda_ad": 100.0}, {"test_strategy": "concat"}, {"ad_balance": None}):
+        with pytest.raises(ValueError, match=r"not settings of method family 'plop'; its settings: name, family"):
+            MethodConfig.preset("plop", **foreign)
+    with pytest.raises(ValueError, match=r"lambda_ad=5\.0 is not a setting of method family 'plop'"):
+        MethodConfig.from_dict({**cfg.to_dict(), "lambda_ad": 5.0})
+    assert MethodConfig(name="p", family="plop").to_dict() == {**cfg.to_dict(), "name": "p", "dropout": "frozen"}
     with pytest.raises(ValueError, match="unknown method configuration fields"):
         MethodConfig.preset("mib", pod_factor=1.0)  # an option of another family
     assert MethodConfig.preset("plop").uses_teacher and not MethodConfig.preset("ft").uses_teacher

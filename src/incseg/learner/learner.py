@@ -7,7 +7,7 @@ import copy
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, get_args
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,27 +31,14 @@ from incseg.learner.checkpoint import (
     read_checkpoint,
     scenario_from,
 )
-from incseg.learner.config import MethodConfig, TestStrategy
 from incseg.learner.guard import DivergenceGuard, check_finite_tensors
 from incseg.learner.module import TrainingModule
 from incseg.losses import LossOutput
-from incseg.methods.base import Method
-from incseg.methods.registry import get_family
+from incseg.methods import Method, MethodConfig, get_family
 from incseg.models import IncrementalSegmenter
-from incseg.nn.caf import ContinualAttentiveFusion
 from incseg.scenarios import Scenario
 
 __all__ = ["IncrementalLearner", "unwrap_module"]
-
-_STRATEGIES = get_args(TestStrategy)
-_GROUPS = ("backbone", "head", "caf", "criterion")
-
-
-def _cafs(model: nn.Module) -> list[ContinualAttentiveFusion]:
-    """The CAF modules of a segmenter's fusion: the fusion itself, or the values of its ``nn.ModuleDict``."""
-    fusion = getattr(model, "fusion", None)
-    modules = fusion.values() if isinstance(fusion, nn.ModuleDict) else [fusion]
-    return [m for m in modules if isinstance(m, ContinualAttentiveFusion)]
 
 
 def _device_of(module: nn.Module) -> tuple[torch.device, torch.dtype] | None:
@@ -121,15 +108,17 @@ class IncrementalLearner:
 
     - the step lifecycle (:meth:`begin_step`, :meth:`end_step`): at each step ``t > 0`` the current model is
       snapshot as the frozen teacher (the model of step ``t-1`` in Fig. 2), the classifier grows by
-      ``|U_t|`` outputs (MiB or random initialisation) and, for methods with ``caf``, the continual attentive
-      fusion (eq. 1-4) is inserted between encoder and refiner at step 1 (and trained in all later steps);
-    - the *training module* :attr:`module`, holding the student :attr:`model` and the :attr:`criterion`
-      (:class:`~incseg.losses.CAFLoss`, eq. 13): ``module(images, labels, teacher_out)`` returns the loss. It
-      is what you wrap in ``DistributedDataParallel``; the teacher is never part of it;
+      ``|U_t|`` outputs (MiB or random initialisation) and, when the method has a fusion module (CAF's, eq.
+      1-4), it is inserted between encoder and refiner;
+    - the *training module* :attr:`module`, holding the student :attr:`model` and the method's
+      :attr:`criterion`: ``module(images, labels, teacher_out)`` returns the loss. It is what you wrap in
+      ``DistributedDataParallel``; the teacher is never part of it;
     - :meth:`training_step`: teacher forward pass under ``no_grad`` and the training module;
-    - :meth:`param_groups`: every trained parameter once (backbone, classifier head, CAF module, the
-      criterion's SE blocks; the paper's public release forgot the CAF parameters, PROTOCOL.md);
-    - :meth:`predict` with the CAF test strategies (``skip``, ``zero_pad``, ``concat``);
+    - :meth:`param_groups`: every trained parameter once (backbone, classifier head, fusion module, the
+      criterion's; the paper's public release forgot the CAF parameters, PROTOCOL.md);
+    - :meth:`predict`, with the method's test strategies (CAF's ``skip``, ``zero_pad``, ``concat``);
+
+    Everything method-specific is a hook of the :class:`~incseg.methods.Method` named by ``config.family``.
     - checkpoints (:meth:`save`, :meth:`load`, :meth:`from_checkpoint`) as plain dictionaries of tensors
       loadable with ``torch.load(weights_only=True)``, written atomically, validated before any change.
 
@@ -200,7 +189,7 @@ class IncrementalLearner:
         self._scenario = scenario
         self._config = config
         self._module = TrainingModule(
-            unwrapped, criterion, num_old_classes=0, bn=config.bn, dropout=config.dropout, method=self._method
+            unwrapped, criterion, self._method, num_old_classes=0, bn=config.bn, dropout=config.dropout
         )
         self._teacher: IncrementalSegmenter | None = None
         self._step = -1
@@ -272,12 +261,12 @@ class IncrementalLearner:
 
         At step 0 the model's classifier must already have the ``scenario.num_classes_at(0)`` outputs of the
         first step. At a step ``t > 0``: the teacher becomes a frozen copy of the current model (evaluation
-        mode kept across ``.train()``, no gradients; its CAF module, if any, uses the ``skip`` strategy since
-        no older features exist), the classifier grows by ``len(scenario.classes_at(t))`` outputs with the
-        configured initialisation, and with ``caf`` the CAF module is inserted at step 1 (a new
-        :class:`~incseg.nn.caf.ContinualAttentiveFusion` on ``z_channels``, one per level of ``caf_levels`` for a
-        multi-scale encoder, on the model's device). The
-        criterion's SE blocks start training at step 1.
+        mode kept across ``.train()``, no gradients, prepared by the method's
+        :meth:`~incseg.methods.Method.prepare_model`), the classifier grows by ``len(scenario.classes_at(t))``
+        outputs with the configured initialisation, and the method's fusion module is inserted (on the model's
+        device) at the first step where :meth:`~incseg.methods.Method.has_fusion` holds; for ``caf``: a
+        :class:`~incseg.nn.ContinualAttentiveFusion` at step 1. The criterion's parameters start training at
+        step 1.
 
         The set of trained parameters changes: rebuild the optimizer from :meth:`param_groups` (and any DDP
         wrapper of :attr:`module`) after this call.
@@ -317,7 +306,7 @@ class IncrementalLearner:
                 )
             if model.fusion is not None:
                 raise ValueError(
-                    "the model already has a fusion module at step 0; the learner inserts CAF itself at step 1"
+                    "the model already has a fusion module at step 0; the learner inserts the method's itself"
                 )
         else:
             if got != expected:
@@ -326,8 +315,7 @@ class IncrementalLearner:
                     f"needs {expected}: it was changed outside the learner"
                 )
             teacher = freeze(copy.deepcopy(model))
-            for caf in _cafs(teacher):
-                caf.test_strategy = "skip"
+            self._method.prepare_model(teacher, teacher=True)
             model.classifier.add_classes(len(self._scenario.classes_at(step)), init=self._config.init)
             if self._method.has_fusion(step) and model.fusion is None:
                 model.fusion = self._new_fusion(model)
@@ -486,8 +474,9 @@ class IncrementalLearner:
         """Optimizer parameter groups holding every trainable parameter of :attr:`module` exactly once.
 
         Groups (empty ones left out): ``"backbone"`` (encoder and refiner), ``"head"`` (classifier, learning
-        rate ``head_lr``), ``"caf"`` (the CAF module: all its parameters are trained, PROTOCOL.md) and
-        ``"criterion"`` (the SE blocks of attentive distillation, eq. 5, from step 1 on). Parameters with
+        rate ``head_lr``), the fusion module under the method's :attr:`~incseg.methods.Method.fusion_group`
+        (``"caf"`` for CAF's: all its parameters are trained, PROTOCOL.md) and ``"criterion"`` (e.g. the SE
+        blocks of attentive distillation, eq. 5, from step 1 on). Parameters with
         ``requires_grad=False`` are left out. Call it after every :meth:`begin_step`.
 
         Args:
@@ -511,14 +500,15 @@ class IncrementalLearner:
         lr = _check_positive(lr, "lr")
         weight_decay = _check_positive(weight_decay, "weight_decay", allow_zero=True)
         head = lr if head_lr is None else _check_positive(head_lr, "head_lr")
-        groups: dict[str, list[nn.Parameter]] = {name: [] for name in _GROUPS}
+        fusion = self._method.fusion_group
+        groups: dict[str, list[nn.Parameter]] = {name: [] for name in ("backbone", "head", fusion, "criterion")}
         for name, param in self._module.named_parameters():  # named_parameters yields shared ones once
             if not param.requires_grad:
                 continue
             if name.startswith("model.classifier."):
                 groups["head"].append(param)
             elif name.startswith("model.fusion."):
-                groups["caf"].append(param)
+                groups[fusion].append(param)
             elif name.startswith("criterion."):
                 groups["criterion"].append(param)
             else:
@@ -530,18 +520,19 @@ class IncrementalLearner:
         ]
 
     # ------------------------------------------------------------------ inference
-    def predict(self, images: Tensor, *, strategy: TestStrategy | None = None) -> Tensor:
+    def predict(self, images: Tensor, *, strategy: str | None = None) -> Tensor:
         """Logits of the current model at image resolution (evaluation mode, no gradients).
 
         The model runs in evaluation mode under ``torch.no_grad()`` and every submodule's train/eval mode is
-        restored afterwards. With a CAF module, ``strategy`` (default: the configured ``test_strategy``)
-        decides what stands in for the old features (paper Sec. IV, Fig. 5): ``"skip"`` uses the new
-        projection only (the teacher is not run), ``"zero_pad"`` fuses it with zeros, ``"concat"`` fuses it
-        with the teacher's features (runs the teacher). Without a CAF module ``strategy`` has no effect.
+        restored afterwards. ``strategy`` is a test-time choice of the method family, passed to its
+        :meth:`~incseg.methods.Method.predict_logits`: for the CAF family (``None``: the configured
+        ``test_strategy``) what stands in for the old features of the CAF module (paper Sec. IV, Fig. 5),
+        ``"skip"`` (new projection only), ``"zero_pad"`` (fused with zeros) or ``"concat"`` (fused with the
+        teacher's features, which runs the teacher); without a CAF module it has no effect.
 
         Args:
             images: input images ``(B, C, H, W)``.
-            strategy: ``None``, ``"skip"``, ``"zero_pad"`` or ``"concat"``.
+            strategy: ``None`` or a test strategy of the method family.
 
         Returns:
             float32 logits ``(B, K, H, W)``, bilinearly upsampled (``align_corners=False``) to the image size.
@@ -555,34 +546,20 @@ class IncrementalLearner:
             TypeError: ``images`` is not a floating tensor.
         """
         check_feature_map(images, "images")
-        if strategy is not None and strategy not in _STRATEGIES:
-            raise ValueError(f"strategy must be None or one of {list(_STRATEGIES)}, got {strategy!r}")
         model = self.model
         images = _images_for(model, images, *([self._teacher] if self._teacher is not None else []))
-        cafs = _cafs(model)
         modes = [(m, m.training) for m in model.modules()]
-        saved_strategies = [caf.test_strategy for caf in cafs]
         try:
             model.eval()
             with torch.no_grad():
-                z_old = None
-                if cafs:
-                    effective = strategy if strategy is not None else cafs[0].test_strategy
-                    if effective == "concat":
-                        teacher_out = self.teacher_forward(images)
-                        if teacher_out is None:
-                            raise ValueError('strategy "concat" needs the teacher (old model), but there is none')
-                        z_old = teacher_out["z"]
-                    for caf in cafs:
-                        caf.test_strategy = effective
-                logits = model.forward_features(images, z_old)["logits"]
+                logits = self._method.predict_logits(
+                    model, images, teacher_forward=self.teacher_forward, strategy=strategy
+                )
                 with torch.autocast(device_type=logits.device.type, enabled=False):
                     return F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
         finally:
             for m, training in modes:
                 m.training = training
-            for caf, saved in zip(cafs, saved_strategies):
-                caf.test_strategy = saved
 
     def to(self, *args: Any, **kwargs: Any) -> IncrementalLearner:
         """Move the training module (model, criterion) and the teacher, as ``nn.Module.to``; returns ``self``."""
@@ -821,12 +798,10 @@ class IncrementalLearner:
         if replace_fusion:
             model.fusion = student.fusion
         model.load_state_dict(state["model"])
-        for caf in _cafs(model):
-            caf.test_strategy = self._config.test_strategy
+        self._method.prepare_model(model, teacher=False)
         if teacher is not None:
             freeze(teacher)
-            for caf in _cafs(teacher):
-                caf.test_strategy = "skip"
+            self._method.prepare_model(teacher, teacher=True)
         self._teacher = teacher
         self.criterion.load_state_dict(state["criterion"])
         self._step = step
