@@ -19,6 +19,7 @@ __all__ = [
     "NonFiniteError",
     "check_feature_map",
     "check_finite",
+    "check_int",
     "check_labels",
     "check_logits",
     "check_num_old_classes",
@@ -35,6 +36,30 @@ class InputTypeError(TypeError, ValueError):
 
 
 _VALIDATE_VALUES: bool | None = None
+
+
+def check_int(value: object, name: str, *, minimum: int = 1) -> int:
+    """``value`` if it is an ``int >= minimum`` (``bool`` is not an int here).
+
+    Raises:
+        InputTypeError: not an int.
+        ValueError: smaller than ``minimum``.
+
+    Example:
+        >>> check_int(3, "channels")
+        3
+        >>> check_int(0, "budget", minimum=0)
+        0
+        >>> check_int(2.5, "channels")
+        Traceback (most recent call last):
+        ...
+        incseg._checks.InputTypeError: channels must be an int >= 1, got 2.5
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputTypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
 
 
 def set_validate_values(enabled: bool | None) -> None:
