@@ -134,7 +134,8 @@ class CAFLoss(nn.Module):
             see :meth:`forward`.
 
     Example:
-        >>>         >>> criterion = CAFLoss(64, 32)
+        >>> import torch
+        >>> criterion = CAFLoss(64, 32)
         >>> logits, labels = torch.randn(2, 6, 16, 16), torch.randint(0, 6, (2, 16, 16))
         >>> old_logits = torch.randn(2, 4, 16, 16)
         >>> feats = {"z": torch.randn(2, 64, 4, 4), "h": torch.randn(2, 32, 4, 4)}
