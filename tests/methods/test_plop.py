@@ -4,7 +4,9 @@ distillation, and the method through the learner (calibration, checkpoints, conf
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -171,6 +173,29 @@ def _batches(scenario: Scenario, step: int) -> list[tuple[Tensor, Tensor]]:
     labels = torch.randint(0, scenario.num_classes_at(step), (2, 32, 32), generator=g)
     labels[labels < scenario.num_old_classes(step)] = 0  # old classes are background in the current labels
     return [(images, labels)]
+
+
+def test_begin_step_calibrates_on_the_data_it_is_given() -> None:
+    scenario = Scenario([[1, 2], [3]])
+    plop = IncrementalLearner(small_segmenter(3, width=8), scenario, "plop")
+    plop.begin_step(0, data=iter(()))  # nothing to calibrate at step 0: the data is not read
+    plop.end_step()
+    plop.begin_step(1, data=_batches(scenario, 1))
+    criterion = plop.criterion
+    assert isinstance(criterion, PLOPLoss) and int(criterion.calibrated_for) == 3 and not plop.needs_calibration
+    reference = IncrementalLearner(small_segmenter(3, width=8), scenario, "plop")
+    reference.load_state_dict(plop.state_dict())
+    reference.criterion.calibrated_for.fill_(-1)
+    reference.calibrate(_batches(scenario, 1))  # the same as calibrating after begin_step
+    assert torch.equal(reference.criterion.thresholds, criterion.thresholds)
+
+    caf = IncrementalLearner(small_segmenter(3, width=8), scenario, "caf")
+
+    def unread() -> Iterator[Any]:
+        raise AssertionError("a method without calibration read the data")
+        yield
+
+    caf.begin_step(0, data=unread())
 
 
 def test_plop_trains_through_the_learner_and_checkpoints(tmp_path: Path) -> None:

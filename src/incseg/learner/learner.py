@@ -256,7 +256,7 @@ class IncrementalLearner:
         )
 
     # ------------------------------------------------------------------ lifecycle
-    def begin_step(self, step: int) -> None:
+    def begin_step(self, step: int, *, data: Iterable[Any] | None = None) -> None:
         """Start learning step ``step``; steps go in order ``0, 1, ...`` (or resume with :meth:`load`).
 
         At step 0 the model's classifier must already have the ``scenario.num_classes_at(0)`` outputs of the
@@ -273,6 +273,9 @@ class IncrementalLearner:
 
         Args:
             step: the step to begin, ``learner.step + 1``.
+            data: the step's training batches ``(images, labels, ...)``, e.g. a ``DataLoader``: the method
+                calibrates on them when it needs to (:attr:`needs_calibration`, PLOP's pseudo-label thresholds),
+                else they are not read. Without it, call :meth:`calibrate` before training such a method.
 
         Raises:
             TypeError: ``step`` is not an int.
@@ -328,6 +331,8 @@ class IncrementalLearner:
         if self.guard is not None:
             self.guard.reset()  # the loss terms of a new step start from new values
         self._method.on_begin_step(self, step)
+        if data is not None and self.needs_calibration:
+            self.calibrate(data)
 
     def end_step(self) -> None:
         """Mark the current step as finished (saved in checkpoints; :meth:`begin_step` of the next needs it).
@@ -365,14 +370,16 @@ class IncrementalLearner:
 
         Args:
             batches: ``(images, labels, ...)`` batches of the step's training set, e.g. a ``DataLoader``
-                (only the first two entries of each are used).
+                (only the first two entries of each are used; they are moved to the model's device).
 
         Raises:
             RuntimeError: no step begun yet.
         """
         if self._step < 0:
             raise RuntimeError("call begin_step() before calibrate()")
-        self._method.calibrate(self, batches)
+        found = _device_of(self.model)
+        device = found[0] if found is not None else None
+        self._method.calibrate(self, ((batch[0].to(device), batch[1].to(device)) for batch in batches))
 
     def teacher_forward(self, images: Tensor) -> dict[str, Tensor] | None:
         """Run the frozen teacher under ``torch.no_grad()``: its ``forward_features`` (eq. 1-4 features, logits).

@@ -203,8 +203,8 @@ class PLOPMethod(Method):
             raise ValueError("plop needs teacher_out from IncrementalLearner.teacher_forward (with its 'pod' maps)")
         if int(criterion.calibrated_for) != n_old:
             raise RuntimeError(
-                "PLOP's pseudo-label thresholds are not calibrated for this step: call learner.calibrate(batches) "
-                "with the step's training batches after begin_step (incseg.engine.run does)"
+                "PLOP's pseudo-label thresholds are not calibrated for this step: pass the step's training batches "
+                "to learner.begin_step(step, data=loader) (or call learner.calibrate(batches) after begin_step)"
             )
         target, factor = entropy_pseudo_labels(labels, teacher_out["logits"], criterion.thresholds)
         per_pixel = F.cross_entropy(x, target, ignore_index=IGNORE_INDEX, reduction="none")
