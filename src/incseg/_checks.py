@@ -8,6 +8,7 @@ and are opt-out on the hot path.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal, overload
 
@@ -23,6 +24,7 @@ __all__ = [
     "check_labels",
     "check_logits",
     "check_num_old_classes",
+    "check_number",
     "check_same_shape",
     "set_validate_values",
     "validate_values",
@@ -36,6 +38,21 @@ class InputTypeError(TypeError, ValueError):
 
 
 _VALIDATE_VALUES: bool | None = None
+
+
+def check_number(value: object, name: str, *, allow_zero: bool = False) -> float:
+    """``float(value)`` if it is a finite number ``> 0`` (``>= 0`` with ``allow_zero``; ``bool`` is not a number).
+
+    Raises:
+        TypeError: not an int or a float.
+        ValueError: non-finite or out of range.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return float(value)
 
 
 def check_int(value: object, name: str, *, minimum: int = 1) -> int:

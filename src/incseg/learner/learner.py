@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from incseg._checks import NonFiniteError, check_feature_map
+from incseg._checks import NonFiniteError, check_feature_map, check_number
 from incseg._version import __version__
 from incseg._wrappers import unwrap_module
+from incseg.learner._devices import device_of, images_for, rng_preserved
 from incseg.learner._freeze import freeze
 from incseg.learner.checkpoint import (
     CHECKSUM_KEY,
@@ -39,65 +39,6 @@ from incseg.models import IncrementalSegmenter
 from incseg.scenarios import Scenario
 
 __all__ = ["IncrementalLearner", "unwrap_module"]
-
-
-def _device_of(module: nn.Module) -> tuple[torch.device, torch.dtype] | None:
-    for p in module.parameters():
-        return p.device, p.dtype
-    return None
-
-
-def _images_for(model: nn.Module, images: Tensor, *others: nn.Module) -> Tensor:
-    """``images`` in the model's floating dtype (half images for a float32 model, say), after clear checks of
-    the meta device and of a device mismatch; ``others`` (criterion, teacher) are moved to the model's dtype
-    when the model was converted after the learner was built (``model.double()``)."""
-    if isinstance(images, Tensor) and images.is_meta:
-        raise ValueError(
-            "images are on the meta device: they have shapes but no data, so nothing can be computed from them; "
-            "pass real tensors"
-        )
-    found = _device_of(model)
-    if found is None or not isinstance(images, Tensor):
-        return images
-    device, dtype = found
-    if device.type == "meta":
-        raise ValueError(
-            "the model's weights are on the meta device (shapes only, no data): materialise them first, e.g. "
-            "model.to_empty(device='cpu') then load_state_dict(...), or build the model on a real device"
-        )
-    if images.device != device:
-        raise ValueError(
-            f"images are on {images.device} but the model is on {device}: move them with images.to({str(device)!r})"
-        )
-    if dtype.is_floating_point:
-        for other in others:
-            found_other = _device_of(other)
-            if found_other is not None and found_other[1] != dtype and found_other[1].is_floating_point:
-                other.to(dtype=dtype)
-        if images.is_floating_point() and images.dtype != dtype:
-            images = images.to(dtype)
-    return images
-
-
-@contextlib.contextmanager
-def _rng_preserved(module: nn.Module) -> Iterator[None]:
-    """Leave the global RNG (CPU and the module's CUDA device) as it was: rebuilding a structure to load
-    weights into must not change what random numbers training draws next."""
-    found = _device_of(module)
-    devices = []
-    if found is not None and found[0].type == "cuda":
-        devices = [found[0].index if found[0].index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        yield
-
-
-def _check_positive(value: object, name: str, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return float(value)
 
 
 class IncrementalLearner:
@@ -182,7 +123,7 @@ class IncrementalLearner:
             raise TypeError(f"method must be a method name or a MethodConfig, got {type(method).__name__}")
         self._method: Method = get_family(config.family)(config, unwrapped, scenario)
         criterion = self._method.build_criterion(unwrapped)
-        found = _device_of(unwrapped)
+        found = device_of(unwrapped)
         if found is not None:  # the SE blocks of the attentive distillation run on the model's features
             criterion.to(device=found[0], dtype=found[1] if found[1].is_floating_point else None)
         criterion.requires_grad_(False)  # the SE blocks only train once there is a teacher (step > 0)
@@ -347,7 +288,7 @@ class IncrementalLearner:
 
     def _new_fusion(self, model: IncrementalSegmenter) -> nn.Module:
         fusion = self._method.new_fusion(model)
-        found = _device_of(model)
+        found = device_of(model)
         if found is not None:
             fusion.to(device=found[0], dtype=found[1])
         if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
@@ -377,7 +318,7 @@ class IncrementalLearner:
         """
         if self._step < 0:
             raise RuntimeError("call begin_step() before calibrate()")
-        found = _device_of(self.model)
+        found = device_of(self.model)
         device = found[0] if found is not None else None
         self._method.calibrate(self, ((batch[0].to(device), batch[1].to(device)) for batch in batches))
 
@@ -396,7 +337,7 @@ class IncrementalLearner:
         teacher = self._teacher
         if teacher is None:
             return None
-        found = _device_of(teacher)
+        found = device_of(teacher)
         if found is not None and isinstance(images, Tensor) and found[0] != images.device:
             teacher.to(images.device)
         with torch.no_grad():
@@ -442,7 +383,7 @@ class IncrementalLearner:
             )
         check_feature_map(images, "images")
         others = [self.criterion] + ([self._teacher] if self._teacher is not None else [])
-        images = _images_for(self.model, images, *others)
+        images = images_for(self.model, images, *others)
         teacher_out = self.teacher_forward(images) if self._needs_teacher() else None
         try:
             out: LossOutput = module(images, labels, teacher_out)
@@ -504,9 +445,9 @@ class IncrementalLearner:
             >>> [g["name"] for g in learner.param_groups(0.01)]
             ['backbone', 'head']
         """
-        lr = _check_positive(lr, "lr")
-        weight_decay = _check_positive(weight_decay, "weight_decay", allow_zero=True)
-        head = lr if head_lr is None else _check_positive(head_lr, "head_lr")
+        lr = check_number(lr, "lr")
+        weight_decay = check_number(weight_decay, "weight_decay", allow_zero=True)
+        head = lr if head_lr is None else check_number(head_lr, "head_lr")
         fusion = self._method.fusion_group
         groups: dict[str, list[nn.Parameter]] = {name: [] for name in ("backbone", "head", fusion, "criterion")}
         for name, param in self._module.named_parameters():  # named_parameters yields shared ones once
@@ -554,7 +495,7 @@ class IncrementalLearner:
         """
         check_feature_map(images, "images")
         model = self.model
-        images = _images_for(model, images, *([self._teacher] if self._teacher is not None else []))
+        images = images_for(model, images, *([self._teacher] if self._teacher is not None else []))
         modes = [(m, m.training) for m in model.modules()]
         try:
             model.eval()
@@ -775,7 +716,7 @@ class IncrementalLearner:
                     raise CheckpointError(str(exc)) from exc
 
         # Build and fill copies: any mismatch surfaces here, before the learner changes.
-        with _rng_preserved(self.model):
+        with rng_preserved(self.model):
             student = self._build_structure(cps, has_fusion)
             load_into(student, state["model"], "model")
             teacher = None

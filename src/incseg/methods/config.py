@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from incseg._catalog import METHOD_DESCRIPTIONS
+from incseg._checks import check_number
 from incseg.functional._common import ClassReduction
 from incseg.losses.caf import ADMode, CEMode, KDMode
 from incseg.methods.registry import PresetView, get_family
@@ -205,12 +206,7 @@ class MethodConfig:
         if inner is not None and (isinstance(inner, bool) or not isinstance(inner, int) or inner < 1):
             raise ValueError(f"caf_inner_channels must be None or a positive int, got {inner!r}")
         for field_name in ("lambda_d", "lambda_ad"):
-            value = getattr(self, field_name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{field_name} must be a float, got {type(value).__name__}")
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{field_name} must be a finite number >= 0, got {value}")
-            object.__setattr__(self, field_name, float(value))
+            object.__setattr__(self, field_name, check_number(getattr(self, field_name), field_name, allow_zero=True))
         for field_name in ("ad_balance", "gamma_max"):
             value = getattr(self, field_name)
             if value is None:
