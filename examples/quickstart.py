@@ -4,6 +4,7 @@ Runs a short CAF training over the two steps of synthetic 15-5 (disjoint) in a p
 mIoU on old and new classes after each step. A couple of minutes on a laptop CPU:
 
     python examples/quickstart.py --epochs 2
+    python examples/quickstart.py --method plop   # any name of incseg.methods.METHODS
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ def main() -> None:
     learner = IncrementalLearner(small_segmenter(scenario.num_classes_at(0)), scenario, args.method)
 
     for step in range(scenario.num_steps):
-        learner.begin_step(step)  # grows the head, snapshots the frozen teacher, inserts CAF at step 1
-        lr = 0.05 if step == 0 else 0.005
-        optimizer = torch.optim.SGD(learner.param_groups(lr), lr=lr, momentum=0.9)
         train_set = IncrementalSegmentation(
             train_src, scenario, step, train=True, transform=TrainTransform(crop_size=64, scale=(0.75, 1.25))
         )
+        # grows the head, snapshots the frozen teacher, inserts CAF at step 1; a method that looks at the step's
+        # data first (PLOP's pseudo-label thresholds) does it on `data`
+        learner.begin_step(step, data=DataLoader(train_set, batch_size=32))
+        lr = 0.05 if step == 0 else 0.005
+        optimizer = torch.optim.SGD(learner.param_groups(lr), lr=lr, momentum=0.9)
         for epoch in range(args.epochs):
             for images, labels in DataLoader(train_set, batch_size=16, shuffle=True, drop_last=True):
                 out = learner.training_step(images, labels)  # loss and its named terms

@@ -24,6 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, help="local deeplabv3_resnet50 state dict (21 VOC classes)")
     parser.add_argument("--size", type=int, default=96, help="side of the random test images")
+    parser.add_argument("--method", default="caf", help="any name of incseg.methods.METHODS")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -42,20 +43,22 @@ def main() -> None:
     tv_model.classifier[-1] = head
 
     model = from_torchvision_deeplabv3(tv_model)
-    learner = IncrementalLearner(model, scenario, "caf")
+    learner = IncrementalLearner(model, scenario, args.method)
     learner.begin_step(0)
     learner.end_step()  # pretend step 0 was trained (or load a checkpoint with learner.load)
-    learner.begin_step(1)  # teacher snapshot, 5 new classes, CAF between encoder and ASPP
-    optimizer = torch.optim.SGD(learner.param_groups(1e-3), lr=1e-3, momentum=0.9)
 
     images = torch.randn(2, 3, args.size, args.size)
     labels = torch.randint(16, 21, (2, args.size, args.size))
     labels[:, : args.size // 2] = 0
+    # teacher snapshot, 5 new classes, CAF between encoder and ASPP; `data`: the step's training batches, for a
+    # method that calibrates on them first (PLOP)
+    learner.begin_step(1, data=[(images, labels)])
+    optimizer = torch.optim.SGD(learner.param_groups(1e-3), lr=1e-3, momentum=0.9)
     out = learner.training_step(images, labels)
     optimizer.zero_grad()
     out.loss.backward()
     optimizer.step()
-    print("one CAF step:", {k: round(float(v), 4) for k, v in out.terms.items()})
+    print(f"one {args.method} step:", {k: round(float(v), 4) for k, v in out.terms.items()})
     print("prediction shape:", tuple(learner.predict(images).shape))
 
 

@@ -9,6 +9,7 @@ and are opt-out on the hot path.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Any, Literal, overload
@@ -21,9 +22,11 @@ __all__ = [
     "NonFiniteError",
     "check_feature_map",
     "check_finite",
+    "check_int",
     "check_labels",
     "check_logits",
     "check_num_old_classes",
+    "check_number",
     "check_same_shape",
     "load_json_object",
     "set_validate_values",
@@ -38,6 +41,45 @@ class InputTypeError(TypeError, ValueError):
 
 
 _VALIDATE_VALUES: bool | None = None
+
+
+def check_number(value: object, name: str, *, allow_zero: bool = False) -> float:
+    """``float(value)`` if it is a finite number ``> 0`` (``>= 0`` with ``allow_zero``; ``bool`` is not a number).
+
+    Raises:
+        TypeError: not an int or a float.
+        ValueError: non-finite or out of range.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return float(value)
+
+
+def check_int(value: object, name: str, *, minimum: int = 1) -> int:
+    """``value`` if it is an ``int >= minimum`` (``bool`` is not an int here).
+
+    Raises:
+        InputTypeError: not an int.
+        ValueError: smaller than ``minimum``.
+
+    Example:
+        >>> check_int(3, "channels")
+        3
+        >>> check_int(0, "budget", minimum=0)
+        0
+        >>> check_int(2.5, "channels")
+        Traceback (most recent call last):
+        ...
+        incseg._checks.InputTypeError: channels must be an int >= 1, got 2.5
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputTypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
 
 
 def set_validate_values(enabled: bool | None) -> None:

@@ -112,7 +112,7 @@ def _guess_model(weights: dict[str, Any]) -> str:
 
 def _settings(args: argparse.Namespace, run_dir: Path | None, model_weights: dict[str, Any]) -> argparse.Namespace:
     """The dataset and network settings: the eval flags, else the run's ``config.json``, else defaults."""
-    from incseg.cli import DATASET_DEFAULTS
+    from incseg._cli_shared import DATASET_DEFAULTS
 
     saved: dict[str, Any] = {}
     train: dict[str, Any] = {}
@@ -222,7 +222,9 @@ def run_eval(args: argparse.Namespace) -> int:
         ValueError: a checkpoint of another dataset, a corrupt checkpoint (``CheckpointError``), bad settings.
     """
     from incseg import distributed as D
-    from incseg.cli import _build_model, _has_matplotlib, _sources
+    from incseg._cli_shared import build_model as _build_model
+    from incseg._cli_shared import has_matplotlib as _has_matplotlib
+    from incseg._cli_shared import sources as _sources
     from incseg.data import IncrementalSegmentation
     from incseg.engine import evaluate
     from incseg.learner import IncrementalLearner

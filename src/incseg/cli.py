@@ -19,6 +19,12 @@ from typing import TYPE_CHECKING, Any
 from incseg._catalog import DATASET_TASKS, METHOD_DESCRIPTIONS
 from incseg._cli_config import copy_config, expand_config
 from incseg._cli_eval import add_eval_parser, run_eval
+from incseg._cli_shared import DATASET_DEFAULTS
+from incseg._cli_shared import SYNTHETIC_IMAGES as _SYNTHETIC_IMAGES
+from incseg._cli_shared import build_model as _build_model
+from incseg._cli_shared import has_matplotlib as _has_matplotlib
+from incseg._cli_shared import sources as _sources
+from incseg._cli_shared import synthetic_sources as _synthetic_sources
 from incseg._version import __version__
 
 if TYPE_CHECKING:  # the command line imports torch only once a command runs, so --help is fast
@@ -26,48 +32,11 @@ if TYPE_CHECKING:  # the command line imports torch only once a command runs, so
     from incseg.engine import TrainConfig
     from incseg.learner import IncrementalLearner
     from incseg.metrics import IoUResult
-    from incseg.models import IncrementalSegmenter
     from incseg.scenarios import Scenario
 
 __all__ = ["main"]
 
 DEMO_METHODS = ("ft", "mib", "caf", "joint")
-
-# Settings of ``incseg train`` that depend on the dataset (the paper's for VOC / ADE20K, the demo's for the
-# synthetic benchmark); a flag left out takes the value of its dataset.
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "voc": {
-        "task": "15-5",
-        "model": "deeplabv3_resnet101",
-        "epochs": 30,
-        "epochs_next": None,
-        "batch_size": 24,
-        "lr": 1e-2,
-        "lr_next": 1e-3,
-        "crop_size": 512,
-    },
-    "ade20k": {
-        "task": "100-50",
-        "model": "deeplabv3_resnet101",
-        "epochs": 60,
-        "epochs_next": None,
-        "batch_size": 24,
-        "lr": 1e-2,
-        "lr_next": 1e-2,
-        "crop_size": 512,
-    },
-    "synthetic": {
-        "task": "15-5",
-        "model": "small",
-        "epochs": 30,
-        "epochs_next": 15,
-        "batch_size": 16,
-        "lr": 0.05,
-        "lr_next": 0.01,
-        "crop_size": 64,
-    },
-}
-_SYNTHETIC_IMAGES = {"train": 1200, "val": 300}
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -576,46 +545,6 @@ def _demo_picture(
     return save_grid(path, rows, scale=3, legend=legend(scenario.class_names_at(last)))
 
 
-def _build_model(args: argparse.Namespace, num_classes: int) -> IncrementalSegmenter:
-    from incseg.models import deeplabv3_resnet101, small_segmenter
-
-    if args.model == "small":
-        return small_segmenter(num_classes)
-    return deeplabv3_resnet101(num_classes, output_stride=args.output_stride, backbone_weights=args.backbone_weights)
-
-
-def _synthetic_sources(size: int, seed: int, train_images: int, val_images: int) -> tuple[Any, Any, Any, Any]:
-    """The synthetic benchmark of ``incseg demo``, ``train`` and ``eval``: ``size`` px images, trained on with a
-    mild scale jitter and evaluated as they are (``TestTransform(size=None)``: no resizing)."""
-    from incseg.data import SyntheticScenes, TestTransform, TrainTransform
-
-    train_src = SyntheticScenes("train", num_images=train_images, size=size, seed=seed)
-    test_src = SyntheticScenes("val", num_images=val_images, size=size, seed=seed)
-    return train_src, test_src, TrainTransform(crop_size=size, scale=(0.75, 1.25), hflip=True), TestTransform(None)
-
-
-def _sources(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
-    """``(train source, test source, train transform, test transform)`` of ``args.dataset``.
-
-    VOC and ADE20K are evaluated as in MiB and the paper (short side resized to ``--crop-size``, centre crop);
-    the synthetic images at their own size (``--crop-size`` is their side).
-    """
-    from incseg.data import ADE20K, PascalVOC, TestTransform, TrainTransform
-
-    if args.dataset == "synthetic":
-        return _synthetic_sources(args.crop_size, args.seed, _SYNTHETIC_IMAGES["train"], _SYNTHETIC_IMAGES["val"])
-    train_src: Any
-    test_src: Any
-    if args.root is None:
-        raise ValueError(f"--root is required for --dataset {args.dataset} (the folder that holds the dataset)")
-    if args.dataset == "voc":
-        train_src, test_src = PascalVOC(args.root, "train"), PascalVOC(args.root, "val")
-    else:
-        train_src, test_src = ADE20K(args.root, "training"), ADE20K(args.root, "validation")
-    train_tf = TrainTransform(crop_size=args.crop_size, scale=(0.5, 2.0), hflip=True)
-    return train_src, test_src, train_tf, TestTransform(size=args.crop_size)
-
-
 def _default_out(args: argparse.Namespace) -> Path:
     return Path("runs") / f"{args.dataset}-{args.task}-{args.mode}-{args.method}"
 
@@ -797,12 +726,6 @@ def _has_tensorboard() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("tensorboard") is not None
-
-
-def _has_matplotlib() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("matplotlib") is not None
 
 
 def run_plot(args: argparse.Namespace) -> int:

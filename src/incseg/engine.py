@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import time
 import warnings
@@ -42,6 +41,7 @@ from incseg.losses import LossOutput
 from incseg.methods.replay import ReplayMemory
 from incseg.metrics import IoUResult, MeanIoU, StepHistory
 from incseg.nn import FusionStrategy
+from incseg.run_logs import MetricsLog, TensorBoardLog
 
 __all__ = [
     "NON_RESULT_FIELDS",
@@ -53,6 +53,7 @@ __all__ = [
     "config_differences",
     "evaluate",
     "format_differences",
+    "train_one_epoch",
     "train_scenario",
 ]
 
@@ -407,6 +408,123 @@ def _guard_terms(out: LossOutput | None) -> dict[str, torch.Tensor]:
     return {"loss": out.loss, **{k: v for k, v in out.terms.items() if k != "total"}}
 
 
+def train_one_epoch(
+    learner: IncrementalLearner,
+    train_set: Dataset[Any],
+    config: TrainConfig,
+    *,
+    step: int,
+    epoch: int,
+    epochs: int,
+    iters_per_epoch: int,
+    device: torch.device,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    guard: DivergenceGuard,
+    log: Callable[[str], None],
+    on_iteration: Callable[[dict[str, Any]], None] | None = None,
+    stats: dict[str, torch.Tensor] | None = None,
+) -> int:
+    """One epoch of step ``step``: ``iters_per_epoch`` batches of ``train_set`` in the order of ``(seed, step,
+    epoch)``, each a :meth:`~incseg.learner.IncrementalLearner.training_step` through ``module`` (the training
+    module or its DDP wrapper), one guard check (one host synchronisation), the optimizer and scheduler steps.
+
+    A non-finite loss stops the run (``config.nan_policy == "stop"``) or drops the batch (``"skip"``); non-finite
+    weights and exploding terms always stop it (:class:`~incseg.learner.DivergenceError`).
+    ``on_iteration`` gets every update's record (see :func:`train_scenario`). ``stats``, if given, accumulates
+    the sum of every ``LossOutput.stats`` entry over the updates (on the device, no host synchronisation).
+
+    Returns:
+        The number of updates (batches not skipped).
+    """
+    main = D.is_main_process()
+    guarded = learner.guarded_tensors()
+    hints = learner.divergence_hints()
+    buffers = [b for b in learner.module.buffers() if b.is_floating_point() or b.dtype == torch.long]
+    updates = 0
+    torch.manual_seed(_seed_for(config.seed, step, epoch))
+    # A new image order every epoch: single-process from the seed of (seed, step, epoch), DDP from the
+    # sampler's set_epoch; both depend on nothing else, so a resumed run draws the same orders.
+    distributed = D.is_distributed()
+    loader = _loader(
+        train_set,
+        config.batch_size,
+        shuffle=True,
+        seed=_seed_for(config.seed, step) if distributed else _seed_for(config.seed, step, epoch) + _ORDER_SALT,
+        num_workers=config.num_workers,
+        drop_last=True,
+    )
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    learner.module.train()
+    bar = Progress(
+        itertools.islice(loader, iters_per_epoch),  # loads exactly the batches it trains on
+        total=iters_per_epoch,
+        desc=f"step {step} epoch {epoch + 1}/{epochs}",
+        enabled=config.progress and main,
+        remaining_after=(epochs - epoch - 1) * iters_per_epoch,
+    )
+    running = 0.0
+    images: torch.Tensor
+    labels: torch.Tensor
+    for i, (images, labels) in enumerate(bar):
+        it = epoch * iters_per_epoch + i
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        out, refused = None, ""
+        # A batch to skip must leave no trace: its forward pass updates the batch-norm statistics.
+        statistics = [b.clone() for b in buffers] if config.nan_policy == "skip" else []
+        try:
+            with autocast_context(device, config.amp):
+                out = learner.training_step(images, labels, module=module, guard=False)
+        except NonFiniteError as err:  # the loss refused non-finite logits (value checks on)
+            refused = str(err)
+        # One host sync: every term, the loss and the largest weight of every process (the weights after
+        # the previous optimizer step). Non-finite weights and exploding terms always stop the run.
+        report = guard.check(
+            _guard_terms(out),
+            tensors=guarded,
+            where=f"step {step}, epoch {epoch}, batch {i}",
+            hints=hints,
+            reduce=True,
+            skip_nonfinite=True,
+            inputs={"images": images},
+        )
+        value = report.values.get("loss", math.nan)
+        if not report.finite:
+            msg = report.message + (f" ({refused})" if refused else "")
+            if config.nan_policy == "stop":
+                raise NonFiniteLossError(msg + " (use nan_policy='skip' to drop such batches)")
+            log(msg + " -> batch skipped")
+            with torch.no_grad():
+                for buffer, saved_value in zip(buffers, statistics):
+                    buffer.copy_(saved_value)
+            optimizer.zero_grad(set_to_none=True)
+            _step_scheduler(scheduler)
+            continue
+        assert out is not None  # a finite loss was computed
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(out.loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        updates += 1
+        running = value if i == 0 else 0.9 * running + 0.1 * value
+        if stats is not None:
+            for key, stat in out.stats.items():
+                stats[key] = stats[key] + stat.detach().float() if key in stats else stat.detach().float()
+        if on_iteration is not None:
+            logged = {**out.terms, **out.stats}
+            names = list(logged)
+            values = torch.stack([logged[k].detach().float() for k in names]).tolist() if names else []
+            record = {"step": step, "epoch": epoch, "iteration": it, "lr": optimizer.param_groups[0]["lr"]}
+            on_iteration({**record, "loss": value, **dict(zip(names, values))})
+        _step_scheduler(scheduler)
+        bar.set_postfix(f"loss={running:.4f}")
+    return updates
+
+
 def train_scenario(
     learner: IncrementalLearner,
     datasets: DatasetFactory,
@@ -556,89 +674,27 @@ def train_scenario(
         t0 = time.monotonic()
         guard = learner.guard if learner.guard is not None else DivergenceGuard(check_weights=False)
         guard.reset()
-        guarded = learner.guarded_tensors()
-        hints = learner.divergence_hints()
         stat_sums: dict[str, torch.Tensor] = {}  # the loss's stats summed over the step (no host sync)
         stat_count = 0
-        buffers = [b for b in learner.module.buffers() if b.is_floating_point() or b.dtype == torch.long]
         for epoch in range(first_epoch, epochs):
-            torch.manual_seed(_seed_for(config.seed, step, epoch))
-            # A new image order every epoch: single-process from the seed of (seed, step, epoch), DDP from the
-            # sampler's set_epoch; both depend on nothing else, so a resumed run draws the same orders.
-            distributed = D.is_distributed()
-            loader = _loader(
+            stat_count += train_one_epoch(
+                learner,
                 train_set,
-                config.batch_size,
-                shuffle=True,
-                seed=_seed_for(config.seed, step) if distributed else _seed_for(config.seed, step, epoch) + _ORDER_SALT,
-                num_workers=config.num_workers,
-                drop_last=True,
+                config,
+                step=step,
+                epoch=epoch,
+                epochs=epochs,
+                iters_per_epoch=iters_per_epoch,
+                device=device,
+                module=module,
+                optimizer=optimizer,
+                scaler=scaler,
+                scheduler=scheduler,
+                guard=guard,
+                log=say,
+                on_iteration=on_iteration if main else None,
+                stats=stat_sums,
             )
-            if isinstance(loader.sampler, DistributedSampler):
-                loader.sampler.set_epoch(epoch)
-            learner.module.train()
-            bar = Progress(
-                itertools.islice(loader, iters_per_epoch),  # loads exactly the batches it trains on
-                total=iters_per_epoch,
-                desc=f"step {step} epoch {epoch + 1}/{epochs}",
-                enabled=config.progress and main,
-                remaining_after=(epochs - epoch - 1) * iters_per_epoch,
-            )
-            running = 0.0
-            images: torch.Tensor
-            labels: torch.Tensor
-            for i, (images, labels) in enumerate(bar):
-                it = epoch * iters_per_epoch + i
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                out, refused = None, ""
-                # A batch to skip must leave no trace: its forward pass updates the batch-norm statistics.
-                statistics = [b.clone() for b in buffers] if config.nan_policy == "skip" else []
-                try:
-                    with autocast_context(device, config.amp):
-                        out = learner.training_step(images, labels, module=module, guard=False)
-                except NonFiniteError as err:  # the loss refused non-finite logits (value checks on)
-                    refused = str(err)
-                # One host sync: every term, the loss and the largest weight of every process (the weights after
-                # the previous optimizer step). Non-finite weights and exploding terms always stop the run.
-                report = guard.check(
-                    _guard_terms(out),
-                    tensors=guarded,
-                    where=f"step {step}, epoch {epoch}, batch {i}",
-                    hints=hints,
-                    reduce=True,
-                    skip_nonfinite=True,
-                    inputs={"images": images},
-                )
-                value = report.values.get("loss", math.nan)
-                if not report.finite:
-                    msg = report.message + (f" ({refused})" if refused else "")
-                    if config.nan_policy == "stop":
-                        raise NonFiniteLossError(msg + " (use nan_policy='skip' to drop such batches)")
-                    say(msg + " -> batch skipped")
-                    with torch.no_grad():
-                        for buffer, saved_value in zip(buffers, statistics):
-                            buffer.copy_(saved_value)
-                    optimizer.zero_grad(set_to_none=True)
-                    _step_scheduler(scheduler)
-                    continue
-                assert out is not None  # a finite loss was computed
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(out.loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                running = value if i == 0 else 0.9 * running + 0.1 * value
-                for key, stat in out.stats.items():
-                    stat_sums[key] = stat_sums.get(key, 0.0) + stat.detach().float()
-                stat_count += 1
-                if on_iteration is not None and main:
-                    logged = {**out.terms, **out.stats}
-                    names = list(logged)
-                    values = torch.stack([logged[k].detach().float() for k in names]).tolist() if names else []
-                    record = {"step": step, "epoch": epoch, "iteration": it, "lr": optimizer.param_groups[0]["lr"]}
-                    on_iteration({**record, "loss": value, **dict(zip(names, values))})
-                _step_scheduler(scheduler)
-                bar.set_postfix(f"loss={running:.4f}")
             if last_path is not None:
                 _save(
                     learner,
@@ -690,110 +746,6 @@ def train_scenario(
             _save(learner, last_path, None, scaler, history, config, epoch=epochs, finished=True, memory=memory)
         resume_state = None
     return history
-
-
-class MetricsLog:
-    """Appends one JSON line per training iteration to a file (``metrics.jsonl`` of ``incseg train``).
-
-    Every line is flushed at once, so the curve survives a crash. A resumed run repeats the iterations after
-    its last checkpoint: the first record written drops every line of the file at or after its
-    ``(step, iteration)``, so the file never holds an iteration twice.
-
-    Args:
-        path: the file (created with its folder; an existing one is continued).
-
-    Example:
-        >>> import json, tempfile
-        >>> path = tempfile.mkdtemp() + "/metrics.jsonl"
-        >>> log = MetricsLog(path)
-        >>> log({"step": 0, "epoch": 0, "iteration": 0, "lr": 0.01, "loss": 2.5})
-        >>> log.close()
-        >>> [json.loads(line)["loss"] for line in open(path)]
-        [2.5]
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._file: Any = None
-
-    def __call__(self, record: dict[str, Any]) -> None:
-        if self._file is None:
-            self._open_at((int(record["step"]), int(record["iteration"])))
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-
-    def _open_at(self, key: tuple[int, int]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept: list[str] = []
-        if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    old = json.loads(line)
-                    if (int(old["step"]), int(old["iteration"])) < key:
-                        kept.append(line)
-                except (ValueError, KeyError, TypeError):
-                    continue  # a line cut by a crash
-        self._file = open(self.path, "w", encoding="utf-8")  # kept open across iterations
-        self._file.write("".join(line + "\n" for line in kept))
-
-    def close(self) -> None:
-        """Close the file (a later record reopens it)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-class TensorBoardLog:
-    """TensorBoard scalars of a run (``incseg train --tensorboard``): loss terms and learning rate per iteration,
-    mIoU per step.
-
-    Call it with every iteration's record (``train_scenario(..., on_iteration=log)``, like :class:`MetricsLog`) and
-    give :meth:`step_end` as ``on_step_end``. Tags: ``train/step{t}/<name>`` over the iterations of step ``t``
-    for ``lr``, ``loss`` and every loss term (the iteration counts from 0 in every step, as in ``metrics.jsonl``);
-    ``eval/mIoU_old``, ``eval/mIoU_new``, ``eval/mIoU_all``, ``eval/mIoU_old_bg``, ``eval/mIoU_all_bg`` and
-    ``eval/hIoU`` (in %, old = the classes of step 0) over the steps. Undefined values (``new`` at step 0) are
-    left out. A resumed run writes a new event file in the same folder; TensorBoard reads them together.
-
-    Needs the ``tensorboard`` package (``pip install 'incseg[tensorboard]'``), imported when the log is created.
-
-    Args:
-        log_dir: the folder of the event files (created).
-
-    Raises:
-        ImportError: ``tensorboard`` is not installed (the message says which extra installs it).
-
-    Example:
-        >>> # log = TensorBoardLog("runs/demo/tensorboard")
-        >>> # train_scenario(learner, datasets, config, device=device, on_iteration=log, on_step_end=log.step_end)
-        >>> # log.close()
-    """
-
-    def __init__(self, log_dir: str | Path) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as err:
-            raise ImportError("TensorBoard logging needs tensorboard: pip install 'incseg[tensorboard]'") from err
-        self.log_dir = Path(log_dir)
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
-
-    def __call__(self, record: dict[str, Any]) -> None:
-        step, iteration = int(record["step"]), int(record["iteration"])
-        for key, value in record.items():
-            if key not in ("step", "epoch", "iteration"):
-                self.writer.add_scalar(f"train/step{step}/{key}", float(value), iteration)
-
-    def step_end(self, step: int, result: IoUResult) -> None:
-        """Write the mIoU of the step's evaluation and flush."""
-        values = {f"mIoU_{k}": v for k, v in result.groups.items()}
-        values["hIoU"] = result.hmean
-        for key, value in values.items():
-            if not math.isnan(value):
-                self.writer.add_scalar(f"eval/{key}", 100 * value, step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        """Flush and close the event file."""
-        self.writer.close()
 
 
 def _check_resume(

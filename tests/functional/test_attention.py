@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from incseg.functional import attentive_distillation_loss, pixel_weights, spatial_attention
 from incseg.nn.squeeze_excitation import SqueezeExcitation
 
-ATTENTIONS = ["both", "spatial", "channel", "none"]
+ATTENTIONS = ["both", "spatial", "channel", "plain"]
 
 
 def _spatial_ref(m: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,7 @@ def _channel_ref(se: SqueezeExcitation, m: torch.Tensor) -> torch.Tensor:
 def _ad_ref(m: torch.Tensor, se: SqueezeExcitation, attention: str) -> torch.Tensor:
     """AD(m) of eq. 7 and its ablations."""
     m = m.double()
-    if attention == "none":
+    if attention == "plain":
         return m
     if attention == "spatial":
         return (_spatial_ref(m) + 1) * m
@@ -101,7 +101,7 @@ def test_loss_matches_reference(attention: str) -> None:
 
 def test_plain_feature_distillation_is_mse() -> None:
     m, m_old = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
-    torch.testing.assert_close(attentive_distillation_loss(m, m_old, None, attention="none"), F.mse_loss(m, m_old))
+    torch.testing.assert_close(attentive_distillation_loss(m, m_old, None, attention="plain"), F.mse_loss(m, m_old))
 
 
 @pytest.mark.parametrize("attention", ATTENTIONS)

@@ -14,23 +14,33 @@ from torch.nn.parallel import DistributedDataParallel
 
 from incseg.learner import IncrementalLearner, TrainingModule
 from incseg.losses import CAFLoss
+from incseg.methods import METHODS, CAFMethod
 from incseg.models import small_segmenter
+from incseg.scenarios import Scenario
 
 MakeLearner = Callable[..., IncrementalLearner]
 
 
+def _caf_method(model: torch.nn.Module) -> CAFMethod:
+    return CAFMethod(METHODS["caf"], model, Scenario([[1, 2], [3]]))  # type: ignore[arg-type]
+
+
 def test_step0_needs_no_teacher(images: Tensor) -> None:
-    module = TrainingModule(small_segmenter(3, width=8), CAFLoss(32, 16))
+    model = small_segmenter(3, width=8)
+    module = TrainingModule(model, CAFLoss(32, 16), _caf_method(model))
     out = module(images, torch.randint(0, 3, (2, 32, 32)))
     assert set(out.terms) == {"seg", "total"}
     assert "num_old_classes=0" in repr(module)
 
 
 def test_constructor_types() -> None:
+    model = small_segmenter(3, width=8)
     with pytest.raises(TypeError, match="IncrementalSegmenter"):
-        TrainingModule(torch.nn.Conv2d(3, 3, 1), CAFLoss(32, 16))  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="CAFLoss"):
-        TrainingModule(small_segmenter(3, width=8), torch.nn.CrossEntropyLoss())  # type: ignore[arg-type]
+        TrainingModule(torch.nn.Conv2d(3, 3, 1), CAFLoss(32, 16), _caf_method(model))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Method"):
+        TrainingModule(model, CAFLoss(32, 16), CAFLoss(32, 16))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        TrainingModule(model, lambda *a: None, _caf_method(model))  # type: ignore[arg-type]
 
 
 def test_teacher_out_is_required_and_checked(make_learner: MakeLearner, images: Tensor) -> None:

@@ -8,7 +8,7 @@ import torch
 from incseg.functional import attentive_distillation_loss
 from incseg.losses import AttentiveDistillationLoss
 
-ATTENTIONS = ["both", "spatial", "channel", "none"]
+ATTENTIONS = ["both", "spatial", "channel", "plain"]
 
 
 @pytest.mark.parametrize("attention", ATTENTIONS)

@@ -306,7 +306,7 @@ def test_bad_inputs_raise(kwargs: dict, error: type[Exception], match: str) -> N
     [
         ({"ce": "focal"}, "ce"),
         ({"kd": "mse"}, "kd"),
-        ({"ad": "none"}, "ad"),
+        ({"ad": "none"}, "ad"),  # spelled "plain", as everywhere
         ({"class_reduction": "none"}, "class_reduction"),
         ({"lambda_d": -1.0}, "lambda_d"),
         ({"lambda_ad": float("nan")}, "lambda_ad"),

@@ -4,7 +4,9 @@ distillation, and the method through the learner (calibration, checkpoints, conf
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -173,6 +175,29 @@ def _batches(scenario: Scenario, step: int) -> list[tuple[Tensor, Tensor]]:
     return [(images, labels)]
 
 
+def test_begin_step_calibrates_on_the_data_it_is_given() -> None:
+    scenario = Scenario([[1, 2], [3]])
+    plop = IncrementalLearner(small_segmenter(3, width=8), scenario, "plop")
+    plop.begin_step(0, data=iter(()))  # nothing to calibrate at step 0: the data is not read
+    plop.end_step()
+    plop.begin_step(1, data=_batches(scenario, 1))
+    criterion = plop.criterion
+    assert isinstance(criterion, PLOPLoss) and int(criterion.calibrated_for) == 3 and not plop.needs_calibration
+    reference = IncrementalLearner(small_segmenter(3, width=8), scenario, "plop")
+    reference.load_state_dict(plop.state_dict())
+    reference.criterion.calibrated_for.fill_(-1)
+    reference.calibrate(_batches(scenario, 1))  # the same as calibrating after begin_step
+    assert torch.equal(reference.criterion.thresholds, criterion.thresholds)
+
+    caf = IncrementalLearner(small_segmenter(3, width=8), scenario, "caf")
+
+    def unread() -> Iterator[Any]:
+        raise AssertionError("a method without calibration read the data")
+        yield
+
+    caf.begin_step(0, data=unread())
+
+
 def test_plop_trains_through_the_learner_and_checkpoints(tmp_path: Path) -> None:
     torch.manual_seed(0)
     scenario = Scenario([[1, 2], [3], [4]])
@@ -272,8 +297,14 @@ def test_plop_configuration() -> None:
         MethodConfig.preset("plop", pod_factor=-1.0)
     with pytest.raises(TypeError, match="pseudo_bins must be a int"):
         MethodConfig.preset("plop", pseudo_bins=2.5)
-    with pytest.raises(ValueError, match="no kd, ad or CAF"):
+    with pytest.raises(ValueError, match=r"\['kd'\] are not settings of method family 'plop'.*pod_factor"):
         MethodConfig.preset("plop", kd="unbiased")
+    for foreign in ({"lambda_ad": 100.0}, {"test_strategy": "concat"}, {"ad_balance": None}):
+        with pytest.raises(ValueError, match=r"not settings of method family 'plop'; its settings: name, family"):
+            MethodConfig.preset("plop", **foreign)
+    with pytest.raises(ValueError, match=r"lambda_ad=5\.0 is not a setting of method family 'plop'"):
+        MethodConfig.from_dict({**cfg.to_dict(), "lambda_ad": 5.0})
+    assert MethodConfig(name="p", family="plop").to_dict() == {**cfg.to_dict(), "name": "p", "dropout": "frozen"}
     with pytest.raises(ValueError, match="unknown method configuration fields"):
         MethodConfig.preset("mib", pod_factor=1.0)  # an option of another family
     assert MethodConfig.preset("plop").uses_teacher and not MethodConfig.preset("ft").uses_teacher

@@ -153,7 +153,7 @@ def test_constructor_errors(args: tuple[object, object], error: type[Exception],
 
 def test_add_classes_and_forward_errors() -> None:
     clf = IncrementalClassifier(4, [2])
-    with pytest.raises(ValueError, match="n must be >= 1"):
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
         clf.add_classes(0)
     with pytest.raises(TypeError, match="n must be an int"):
         clf.add_classes(1.5)  # type: ignore[arg-type]

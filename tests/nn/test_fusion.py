@@ -92,5 +92,5 @@ def test_rejects_bad_input() -> None:
         fusion(torch.randn(2, 4, 7, 5), torch.randn(2, 3, 7, 5))
     with pytest.raises(TypeError, match="v_old"):
         fusion(torch.ones(2, 4, 7, 5, dtype=torch.long), torch.randn(2, 4, 7, 5))
-    with pytest.raises(ValueError, match="positive int"):
+    with pytest.raises(ValueError, match="must be an int >= 1"):
         FeatureFusion(0)

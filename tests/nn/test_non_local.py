@@ -287,7 +287,7 @@ def test_rejects_bad_input() -> None:
 
 @pytest.mark.parametrize("kwargs", [{"in_channels": 0}, {"in_channels": 2.5}, {"in_channels": 8, "inner_channels": 0}])
 def test_rejects_bad_arguments(kwargs: dict[str, float]) -> None:
-    with pytest.raises(ValueError, match="positive int"):
+    with pytest.raises(ValueError, match="must be an int >= 1"):
         NonLocalProjection(**kwargs)  # type: ignore[arg-type]
 
 

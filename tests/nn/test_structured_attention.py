@@ -138,7 +138,7 @@ def test_torch_compile_smoke() -> None:
 def test_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match=r"gate must be one of \[None, 'sigmoid'\]"):
         StructuredAttention(8, gate="softmax")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="positive int"):
+    with pytest.raises(ValueError, match="must be an int >= 1"):
         StructuredAttention(-1)
     attention = StructuredAttention(8)
     with pytest.raises(ValueError, match="8 channels"):

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from incseg.scenarios import (
     ADE20K_CLASS_NAMES,
+    SYNTHETIC_CLASS_NAMES,
     VOC_CLASS_NAMES,
     Scenario,
     default_mode,
@@ -61,12 +62,12 @@ def test_class_names() -> None:
     assert get_scenario("synthetic", "15-5", class_names=names).class_names_at(0)[:2] == ("bg", "o1")
 
 
-def test_synthetic_names_come_from_the_source(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_synthetic_names_are_those_of_the_source(monkeypatch: pytest.MonkeyPatch) -> None:
     synthetic = pytest.importorskip("incseg.data.synthetic")
     assert get_scenario("synthetic", "offline").class_names == synthetic.SyntheticScenes.class_names
-    monkeypatch.setitem(sys.modules, "incseg.data.synthetic", None)  # as if the module were missing
+    monkeypatch.setitem(sys.modules, "incseg.data.synthetic", None)  # the registry does not need the module
     names = get_scenario("synthetic", "15-5").class_names
-    assert len(names) == 21 and names[0] == "background" and names[20] == "object20"
+    assert names == SYNTHETIC_CLASS_NAMES and names[1] == "red-disc" and names[20] == "white-hexagon"
 
 
 @pytest.mark.parametrize("dataset", ["voc", "ade20k", "synthetic"])

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from incseg.scenarios._names import SYNTHETIC_CLASS_NAMES
+
 __all__ = ["SyntheticScenes"]
 
 # Bump whenever the generator changes the pixels or labels it produces (part of the fingerprint).
@@ -73,38 +75,40 @@ _COLOUR_NAMES = tuple(_COLOURS)
 
 @dataclass(frozen=True)
 class _ClassSpec:
-    name: str
     shape: str
     colours: tuple[str, ...]  # base colours drawn uniformly; () = any colour of the palette
     texture: str  # "plain", "stripes", "dots", "checks"
     weight: float  # relative sampling frequency
 
 
-# Class ids 1..20, in this order. Weights are fixed (not seeded): the class distribution is part of the
+# Class ids 1..20, in the order of SYNTHETIC_CLASS_NAMES (incseg.scenarios, where the task registry reads them);
+# each row is commented with its name. Weights are fixed (not seeded): the class distribution is part of the
 # benchmark. Confusable pairs are spread over both sides of the 15|16 split of the VOC-style tasks.
 _CLASSES: tuple[_ClassSpec, ...] = (
-    _ClassSpec("red-disc", "disc", ("red",), "plain", 1.6),
-    _ClassSpec("orange-disc", "disc", ("orange",), "plain", 1.0),
-    _ClassSpec("blue-square", "square", ("blue",), "plain", 1.4),
-    _ClassSpec("purple-square", "square", ("purple",), "plain", 0.9),
-    _ClassSpec("green-triangle", "triangle", ("green",), "plain", 1.2),
-    _ClassSpec("yellow-triangle", "triangle", ("yellow",), "plain", 0.8),
-    _ClassSpec("pink-ring", "ring", ("pink",), "plain", 1.0),
-    _ClassSpec("cyan-ring", "ring", ("cyan",), "plain", 0.7),
-    _ClassSpec("white-cross", "cross", ("white",), "plain", 1.1),
-    _ClassSpec("magenta-cross", "cross", ("magenta",), "plain", 0.7),
-    _ClassSpec("blue-diamond", "diamond", ("blue",), "plain", 0.9),
-    _ClassSpec("lime-ellipse", "ellipse", ("lime",), "plain", 1.0),
-    _ClassSpec("striped-disc", "disc", ("red", "orange", "yellow", "pink", "white"), "stripes", 1.1),
-    _ClassSpec("striped-square", "square", ("blue", "cyan", "green", "yellow", "white"), "stripes", 1.1),
-    _ClassSpec("dotted-disc", "disc", (), "dots", 2.0),
-    _ClassSpec("dotted-triangle", "triangle", ("red", "blue", "green", "white", "magenta"), "dots", 0.8),
-    _ClassSpec("checkered-triangle", "triangle", (), "checks", 0.8),
-    _ClassSpec("purple-ring", "ring", ("purple",), "plain", 0.7),
-    _ClassSpec("yellow-star", "star", ("yellow",), "plain", 0.9),
-    _ClassSpec("white-hexagon", "hexagon", ("white",), "plain", 0.8),
+    _ClassSpec("disc", ("red",), "plain", 1.6),  # red-disc
+    _ClassSpec("disc", ("orange",), "plain", 1.0),  # orange-disc
+    _ClassSpec("square", ("blue",), "plain", 1.4),  # blue-square
+    _ClassSpec("square", ("purple",), "plain", 0.9),  # purple-square
+    _ClassSpec("triangle", ("green",), "plain", 1.2),  # green-triangle
+    _ClassSpec("triangle", ("yellow",), "plain", 0.8),  # yellow-triangle
+    _ClassSpec("ring", ("pink",), "plain", 1.0),  # pink-ring
+    _ClassSpec("ring", ("cyan",), "plain", 0.7),  # cyan-ring
+    _ClassSpec("cross", ("white",), "plain", 1.1),  # white-cross
+    _ClassSpec("cross", ("magenta",), "plain", 0.7),  # magenta-cross
+    _ClassSpec("diamond", ("blue",), "plain", 0.9),  # blue-diamond
+    _ClassSpec("ellipse", ("lime",), "plain", 1.0),  # lime-ellipse
+    _ClassSpec("disc", ("red", "orange", "yellow", "pink", "white"), "stripes", 1.1),  # striped-disc
+    _ClassSpec("square", ("blue", "cyan", "green", "yellow", "white"), "stripes", 1.1),  # striped-square
+    _ClassSpec("disc", (), "dots", 2.0),  # dotted-disc
+    _ClassSpec("triangle", ("red", "blue", "green", "white", "magenta"), "dots", 0.8),  # dotted-triangle
+    _ClassSpec("triangle", (), "checks", 0.8),  # checkered-triangle
+    _ClassSpec("ring", ("purple",), "plain", 0.7),  # purple-ring
+    _ClassSpec("star", ("yellow",), "plain", 0.9),  # yellow-star
+    _ClassSpec("hexagon", ("white",), "plain", 0.8),  # white-hexagon
 )
-_CLASS_NAMES: tuple[str, ...] = ("background", *(c.name for c in _CLASSES))
+assert len(_CLASSES) == len(SYNTHETIC_CLASS_NAMES) - 1, "one row per class name"
+
+_CLASS_NAMES: tuple[str, ...] = SYNTHETIC_CLASS_NAMES
 _CLASS_PROBS = np.array([c.weight for c in _CLASSES], dtype=np.float64) / sum(c.weight for c in _CLASSES)
 # Plain (shape, colour) pairs that are classes: distractors must avoid them.
 _PLAIN_CLASS_PAIRS = frozenset((c.shape, c.colours[0]) for c in _CLASSES if c.texture == "plain")

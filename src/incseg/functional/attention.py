@@ -15,8 +15,8 @@ from incseg.functional._common import Reduction, check_choice, upcast
 
 __all__ = ["Attention", "attentive_distillation_loss", "pixel_weights", "spatial_attention"]
 
-Attention = Literal["both", "spatial", "channel", "none"]
-_ATTENTIONS = ("both", "spatial", "channel", "none")
+Attention = Literal["both", "spatial", "channel", "plain"]
+_ATTENTIONS = ("both", "spatial", "channel", "plain")
 
 # Floor of the Frobenius norm in eq. 6. Since every entry of sum_c m_c^2 is at most its norm, the map stays in
 # [0, 1] whether or not the floor binds (it only binds for an all-but-zero feature map).
@@ -78,7 +78,7 @@ def _channel_attention(se: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
 
 def _attend(x: Tensor, se: Callable[[Tensor], Tensor] | None, attention: str) -> Tensor:
     """``AD(m)`` of eq. 7 (or its ablations): the features reweighted by ``1 + attention``."""
-    if attention == "none":
+    if attention == "plain":
         return x
     if attention == "spatial":
         return (1.0 + _spatial_attention(x)) * x
@@ -106,7 +106,7 @@ def attentive_distillation_loss(
     (eq. 6); the loss is ``||AD(m) - AD(m_old)||^2``. The same ``se`` weights the student and the teacher
     features. The teacher side is a fixed target: ``m_old`` is detached and ``AD(m_old)`` is computed without
     gradient, so ``se`` learns from the student side only. Ablations (Table VI): ``attention="spatial"`` uses
-    ``(AD_SP + 1) ⊙ m``, ``"channel"`` uses ``(AD_CH + 1) ⊙ m``, ``"none"`` is plain feature distillation
+    ``(AD_SP + 1) ⊙ m``, ``"channel"`` uses ``(AD_CH + 1) ⊙ m``, ``"plain"`` is plain feature distillation
     ``||m - m_old||^2``. Computed in float32 for half/bfloat16 features.
 
     ``weight`` weights the squared differences per position, ``sum_{b,c,p} w_{b,p} (AD(m) - AD(m_old))^2``
@@ -119,7 +119,7 @@ def attentive_distillation_loss(
         m_old: teacher feature map of the same shape.
         se: channel attention module returning ``(B, C, 1, 1)`` weights; required for ``"both"`` and
             ``"channel"``, unused (may be ``None``) otherwise.
-        attention: ``"both"`` (eq. 7), ``"spatial"``, ``"channel"`` or ``"none"``.
+        attention: ``"both"`` (eq. 7), ``"spatial"``, ``"channel"`` or ``"plain"``.
         reduction: ``"mean"`` over all elements (PROTOCOL default, as the public release's MSE), ``"sum"`` (the
             squared Frobenius norm of eq. 8), or ``"none"`` (element-wise squared differences).
         weight: optional non-negative weights of the positions (``None``: every position counts 1).
@@ -162,9 +162,9 @@ def attentive_distillation_loss(
             raise ValueError(f"weight must have shape (B, 1, H, W) = {expected}, got {tuple(weight.shape)}")
         w = weight.detach().to(x.dtype)
     if reduction != "none" and x.numel() > 0:
-        if attention == "none" and w is None:
+        if attention == "plain" and w is None:
             return F.mse_loss(x, x_old, reduction=reduction)
-        if attention != "none":
+        if attention != "plain":
             return _fused_loss(x, x_old, se, attention, reduction, w)
     with torch.no_grad():
         target = _attend(x_old, se, attention)

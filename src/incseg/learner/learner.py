@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, get_args
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from incseg._checks import NonFiniteError, check_feature_map
+from incseg._checks import NonFiniteError, check_feature_map, check_number
 from incseg._version import __version__
 from incseg._wrappers import unwrap_module
+from incseg.learner._devices import device_of, images_for, rng_preserved
 from incseg.learner._freeze import freeze
 from incseg.learner.checkpoint import (
     CHECKSUM_KEY,
@@ -32,86 +32,14 @@ from incseg.learner.checkpoint import (
     read_checkpoint,
     scenario_from,
 )
-from incseg.learner.config import MethodConfig, TestStrategy
 from incseg.learner.guard import DivergenceGuard, check_finite_tensors
 from incseg.learner.module import TrainingModule
 from incseg.losses import LossOutput
-from incseg.methods.base import Method
-from incseg.methods.registry import get_family
+from incseg.methods import Method, MethodConfig, get_family
 from incseg.models import IncrementalSegmenter
-from incseg.nn.caf import ContinualAttentiveFusion
 from incseg.scenarios import Scenario
 
 __all__ = ["IncrementalLearner", "unwrap_module"]
-
-_STRATEGIES = get_args(TestStrategy)
-_GROUPS = ("backbone", "head", "caf", "criterion")
-
-
-def _cafs(model: nn.Module) -> list[ContinualAttentiveFusion]:
-    """The CAF modules of a segmenter's fusion: the fusion itself, or the values of its ``nn.ModuleDict``."""
-    fusion = getattr(model, "fusion", None)
-    modules = fusion.values() if isinstance(fusion, nn.ModuleDict) else [fusion]
-    return [m for m in modules if isinstance(m, ContinualAttentiveFusion)]
-
-
-def _device_of(module: nn.Module) -> tuple[torch.device, torch.dtype] | None:
-    for p in module.parameters():
-        return p.device, p.dtype
-    return None
-
-
-def _images_for(model: nn.Module, images: Tensor, *others: nn.Module) -> Tensor:
-    """``images`` in the model's floating dtype (half images for a float32 model, say), after clear checks of
-    the meta device and of a device mismatch; ``others`` (criterion, teacher) are moved to the model's dtype
-    when the model was converted after the learner was built (``model.double()``)."""
-    if isinstance(images, Tensor) and images.is_meta:
-        raise ValueError(
-            "images are on the meta device: they have shapes but no data, so nothing can be computed from them; "
-            "pass real tensors"
-        )
-    found = _device_of(model)
-    if found is None or not isinstance(images, Tensor):
-        return images
-    device, dtype = found
-    if device.type == "meta":
-        raise ValueError(
-            "the model's weights are on the meta device (shapes only, no data): materialise them first, e.g. "
-            "model.to_empty(device='cpu') then load_state_dict(...), or build the model on a real device"
-        )
-    if images.device != device:
-        raise ValueError(
-            f"images are on {images.device} but the model is on {device}: move them with images.to({str(device)!r})"
-        )
-    if dtype.is_floating_point:
-        for other in others:
-            found_other = _device_of(other)
-            if found_other is not None and found_other[1] != dtype and found_other[1].is_floating_point:
-                other.to(dtype=dtype)
-        if images.is_floating_point() and images.dtype != dtype:
-            images = images.to(dtype)
-    return images
-
-
-@contextlib.contextmanager
-def _rng_preserved(module: nn.Module) -> Iterator[None]:
-    """Leave the global RNG (CPU and the module's CUDA device) as it was: rebuilding a structure to load
-    weights into must not change what random numbers training draws next."""
-    found = _device_of(module)
-    devices = []
-    if found is not None and found[0].type == "cuda":
-        devices = [found[0].index if found[0].index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        yield
-
-
-def _check_positive(value: object, name: str, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return float(value)
 
 
 class IncrementalLearner:
@@ -122,15 +50,17 @@ class IncrementalLearner:
 
     - the step lifecycle (:meth:`begin_step`, :meth:`end_step`): at each step ``t > 0`` the current model is
       snapshot as the frozen teacher (the model of step ``t-1`` in Fig. 2), the classifier grows by
-      ``|U_t|`` outputs (MiB or random initialisation) and, for methods with ``caf``, the continual attentive
-      fusion (eq. 1-4) is inserted between encoder and refiner at step 1 (and trained in all later steps);
-    - the *training module* :attr:`module`, holding the student :attr:`model` and the :attr:`criterion`
-      (:class:`~incseg.losses.CAFLoss`, eq. 13): ``module(images, labels, teacher_out)`` returns the loss. It
-      is what you wrap in ``DistributedDataParallel``; the teacher is never part of it;
+      ``|U_t|`` outputs (MiB or random initialisation) and, when the method has a fusion module (CAF's, eq.
+      1-4), it is inserted between encoder and refiner;
+    - the *training module* :attr:`module`, holding the student :attr:`model` and the method's
+      :attr:`criterion`: ``module(images, labels, teacher_out)`` returns the loss. It is what you wrap in
+      ``DistributedDataParallel``; the teacher is never part of it;
     - :meth:`training_step`: teacher forward pass under ``no_grad`` and the training module;
-    - :meth:`param_groups`: every trained parameter once (backbone, classifier head, CAF module, the
-      criterion's SE blocks; the paper's public release forgot the CAF parameters, PROTOCOL.md);
-    - :meth:`predict` with the CAF test strategies (``skip``, ``zero_pad``, ``concat``);
+    - :meth:`param_groups`: every trained parameter once (backbone, classifier head, fusion module, the
+      criterion's; the paper's public release forgot the CAF parameters, PROTOCOL.md);
+    - :meth:`predict`, with the method's test strategies (CAF's ``skip``, ``zero_pad``, ``concat``);
+
+    Everything method-specific is a hook of the :class:`~incseg.methods.Method` named by ``config.family``.
     - checkpoints (:meth:`save`, :meth:`load`, :meth:`from_checkpoint`) as plain dictionaries of tensors
       loadable with ``torch.load(weights_only=True)``, written atomically, validated before any change.
 
@@ -194,14 +124,14 @@ class IncrementalLearner:
             raise TypeError(f"method must be a method name or a MethodConfig, got {type(method).__name__}")
         self._method: Method = get_family(config.family)(config, unwrapped, scenario)
         criterion = self._method.build_criterion(unwrapped)
-        found = _device_of(unwrapped)
+        found = device_of(unwrapped)
         if found is not None:  # the SE blocks of the attentive distillation run on the model's features
             criterion.to(device=found[0], dtype=found[1] if found[1].is_floating_point else None)
         criterion.requires_grad_(False)  # the SE blocks only train once there is a teacher (step > 0)
         self._scenario = scenario
         self._config = config
         self._module = TrainingModule(
-            unwrapped, criterion, num_old_classes=0, bn=config.bn, dropout=config.dropout, method=self._method
+            unwrapped, criterion, self._method, num_old_classes=0, bn=config.bn, dropout=config.dropout
         )
         self._teacher: IncrementalSegmenter | None = None
         self._step = -1
@@ -268,23 +198,26 @@ class IncrementalLearner:
         )
 
     # ------------------------------------------------------------------ lifecycle
-    def begin_step(self, step: int) -> None:
+    def begin_step(self, step: int, *, data: Iterable[Any] | None = None) -> None:
         """Start learning step ``step``; steps go in order ``0, 1, ...`` (or resume with :meth:`load`).
 
         At step 0 the model's classifier must already have the ``scenario.num_classes_at(0)`` outputs of the
         first step. At a step ``t > 0``: the teacher becomes a frozen copy of the current model (evaluation
-        mode kept across ``.train()``, no gradients; its CAF module, if any, uses the ``skip`` strategy since
-        no older features exist), the classifier grows by ``len(scenario.classes_at(t))`` outputs with the
-        configured initialisation, and with ``caf`` the CAF module is inserted at step 1 (a new
-        :class:`~incseg.nn.caf.ContinualAttentiveFusion` on ``z_channels``, one per level of ``caf_levels`` for a
-        multi-scale encoder, on the model's device). The
-        criterion's SE blocks start training at step 1.
+        mode kept across ``.train()``, no gradients, prepared by the method's
+        :meth:`~incseg.methods.Method.prepare_model`), the classifier grows by ``len(scenario.classes_at(t))``
+        outputs with the configured initialisation, and the method's fusion module is inserted (on the model's
+        device) at the first step where :meth:`~incseg.methods.Method.has_fusion` holds; for ``caf``: a
+        :class:`~incseg.nn.ContinualAttentiveFusion` at step 1. The criterion's parameters start training at
+        step 1.
 
         The set of trained parameters changes: rebuild the optimizer from :meth:`param_groups` (and any DDP
         wrapper of :attr:`module`) after this call.
 
         Args:
             step: the step to begin, ``learner.step + 1``.
+            data: the step's training batches ``(images, labels, ...)``, e.g. a ``DataLoader``: the method
+                calibrates on them when it needs to (:attr:`needs_calibration`, PLOP's pseudo-label thresholds),
+                else they are not read. Without it, call :meth:`calibrate` before training such a method.
 
         Raises:
             TypeError: ``step`` is not an int.
@@ -318,7 +251,7 @@ class IncrementalLearner:
                 )
             if model.fusion is not None:
                 raise ValueError(
-                    "the model already has a fusion module at step 0; the learner inserts CAF itself at step 1"
+                    "the model already has a fusion module at step 0; the learner inserts the method's itself"
                 )
         else:
             if got != expected:
@@ -327,8 +260,7 @@ class IncrementalLearner:
                     f"needs {expected}: it was changed outside the learner"
                 )
             teacher = freeze(copy.deepcopy(model))
-            for caf in _cafs(teacher):
-                caf.test_strategy = "skip"
+            self._method.prepare_model(teacher, teacher=True)
             model.classifier.add_classes(len(self._scenario.classes_at(step)), init=self._config.init)
             if self._method.has_fusion(step) and model.fusion is None:
                 model.fusion = self._new_fusion(model)
@@ -341,6 +273,8 @@ class IncrementalLearner:
         if self.guard is not None:
             self.guard.reset()  # the loss terms of a new step start from new values
         self._method.on_begin_step(self, step)
+        if data is not None and self.needs_calibration:
+            self.calibrate(data)
 
     def end_step(self) -> None:
         """Mark the current step as finished (saved in checkpoints; :meth:`begin_step` of the next needs it).
@@ -355,7 +289,7 @@ class IncrementalLearner:
 
     def _new_fusion(self, model: IncrementalSegmenter) -> nn.Module:
         fusion = self._method.new_fusion(model)
-        found = _device_of(model)
+        found = device_of(model)
         if found is not None:
             fusion.to(device=found[0], dtype=found[1])
         if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
@@ -378,14 +312,16 @@ class IncrementalLearner:
 
         Args:
             batches: ``(images, labels, ...)`` batches of the step's training set, e.g. a ``DataLoader``
-                (only the first two entries of each are used).
+                (only the first two entries of each are used; they are moved to the model's device).
 
         Raises:
             RuntimeError: no step begun yet.
         """
         if self._step < 0:
             raise RuntimeError("call begin_step() before calibrate()")
-        self._method.calibrate(self, batches)
+        found = device_of(self.model)
+        device = found[0] if found is not None else None
+        self._method.calibrate(self, ((batch[0].to(device), batch[1].to(device)) for batch in batches))
 
     def teacher_forward(self, images: Tensor) -> dict[str, Tensor] | None:
         """Run the frozen teacher under ``torch.no_grad()``: its ``forward_features`` (eq. 1-4 features, logits).
@@ -402,7 +338,7 @@ class IncrementalLearner:
         teacher = self._teacher
         if teacher is None:
             return None
-        found = _device_of(teacher)
+        found = device_of(teacher)
         if found is not None and isinstance(images, Tensor) and found[0] != images.device:
             teacher.to(images.device)
         with torch.no_grad():
@@ -448,7 +384,7 @@ class IncrementalLearner:
             )
         check_feature_map(images, "images")
         others = [self.criterion] + ([self._teacher] if self._teacher is not None else [])
-        images = _images_for(self.model, images, *others)
+        images = images_for(self.model, images, *others)
         teacher_out = self.teacher_forward(images) if self._needs_teacher() else None
         try:
             out: LossOutput = module(images, labels, teacher_out)
@@ -492,8 +428,9 @@ class IncrementalLearner:
         """Optimizer parameter groups holding every trainable parameter of :attr:`module` exactly once.
 
         Groups (empty ones left out): ``"backbone"`` (encoder and refiner), ``"head"`` (classifier, learning
-        rate ``head_lr``), ``"caf"`` (the CAF module: all its parameters are trained, PROTOCOL.md) and
-        ``"criterion"`` (the SE blocks of attentive distillation, eq. 5, from step 1 on). Parameters with
+        rate ``head_lr``), the fusion module under the method's :attr:`~incseg.methods.Method.fusion_group`
+        (``"caf"`` for CAF's: all its parameters are trained, PROTOCOL.md) and ``"criterion"`` (e.g. the SE
+        blocks of attentive distillation, eq. 5, from step 1 on). Parameters with
         ``requires_grad=False`` are left out. Call it after every :meth:`begin_step`.
 
         Args:
@@ -514,17 +451,18 @@ class IncrementalLearner:
             >>> [g["name"] for g in learner.param_groups(0.01)]
             ['backbone', 'head']
         """
-        lr = _check_positive(lr, "lr")
-        weight_decay = _check_positive(weight_decay, "weight_decay", allow_zero=True)
-        head = lr if head_lr is None else _check_positive(head_lr, "head_lr")
-        groups: dict[str, list[nn.Parameter]] = {name: [] for name in _GROUPS}
+        lr = check_number(lr, "lr")
+        weight_decay = check_number(weight_decay, "weight_decay", allow_zero=True)
+        head = lr if head_lr is None else check_number(head_lr, "head_lr")
+        fusion = self._method.fusion_group
+        groups: dict[str, list[nn.Parameter]] = {name: [] for name in ("backbone", "head", fusion, "criterion")}
         for name, param in self._module.named_parameters():  # named_parameters yields shared ones once
             if not param.requires_grad:
                 continue
             if name.startswith("model.classifier."):
                 groups["head"].append(param)
             elif name.startswith("model.fusion."):
-                groups["caf"].append(param)
+                groups[fusion].append(param)
             elif name.startswith("criterion."):
                 groups["criterion"].append(param)
             else:
@@ -536,18 +474,19 @@ class IncrementalLearner:
         ]
 
     # ------------------------------------------------------------------ inference
-    def predict(self, images: Tensor, *, strategy: TestStrategy | None = None) -> Tensor:
+    def predict(self, images: Tensor, *, strategy: str | None = None) -> Tensor:
         """Logits of the current model at image resolution (evaluation mode, no gradients).
 
         The model runs in evaluation mode under ``torch.no_grad()`` and every submodule's train/eval mode is
-        restored afterwards. With a CAF module, ``strategy`` (default: the configured ``test_strategy``)
-        decides what stands in for the old features (paper Sec. IV, Fig. 5): ``"skip"`` uses the new
-        projection only (the teacher is not run), ``"zero_pad"`` fuses it with zeros, ``"concat"`` fuses it
-        with the teacher's features (runs the teacher). Without a CAF module ``strategy`` has no effect.
+        restored afterwards. ``strategy`` is a test-time choice of the method family, passed to its
+        :meth:`~incseg.methods.Method.predict_logits`: for the CAF family (``None``: the configured
+        ``test_strategy``) what stands in for the old features of the CAF module (paper Sec. IV, Fig. 5),
+        ``"skip"`` (new projection only), ``"zero_pad"`` (fused with zeros) or ``"concat"`` (fused with the
+        teacher's features, which runs the teacher); without a CAF module it has no effect.
 
         Args:
             images: input images ``(B, C, H, W)``.
-            strategy: ``None``, ``"skip"``, ``"zero_pad"`` or ``"concat"``.
+            strategy: ``None`` or a test strategy of the method family.
 
         Returns:
             float32 logits ``(B, K, H, W)``, bilinearly upsampled (``align_corners=False``) to the image size.
@@ -561,34 +500,20 @@ class IncrementalLearner:
             TypeError: ``images`` is not a floating tensor.
         """
         check_feature_map(images, "images")
-        if strategy is not None and strategy not in _STRATEGIES:
-            raise ValueError(f"strategy must be None or one of {list(_STRATEGIES)}, got {strategy!r}")
         model = self.model
-        images = _images_for(model, images, *([self._teacher] if self._teacher is not None else []))
-        cafs = _cafs(model)
+        images = images_for(model, images, *([self._teacher] if self._teacher is not None else []))
         modes = [(m, m.training) for m in model.modules()]
-        saved_strategies = [caf.test_strategy for caf in cafs]
         try:
             model.eval()
             with torch.no_grad():
-                z_old = None
-                if cafs:
-                    effective = strategy if strategy is not None else cafs[0].test_strategy
-                    if effective == "concat":
-                        teacher_out = self.teacher_forward(images)
-                        if teacher_out is None:
-                            raise ValueError('strategy "concat" needs the teacher (old model), but there is none')
-                        z_old = teacher_out["z"]
-                    for caf in cafs:
-                        caf.test_strategy = effective
-                logits = model.forward_features(images, z_old)["logits"]
+                logits = self._method.predict_logits(
+                    model, images, teacher_forward=self.teacher_forward, strategy=strategy
+                )
                 with torch.autocast(device_type=logits.device.type, enabled=False):
                     return F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
         finally:
             for m, training in modes:
                 m.training = training
-            for caf, saved in zip(cafs, saved_strategies):
-                caf.test_strategy = saved
 
     def to(self, *args: Any, **kwargs: Any) -> IncrementalLearner:
         """Move the training module (model, criterion) and the teacher, as ``nn.Module.to``; returns ``self``."""
@@ -799,7 +724,7 @@ class IncrementalLearner:
                     raise CheckpointError(str(exc)) from exc
 
         # Build and fill copies: any mismatch surfaces here, before the learner changes.
-        with _rng_preserved(self.model):
+        with rng_preserved(self.model):
             student = self._build_structure(cps, has_fusion)
             load_into(student, state["model"], "model")
             teacher = None
@@ -829,12 +754,10 @@ class IncrementalLearner:
         if replace_fusion:
             model.fusion = student.fusion
         model.load_state_dict(state["model"])
-        for caf in _cafs(model):
-            caf.test_strategy = self._config.test_strategy
+        self._method.prepare_model(model, teacher=False)
         if teacher is not None:
             freeze(teacher)
-            for caf in _cafs(teacher):
-                caf.test_strategy = "skip"
+            self._method.prepare_model(teacher, teacher=True)
         self._teacher = teacher
         self.criterion.load_state_dict(state["criterion"])
         self._step = step

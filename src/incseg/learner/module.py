@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from incseg.learner.config import NormPolicy
-from incseg.losses import CAFLoss, LossOutput
+from incseg.losses import LossOutput
+from incseg.methods.base import Batch, Method
+from incseg.methods.config import NormPolicy
 from incseg.models import IncrementalSegmenter
-
-if TYPE_CHECKING:
-    from incseg.methods import Method
 
 __all__ = ["TrainingModule"]
 
@@ -29,14 +27,13 @@ def _never_saw_data(bn: nn.modules.batchnorm._BatchNorm) -> bool:
 
 
 class TrainingModule(nn.Module):
-    """Student forward pass and loss (eq. 13) in one module, so that one DDP wrapper covers all trained weights.
+    """Student forward pass and loss in one module, so that one DDP wrapper covers all trained weights.
 
-    ``forward(images, labels, teacher_out)`` runs ``model.forward_features(images, z_old)`` (with
-    ``z_old = teacher_out["z"]``, the old model's encoder features, when the model has a CAF module, eq. 1-4)
-    and then the criterion with the old logits (eq. 9-12) and the old ``{"z": z_bar, "h": h}`` features
-    (eq. 5-8) as the method needs them. Its parameters are exactly the trained ones: the model (CAF module
-    included) and the criterion's SE blocks. The frozen teacher is not part of it: compute ``teacher_out``
-    with :meth:`IncrementalLearner.teacher_forward` (under ``no_grad``) and pass it in, which is what
+    ``forward(images, labels, teacher_out)`` calls the method's
+    :meth:`~incseg.methods.Method.training_loss` on the model, the criterion and the :class:`~incseg.methods.Batch`
+    of the call. Its parameters are exactly the trained ones: the model (fusion module included) and the
+    criterion's. The frozen teacher is not part of it: compute ``teacher_out`` with
+    :meth:`IncrementalLearner.teacher_forward` (under ``no_grad``) and pass it in, which is what
     :meth:`IncrementalLearner.training_step` does.
 
     The learner creates this module and updates :attr:`num_old_classes` in ``begin_step``; build a new DDP
@@ -44,20 +41,25 @@ class TrainingModule(nn.Module):
 
     Args:
         model: the student :class:`~incseg.models.IncrementalSegmenter`.
-        criterion: the method's criterion module (its trained loss parameters and state); without
-            ``method`` it must be a :class:`~incseg.losses.CAFLoss`.
+        criterion: the method's criterion module (its trained loss parameters and state), from
+            :meth:`~incseg.methods.Method.build_criterion`.
+        method: the :class:`~incseg.methods.Method` whose ``training_loss`` computes the loss.
         num_old_classes: ``|S_{t-1}|`` of the current step (0 at step 0).
-        method: the :class:`~incseg.methods.Method` whose ``training_loss`` computes the loss (default: the
-            CAF family's forward pass with ``criterion``).
+        bn, dropout: the batch-norm and dropout policy of steps > 0 (``"train"`` or ``"frozen"``).
 
     Shape:
         - images: ``(B, C, H, W)``; labels: ``(B, H, W)`` int64 in incremental indices.
-        - teacher_out: ``{"z", "z_bar", "h", "logits"}`` of the teacher's ``forward_features``.
+        - teacher_out: what the method's ``teacher_forward`` returns.
 
     Example:
         >>> import torch
+        >>> from incseg.methods import METHODS, get_family
         >>> from incseg.models import small_segmenter
-        >>> module = TrainingModule(small_segmenter(3, width=8), CAFLoss(32, 16, kd=None, ad=None))
+        >>> from incseg.scenarios import Scenario
+        >>> model = small_segmenter(3, width=8)
+        >>> config = METHODS["mib"]
+        >>> method = get_family(config.family)(config, model, Scenario([[1, 2], [3]]))
+        >>> module = TrainingModule(model, method.build_criterion(model), method)
         >>> out = module(torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32)))
         >>> sorted(out.terms)
         ['seg', 'total']
@@ -67,17 +69,17 @@ class TrainingModule(nn.Module):
         self,
         model: IncrementalSegmenter,
         criterion: nn.Module,
+        method: Method,
         *,
         num_old_classes: int = 0,
         bn: NormPolicy = "train",
         dropout: NormPolicy = "train",
-        method: Method | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, IncrementalSegmenter):
             raise TypeError(f"model must be an IncrementalSegmenter, got {type(model).__name__}")
-        if method is None and not isinstance(criterion, CAFLoss):
-            raise TypeError(f"criterion must be a CAFLoss, got {type(criterion).__name__}")
+        if not isinstance(method, Method):
+            raise TypeError(f"method must be an incseg.methods.Method, got {type(method).__name__}")
         if not isinstance(criterion, nn.Module):
             raise TypeError(f"criterion must be an nn.Module, got {type(criterion).__name__}")
         self.model = model
@@ -96,8 +98,8 @@ class TrainingModule(nn.Module):
         super().train(mode)
         if mode and self.num_old_classes > 0:
             untrained = 0
-            # CAF's own module is new at step 1: its batch norm (after a zero-initialised projection) stays an
-            # affine map in evaluation mode, the same in training and at test time.
+            # The fusion module is new at its first step: its batch norm (CAF's follows a zero-initialised
+            # projection) stays an affine map in evaluation mode, the same in training and at test time.
             fusion = self.model.fusion
             new = {id(m) for m in fusion.modules()} if fusion is not None else set()
             for m in self.model.modules():
@@ -124,8 +126,8 @@ class TrainingModule(nn.Module):
         Args:
             images: input images ``(B, C, H, W)``.
             labels: labels ``(B, H, W)`` in incremental indices (``255`` ignored).
-            teacher_out: the teacher's ``forward_features`` output; required at steps > 0 when the method
-                distils or has a CAF module, ignored otherwise.
+            teacher_out: what the method's ``teacher_forward`` returned; required at steps > 0 when the method
+                uses the teacher, ignored otherwise.
 
         Returns:
             :class:`~incseg.losses.LossOutput` ``(loss, terms)``.
@@ -134,14 +136,8 @@ class TrainingModule(nn.Module):
             ValueError: ``teacher_out`` missing or lacking a key the method needs; errors of the model and
                 the criterion for bad shapes.
         """
-        if self.method is not None:
-            return self.method.training_loss(
-                self.model, self.criterion, images, labels, teacher_out, self.num_old_classes
-            )
-        from incseg.methods.caf import caf_training_loss
-
-        assert isinstance(self.criterion, CAFLoss)
-        return caf_training_loss(self.model, self.criterion, images, labels, teacher_out, self.num_old_classes)
+        batch = Batch(images, labels, teacher_out, self.num_old_classes)
+        return self.method.training_loss(self.model, self.criterion, batch)
 
     def extra_repr(self) -> str:
         return f"num_old_classes={self.num_old_classes}, bn={self.bn!r}, dropout={self.dropout!r}"

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from incseg._checks import check_feature_map
+from incseg._checks import check_feature_map, check_int
 from incseg.functional._common import Reduction, check_choice
 from incseg.functional.attention import _ATTENTIONS, Attention, attentive_distillation_loss, pixel_weights
 from incseg.nn.squeeze_excitation import SqueezeExcitation
@@ -32,8 +32,8 @@ class AttentiveDistillationLoss(nn.Module):
     Args:
         channels_z: channels of the encoder features ``z̄``, or ``{str(level): channels}`` for several levels.
         channels_h: channels of the refined features ``h``.
-        attention: ``"both"`` (eq. 7), ``"spatial"``, ``"channel"`` or ``"none"`` (plain feature distillation,
-            the ablations of Table VI); ``se_z``/``se_h`` are ``None`` for ``"spatial"`` and ``"none"``.
+        attention: ``"both"`` (eq. 7), ``"spatial"``, ``"channel"`` or ``"plain"`` (plain feature distillation,
+            the ablations of Table VI); ``se_z``/``se_h`` are ``None`` for ``"spatial"`` and ``"plain"``.
         reduction: ``"mean"`` over the elements of each map (PROTOCOL default), ``"sum"`` (squared Frobenius
             norms, eq. 8 exactly); the two maps' terms are added either way.
         se_reduction: channel reduction of the SE blocks.
@@ -73,8 +73,7 @@ class AttentiveDistillationLoss(nn.Module):
         named: list[tuple[str, object]] = [(f"channels_z[{k!r}]", v) for k, v in (levels or {}).items()]
         named = named or [("channels_z", channels_z)]
         for name, value in [*named, ("channels_h", channels_h)]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(value, name)
         check_choice(attention, "attention", _ATTENTIONS)
         check_choice(reduction, "reduction", ("mean", "sum"))
         self.channels_z = channels_z if levels is None else {str(k): v for k, v in levels.items()}

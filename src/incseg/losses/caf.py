@@ -19,6 +19,7 @@ from incseg.functional._common import (
     resize_to,
     upcast,
 )
+from incseg.functional.attention import Attention
 from incseg.functional.background import _ClassGroups, _gamma_balance
 from incseg.functional.cross_entropy import _label_index, _nll, _nll_index_start, _nll_unions
 from incseg.functional.distillation import _combine, _kd_parts, _kd_unions, _old_probs
@@ -30,19 +31,13 @@ CEMode = Literal["plain", "unbiased"]
 """Segmentation loss ``L_SEG``: plain or unbiased (eq. 14-15) cross-entropy."""
 KDMode = Literal["plain", "unbiased", "balanced"]
 """Output distillation ``L_D``: plain LwF KD, unbiased KD (eq. 9-10) or balanced KD (eq. 11-12)."""
-ADMode = Literal["plain", "spatial", "channel", "both"]
-"""Feature distillation ``L_AD``: plain, or attentive (eq. 5-8) with spatial, channel or both attentions."""
+ADMode = Attention
+"""Feature distillation ``L_AD``: plain, or attentive (eq. 5-8) with spatial, channel or both attentions (the
+``attention`` of :func:`~incseg.functional.attentive_distillation_loss`)."""
 
 _CE = get_args(CEMode)
 _KD = (None, *get_args(KDMode))
 _AD = (None, *get_args(ADMode))
-# CAFLoss spells plain feature distillation "plain"; the functional's attention argument spells it "none".
-_AD_TO_ATTENTION: dict[str, Literal["both", "spatial", "channel", "none"]] = {
-    "plain": "none",
-    "spatial": "spatial",
-    "channel": "channel",
-    "both": "both",
-}
 
 
 class LossOutput(NamedTuple):
@@ -141,7 +136,8 @@ class CAFLoss(nn.Module):
             see :meth:`forward`.
 
     Example:
-        >>>         >>> criterion = CAFLoss(64, 32)
+        >>> import torch
+        >>> criterion = CAFLoss(64, 32)
         >>> logits, labels = torch.randn(2, 6, 16, 16), torch.randint(0, 6, (2, 16, 16))
         >>> old_logits = torch.randn(2, 4, 16, 16)
         >>> feats = {"z": torch.randn(2, 64, 4, 4), "h": torch.randn(2, 32, 4, 4)}
@@ -206,7 +202,7 @@ class CAFLoss(nn.Module):
             if z_channels is None or h_channels is None:
                 raise ValueError(f"ad={ad!r} needs z_channels and h_channels, got {z_channels!r} and {h_channels!r}")
             self.ad_loss = AttentiveDistillationLoss(
-                z_channels, h_channels, attention=_AD_TO_ATTENTION[ad], reduction="mean", se_reduction=se_reduction
+                z_channels, h_channels, attention=ad, reduction="mean", se_reduction=se_reduction
             )
 
     def forward(

@@ -1,26 +1,68 @@
-"""The protocol every incremental method implements: what it needs, its hooks around a step, its loss."""
+"""The contract every incremental method implements: its settings, its hooks around a step, its loss."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from incseg.learner.config import MethodConfig
-    from incseg.learner.learner import IncrementalLearner
     from incseg.losses import LossOutput
+    from incseg.methods.config import MethodConfig
     from incseg.models import IncrementalSegmenter
     from incseg.scenarios import Scenario
 
-__all__ = ["Method"]
+__all__ = ["Batch", "LearnerView", "Method"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One training batch as :meth:`Method.training_loss` sees it.
+
+    Attributes:
+        images: input images ``(B, C, H, W)``.
+        labels: labels ``(B, H, W)`` int64 in incremental indices (``255`` ignored).
+        teacher_out: what :meth:`Method.teacher_forward` returned for ``images`` (``None`` at step 0 or when
+            the method runs no teacher).
+        num_old_classes: ``|S_{t-1}|`` of the current step (0 at step 0).
+    """
+
+    images: Tensor
+    labels: Tensor
+    teacher_out: Mapping[str, Any] | None
+    num_old_classes: int
+
+
+class LearnerView(Protocol):
+    """What a method's lifecycle hooks see of the :class:`~incseg.learner.IncrementalLearner`."""
+
+    @property
+    def step(self) -> int: ...
+
+    @property
+    def config(self) -> MethodConfig: ...
+
+    @property
+    def model(self) -> IncrementalSegmenter: ...
+
+    @property
+    def teacher(self) -> IncrementalSegmenter | None: ...
+
+    @property
+    def criterion(self) -> nn.Module: ...
+
+    @property
+    def num_old_classes(self) -> int: ...
+
+    def teacher_forward(self, images: Tensor) -> dict[str, Any] | None: ...
 
 
 class Method:
     """Base class of a method family: one subclass per method, registered with
-    :func:`~incseg.methods.register_method`, configured by a :class:`~incseg.learner.MethodConfig` whose
+    :func:`~incseg.methods.register_method`, configured by a :class:`~incseg.methods.MethodConfig` whose
     ``family`` names it.
 
     The :class:`~incseg.learner.IncrementalLearner` keeps everything that is not method-specific: the step
@@ -30,16 +72,21 @@ class Method:
     - :meth:`uses_teacher` (class method): whether training at steps > 0 runs the teacher at all;
     - :meth:`build_criterion`: the ``nn.Module`` holding the method's trained loss parameters and its state
       (saved in checkpoints, in the ``"criterion"`` parameter group); the default has none;
-    - :meth:`has_fusion` / :meth:`new_fusion`: a module the learner inserts between encoder and refiner;
+    - :meth:`has_fusion` / :meth:`new_fusion`: a module the learner inserts between encoder and refiner (its
+      parameters form the optimizer group :attr:`fusion_group`);
+    - :meth:`prepare_model`: the state of the student or the frozen teacher that weights do not hold (after
+      the teacher snapshot and after loading a checkpoint);
     - :meth:`on_begin_step` (after the teacher snapshot and the classifier growth) and :meth:`on_end_step`;
     - :meth:`teacher_forward`: what the method needs from the teacher (under ``no_grad``);
-    - :meth:`training_loss`: the student's forward pass and the loss, as named terms (a
+    - :meth:`training_loss`: the student's forward pass and the loss of a :class:`Batch`, as named terms (a
       :class:`~incseg.losses.LossOutput` whose ``terms`` add up to ``"total"``);
-    - :meth:`calibrate`: an optional pass over the step's training data before training (PLOP's thresholds).
+    - :meth:`calibrate`: an optional pass over the step's training data before training (PLOP's thresholds);
+    - :meth:`predict_logits`: the model's logits at test time (CAF's test strategies).
 
     Method-specific settings live in :attr:`options` (name -> default): they become keyword overrides
     (``IncrementalLearner(model, scenario, "plop", pod_factor=0.02)``) and entries of
-    ``MethodConfig.to_dict()``. Values must be plain ``float``, ``int``, ``bool`` or ``str``.
+    ``MethodConfig.to_dict()``. Values must be plain ``float``, ``int``, ``bool`` or ``str``. The fields of
+    :data:`~incseg.methods.config.CAF_FIELDS` a family reads are listed in :attr:`fields`.
 
     Args:
         config: the method configuration (``config.family == self.family``).
@@ -51,6 +98,10 @@ class Method:
     """Registry key of the family (the ``family`` field of its configurations)."""
     options: ClassVar[Mapping[str, Any]] = {}
     """The family's own settings and their defaults."""
+    fields: ClassVar[frozenset[str]] = frozenset()
+    """The fields of :data:`~incseg.methods.config.CAF_FIELDS` the family reads (others are refused)."""
+    fusion_group: ClassVar[str] = "fusion"
+    """Name of the optimizer parameter group of the fusion module (:meth:`new_fusion`)."""
 
     def __init__(self, config: MethodConfig, model: IncrementalSegmenter, scenario: Scenario) -> None:
         self.config = config
@@ -102,18 +153,23 @@ class Method:
         """A new fusion module for ``model`` (called when :meth:`has_fusion` first holds)."""
         raise NotImplementedError(f"method family {self.family!r} has no fusion module")
 
+    def prepare_model(self, model: IncrementalSegmenter, *, teacher: bool) -> None:
+        """Set the state of ``model`` that its weights do not hold: called on the frozen teacher after the
+        snapshot of :meth:`~incseg.learner.IncrementalLearner.begin_step` and on the student and the teacher
+        after a checkpoint is loaded (default: nothing)."""
+
     # ------------------------------------------------------------------ lifecycle
-    def on_begin_step(self, learner: IncrementalLearner, step: int) -> None:
+    def on_begin_step(self, learner: LearnerView, step: int) -> None:
         """Called by :meth:`IncrementalLearner.begin_step` after the teacher snapshot and classifier growth."""
 
-    def on_end_step(self, learner: IncrementalLearner) -> None:
+    def on_end_step(self, learner: LearnerView) -> None:
         """Called by :meth:`IncrementalLearner.end_step`."""
 
-    def needs_calibration(self, learner: IncrementalLearner) -> bool:
+    def needs_calibration(self, learner: LearnerView) -> bool:
         """Whether :meth:`calibrate` must run (on the current step's data) before training (default: never)."""
         return False
 
-    def calibrate(self, learner: IncrementalLearner, batches: Any) -> None:
+    def calibrate(self, learner: LearnerView, batches: Any) -> None:
         """Optional pass over ``(images, labels)`` batches of the step's training data before training."""
 
     # ------------------------------------------------------------------ training
@@ -121,18 +177,31 @@ class Method:
         """What the loss needs from the teacher (run under ``no_grad``): by default its ``forward_features``."""
         return teacher.forward_features(images)
 
-    def training_loss(
-        self,
-        model: IncrementalSegmenter,
-        criterion: nn.Module,
-        images: Tensor,
-        labels: Tensor,
-        teacher_out: Mapping[str, Any] | None,
-        num_old_classes: int,
-    ) -> LossOutput:
+    def training_loss(self, model: IncrementalSegmenter, criterion: nn.Module, batch: Batch) -> LossOutput:
         """The student's forward pass and the loss of one batch (called inside
         :class:`~incseg.learner.TrainingModule`, so that a DDP wrapper sees it)."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ inference
+    def predict_logits(
+        self,
+        model: IncrementalSegmenter,
+        images: Tensor,
+        *,
+        teacher_forward: Callable[[Tensor], Mapping[str, Any] | None],
+        strategy: str | None = None,
+    ) -> Tensor:
+        """The logits of ``model`` (at its output resolution) for evaluation; the learner calls it in evaluation
+        mode under ``no_grad``. ``strategy`` is a test-time choice of the family (CAF's), ``teacher_forward``
+        runs the frozen teacher if the strategy needs it.
+
+        Raises:
+            ValueError: ``strategy`` given to a family that has none.
+        """
+        if strategy is not None:
+            raise ValueError(f"method family {self.family!r} has no test strategies, got strategy={strategy!r}")
+        logits: Tensor = model.forward_features(images)["logits"]
+        return logits
 
     def divergence_hints(self) -> dict[str, str]:
         """Likely fix per loss term name, shown when that term diverges."""

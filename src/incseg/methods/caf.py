@@ -6,31 +6,25 @@ Every method of the paper's tables is one :class:`~incseg.losses.CAFLoss` config
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, get_args
 
 from torch import Tensor, nn
 
-from incseg.learner.config import MethodConfig
 from incseg.losses import CAFLoss, LossOutput
-from incseg.methods.base import Method
+from incseg.methods.base import Batch, Method
+from incseg.methods.config import CAF_FIELDS, MethodConfig
 from incseg.methods.registry import register_method, register_preset
 from incseg.models import IncrementalSegmenter
-from incseg.nn.caf import ContinualAttentiveFusion
+from incseg.nn.caf import ContinualAttentiveFusion, FusionStrategy
 
 __all__ = ["CAFMethod", "caf_training_loss"]
 
 TEACHER_KEYS = ("z", "z_bar", "h", "logits")
+_STRATEGIES = get_args(FusionStrategy)
 
 
-def caf_training_loss(
-    model: IncrementalSegmenter,
-    criterion: CAFLoss,
-    images: Tensor,
-    labels: Tensor,
-    teacher_out: Mapping[str, Any] | None,
-    num_old_classes: int,
-) -> LossOutput:
+def caf_training_loss(model: IncrementalSegmenter, criterion: CAFLoss, batch: Batch) -> LossOutput:
     """Student forward pass and :class:`~incseg.losses.CAFLoss` of one batch.
 
     The teacher's outputs are used as the criterion and the model need them (at steps > 0): ``z`` feeds the
@@ -41,14 +35,14 @@ def caf_training_loss(
         ValueError: ``teacher_out`` missing or lacking a key the method needs.
         TypeError: ``teacher_out`` is not a mapping.
     """
-    n_old = num_old_classes
+    n_old, teacher_out = batch.num_old_classes, batch.teacher_out
     needs_logits = n_old > 0 and criterion.kd is not None
     needs_features = n_old > 0 and criterion.ad is not None
     needs_z = n_old > 0 and model.fusion is not None
     if needs_logits or needs_features or needs_z:
         _check_teacher_out(teacher_out, n_old)
         assert teacher_out is not None
-    out = model.forward_features(images, teacher_out["z"] if needs_z and teacher_out is not None else None)
+    out = model.forward_features(batch.images, teacher_out["z"] if needs_z and teacher_out is not None else None)
     old_logits = teacher_out["logits"] if needs_logits and teacher_out is not None else None
     features = old_features = None
     if needs_features and teacher_out is not None:
@@ -56,13 +50,20 @@ def caf_training_loss(
         old_features = {"z": teacher_out["z_bar"], "h": teacher_out["h"]}
     result: LossOutput = criterion(
         out["logits"],
-        labels,
+        batch.labels,
         num_old_classes=n_old,
         old_logits=old_logits,
         features=features,
         old_features=old_features,
     )
     return result
+
+
+def _cafs(model: nn.Module) -> list[ContinualAttentiveFusion]:
+    """The CAF modules of a segmenter's fusion: the fusion itself, or the values of its ``nn.ModuleDict``."""
+    fusion = getattr(model, "fusion", None)
+    modules = fusion.values() if isinstance(fusion, nn.ModuleDict) else [fusion]
+    return [m for m in modules if isinstance(m, ContinualAttentiveFusion)]
 
 
 def _check_teacher_out(teacher_out: Mapping[str, Any] | None, num_old_classes: int) -> None:
@@ -91,6 +92,8 @@ class CAFMethod(Method):
     """
 
     family = "caf"
+    fields = frozenset(CAF_FIELDS)
+    fusion_group = "caf"
 
     @classmethod
     def uses_teacher(cls, config: MethodConfig) -> bool:
@@ -133,17 +136,52 @@ class CAFMethod(Method):
             fusion_dropout=self.config.fusion_dropout,
         )
 
-    def training_loss(
+    def prepare_model(self, model: IncrementalSegmenter, *, teacher: bool) -> None:
+        """The test strategy of the model's CAF modules: ``skip`` for the teacher (no older features exist),
+        the configured ``test_strategy`` for the student."""
+        for caf in _cafs(model):
+            caf.test_strategy = "skip" if teacher else self.config.test_strategy
+
+    def training_loss(self, model: IncrementalSegmenter, criterion: nn.Module, batch: Batch) -> LossOutput:
+        assert isinstance(criterion, CAFLoss)
+        return caf_training_loss(model, criterion, batch)
+
+    def predict_logits(
         self,
         model: IncrementalSegmenter,
-        criterion: nn.Module,
         images: Tensor,
-        labels: Tensor,
-        teacher_out: Mapping[str, Any] | None,
-        num_old_classes: int,
-    ) -> LossOutput:
-        assert isinstance(criterion, CAFLoss)
-        return caf_training_loss(model, criterion, images, labels, teacher_out, num_old_classes)
+        *,
+        teacher_forward: Callable[[Tensor], Mapping[str, Any] | None],
+        strategy: str | None = None,
+    ) -> Tensor:
+        """With a CAF module, ``strategy`` (default: the module's ``test_strategy``) decides what stands in for
+        the old features (paper Sec. IV, Fig. 5): ``"skip"`` uses the new projection only (the teacher is not
+        run), ``"zero_pad"`` fuses it with zeros, ``"concat"`` fuses it with the teacher's features (runs the
+        teacher). Without a CAF module ``strategy`` has no effect.
+
+        Raises:
+            ValueError: unknown ``strategy``; ``"concat"`` without a teacher.
+        """
+        if strategy is not None and strategy not in _STRATEGIES:
+            raise ValueError(f"strategy must be None or one of {list(_STRATEGIES)}, got {strategy!r}")
+        cafs = _cafs(model)
+        z_old = None
+        saved = [caf.test_strategy for caf in cafs]
+        try:
+            if cafs:
+                effective = strategy if strategy is not None else cafs[0].test_strategy
+                if effective == "concat":
+                    teacher_out = teacher_forward(images)
+                    if teacher_out is None:
+                        raise ValueError('strategy "concat" needs the teacher (old model), but there is none')
+                    z_old = teacher_out["z"]
+                for caf in cafs:
+                    caf.test_strategy = effective  # type: ignore[assignment]
+            logits: Tensor = model.forward_features(images, z_old)["logits"]
+            return logits
+        finally:
+            for caf, value in zip(cafs, saved):
+                caf.test_strategy = value
 
     def divergence_hints(self) -> dict[str, str]:
         cfg = self.config

@@ -19,16 +19,14 @@ from torch import Tensor, nn
 
 from incseg._checks import check_labels, check_logits
 from incseg.functional.pod import collapse_new_classes, entropy_pseudo_labels, local_pod_distance, normalized_entropy
-from incseg.learner.config import MethodConfig
 from incseg.losses import LossOutput
-from incseg.methods.base import Method
-from incseg.methods.caf import NEUTRAL
+from incseg.methods.base import Batch, LearnerView, Method
+from incseg.methods.config import MethodConfig
 from incseg.methods.registry import register_method, register_preset
 from incseg.models import IncrementalSegmenter
 from incseg.scenarios import IGNORE_INDEX
 
 if TYPE_CHECKING:
-    from incseg.learner.learner import IncrementalLearner
     from incseg.scenarios import Scenario
 
 __all__ = ["PLOPLoss", "PLOPMethod", "pod_feature_maps"]
@@ -139,22 +137,10 @@ class PLOPMethod(Method):
                 raise ValueError(f"{key} must be >= 1, got {out[key]}")
         return out
 
-    @classmethod
-    def check_config(cls, config: MethodConfig) -> None:
-        extra = {k: getattr(config, k) for k in ("kd", "ad") if getattr(config, k) is not None}
-        if config.caf:
-            extra["caf"] = True
-        if config.ce != "plain":
-            extra["ce"] = config.ce
-        if extra:
-            raise ValueError(
-                f"the plop family uses plain cross-entropy on pseudo-labels and no kd, ad or CAF module; got {extra}"
-            )
-
     def build_criterion(self, model: IncrementalSegmenter) -> PLOPLoss:
         return PLOPLoss(self.scenario.num_classes_at(self.scenario.num_steps - 1))
 
-    def needs_calibration(self, learner: IncrementalLearner) -> bool:
+    def needs_calibration(self, learner: LearnerView) -> bool:
         criterion = learner.criterion
         assert isinstance(criterion, PLOPLoss)
         n_old = learner.num_old_classes
@@ -164,7 +150,7 @@ class PLOPMethod(Method):
         return _forward(teacher, images)
 
     @torch.no_grad()
-    def calibrate(self, learner: IncrementalLearner, batches: Iterable[Any]) -> None:
+    def calibrate(self, learner: LearnerView, batches: Iterable[Any]) -> None:
         """Per-class thresholds: the median normalised entropy of the old model's background predictions.
 
         A histogram of ``pseudo_bins`` bins per old class over ``[0, 1]`` is filled with the normalised
@@ -200,18 +186,10 @@ class PLOPMethod(Method):
         criterion.thresholds[:n_old] = thresholds.clamp(min=floor).to(criterion.thresholds)
         criterion.calibrated_for.fill_(n_old)
 
-    def training_loss(
-        self,
-        model: IncrementalSegmenter,
-        criterion: nn.Module,
-        images: Tensor,
-        labels: Tensor,
-        teacher_out: Mapping[str, Any] | None,
-        num_old_classes: int,
-    ) -> LossOutput:
+    def training_loss(self, model: IncrementalSegmenter, criterion: nn.Module, batch: Batch) -> LossOutput:
         assert isinstance(criterion, PLOPLoss)
-        n_old = num_old_classes
-        out = _forward(model, images)
+        n_old, labels, teacher_out = batch.num_old_classes, batch.labels, batch.teacher_out
+        out = _forward(model, batch.images)
         logits = check_logits(out["logits"], "logits")
         num_classes = logits.shape[1]
         check_labels(labels, num_classes, ignore_index=IGNORE_INDEX, batch_shape=(logits.shape[0],))
@@ -225,8 +203,8 @@ class PLOPMethod(Method):
             raise ValueError("plop needs teacher_out from IncrementalLearner.teacher_forward (with its 'pod' maps)")
         if int(criterion.calibrated_for) != n_old:
             raise RuntimeError(
-                "PLOP's pseudo-label thresholds are not calibrated for this step: call learner.calibrate(batches) "
-                "with the step's training batches after begin_step (incseg.engine.run does)"
+                "PLOP's pseudo-label thresholds are not calibrated for this step: pass the step's training batches "
+                "to learner.begin_step(step, data=loader) (or call learner.calibrate(batches) after begin_step)"
             )
         target, factor = entropy_pseudo_labels(labels, teacher_out["logits"], criterion.thresholds)
         per_pixel = F.cross_entropy(x, target, ignore_index=IGNORE_INDEX, reduction="none")
@@ -279,6 +257,5 @@ def median_from_histogram(hist: Tensor) -> Tensor:
     return torch.where(total > 0, median, torch.zeros_like(median)).to(hist.dtype)
 
 
-register_preset(
-    MethodConfig(name="plop", family="plop", ce="plain", kd=None, ad=None, caf=False, init="mib", **NEUTRAL)
-)
+# CAF's fields take their "off" values (incseg.methods.config.CAF_FIELDS): PLOP does not read them.
+register_preset(MethodConfig(name="plop", family="plop", init="mib", bn="train", dropout="train"))

@@ -1,34 +1,24 @@
 """The registry of method families (plugin classes) and of named presets (method configurations).
 
 A *family* is a :class:`~incseg.methods.Method` subclass (``"caf"`` covers fine-tuning, LwF, MiB, CAF and its
-ablations; ``"plop"`` is PLOP); a *preset* is a named :class:`~incseg.learner.MethodConfig` of a family
+ablations; ``"plop"`` is PLOP); a *preset* is a named :class:`~incseg.methods.MethodConfig` of a family
 (``"mib"``, ``"caf"``, ``"plop"``, ...). The built-in families register themselves when :mod:`incseg.methods`
-is imported; :data:`incseg.learner.METHODS` is a read-only view of the presets.
+is imported; :data:`incseg.methods.METHODS` is a read-only view of the presets.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from incseg.learner.config import MethodConfig
     from incseg.methods.base import Method
+    from incseg.methods.config import MethodConfig
 
 __all__ = ["PresetView", "get_family", "register_method", "register_preset", "unregister_preset"]
 
 _FAMILIES: dict[str, type[Method]] = {}
 _PRESETS: dict[str, MethodConfig] = {}
-
-
-_BUILTINS = ("incseg.methods.caf", "incseg.methods.plop")
-
-
-def _load_builtins() -> None:
-    """Import the built-in families, which register themselves and their presets (first use only)."""
-    for module in _BUILTINS:
-        importlib.import_module(module)
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -60,8 +50,6 @@ def get_family(name: str) -> type[Method]:
     Raises:
         ValueError: no such family (the message lists the registered ones).
     """
-    if name not in _FAMILIES:
-        _load_builtins()
     if not isinstance(name, str) or name not in _FAMILIES:
         raise ValueError(f"family must be one of {sorted(_FAMILIES)}, got {name!r}")
     return _FAMILIES[name]
@@ -72,10 +60,10 @@ def register_preset(config: MethodConfig, *, replace: bool = False) -> MethodCon
     config.name)`` and ``MethodConfig.preset(config.name)`` find it).
 
     Raises:
-        TypeError: ``config`` is not a :class:`~incseg.learner.MethodConfig`.
+        TypeError: ``config`` is not a :class:`~incseg.methods.MethodConfig`.
         ValueError: the name is taken (pass ``replace=True`` to replace a preset registered by you).
     """
-    from incseg.learner.config import MethodConfig
+    from incseg.methods.config import MethodConfig
 
     if not isinstance(config, MethodConfig):
         raise TypeError(f"register_preset expects a MethodConfig, got {type(config).__name__}")
@@ -97,22 +85,18 @@ def unregister_preset(name: str) -> None:
 
 
 class PresetView(Mapping[str, "MethodConfig"]):
-    """Read-only mapping name -> :class:`~incseg.learner.MethodConfig` over the registered presets."""
+    """Read-only mapping name -> :class:`~incseg.methods.MethodConfig` over the registered presets."""
 
     def __getitem__(self, name: str) -> MethodConfig:
-        _load_builtins()
         return _PRESETS[name]
 
     def __iter__(self) -> Iterator[str]:
-        _load_builtins()
         return iter(list(_PRESETS))
 
     def __len__(self) -> int:
-        _load_builtins()
         return len(_PRESETS)
 
     def __contains__(self, name: Any) -> bool:
-        _load_builtins()
         return name in _PRESETS
 
     def __repr__(self) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
+from incseg._checks import check_int
 from incseg.data import IncrementalSegmentation, image_class_sets
 
 __all__ = ["ReplayMemory"]
@@ -50,11 +51,8 @@ class ReplayMemory:
     """
 
     def __init__(self, budget: int, *, seed: int = 0, cache_dir: str | os.PathLike[str] | None = None) -> None:
-        for name, value in (("budget", budget), ("seed", seed)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        self.budget = budget
-        self.seed = seed
+        self.budget = check_int(budget, "budget", minimum=0)
+        self.seed = check_int(seed, "seed", minimum=0)
         self.cache_dir = cache_dir
         self.entries: list[tuple[int, int]] = []
         """``(source index, step)`` of every image held, in selection order."""

@@ -12,15 +12,6 @@ from torch import Tensor
 from incseg._checks import check_labels, check_logits, check_same_shape
 
 
-def check_num_classes(num_classes: object, name: str = "num_classes") -> int:
-    """Check that ``num_classes`` is an ``int >= 1`` and return it."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
-        raise TypeError(f"{name} must be an int, got {type(num_classes).__name__}")
-    if num_classes < 1:
-        raise ValueError(f"{name} must be >= 1, got {num_classes}")
-    return num_classes
-
-
 def check_ignore_index(ignore_index: object) -> int | None:
     """Check that ``ignore_index`` is an ``int`` or ``None`` and return it."""
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from incseg._checks import check_labels
-from incseg.metrics._common import check_ignore_index, check_num_classes, class_map, count_pairs
+from incseg._checks import check_int, check_labels
+from incseg.metrics._common import check_ignore_index, class_map, count_pairs
 
 __all__ = ["confusion_matrix"]
 
@@ -56,7 +56,7 @@ def confusion_matrix(preds: Tensor, target: Tensor, num_classes: int, *, ignore_
                 [1, 1, 0],
                 [0, 0, 0]])
     """
-    num_classes = check_num_classes(num_classes)
+    num_classes = check_int(num_classes, "num_classes")
     ignore_index = check_ignore_index(ignore_index)
     target = check_labels(target, num_classes, ignore_index=ignore_index, name="target")
     if isinstance(preds, Tensor) and preds.device != target.device:

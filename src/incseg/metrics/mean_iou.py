@@ -9,12 +9,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from incseg._checks import check_num_old_classes
+from incseg._checks import check_int, check_num_old_classes
 from incseg.metrics._common import (
     check_absent,
     check_class_names,
     check_ignore_index,
-    check_num_classes,
 )
 from incseg.metrics.confusion import confusion_matrix
 from incseg.metrics.result import IoUResult
@@ -82,7 +81,7 @@ class MeanIoU:
         absent: Literal["union", "target"] = "union",
         device: torch.device | str | None = None,
     ) -> None:
-        self.num_classes = check_num_classes(num_classes)
+        self.num_classes = check_int(num_classes, "num_classes")
         self.ignore_index = check_ignore_index(ignore_index)
         self.num_old_classes = check_num_old_classes(num_old_classes, self.num_classes, allow_none=True)
         self.class_names = check_class_names(class_names, self.num_classes)

@@ -11,19 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from incseg._checks import check_feature_map
+from incseg._checks import check_feature_map, check_int
 
 __all__ = ["IncrementalClassifier"]
 
 _HEAD_KEY = re.compile(r"^heads\.(\d+)\.weight$")
-
-
-def _check_count(n: object, name: str) -> int:
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"{name} must be an int, got {type(n).__name__}")
-    if n < 1:
-        raise ValueError(f"{name} must be >= 1, got {n}")
-    return n
 
 
 class IncrementalClassifier(nn.Module):
@@ -78,8 +70,8 @@ class IncrementalClassifier(nn.Module):
         align_corners: bool = False,
     ) -> None:
         super().__init__()
-        self.in_channels = _check_count(in_channels, "in_channels")
-        self.kernel_size = _check_count(kernel_size, "kernel_size")
+        self.in_channels = check_int(in_channels, "in_channels")
+        self.kernel_size = check_int(kernel_size, "kernel_size")
         if self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (padding kernel_size // 2 keeps the size), got {kernel_size}")
         if isinstance(upsampling, bool) or not isinstance(upsampling, (int, float)) or not upsampling >= 1:
@@ -90,7 +82,7 @@ class IncrementalClassifier(nn.Module):
             raise TypeError(f"classes_per_step must be a sequence of ints, got {type(classes_per_step).__name__}")
         if len(classes_per_step) == 0:
             raise ValueError("classes_per_step must list at least one step (step 0 includes the background)")
-        counts = [_check_count(n, f"classes_per_step[{i}]") for i, n in enumerate(classes_per_step)]
+        counts = [check_int(n, f"classes_per_step[{i}]") for i, n in enumerate(classes_per_step)]
         self.heads = nn.ModuleList(self._new_head(n) for n in counts)
 
     def _new_head(self, n: int) -> nn.Conv2d:
@@ -167,7 +159,7 @@ class IncrementalClassifier(nn.Module):
             TypeError: ``n`` is not an int.
             ValueError: ``n < 1`` or unknown ``init``.
         """
-        n = _check_count(n, "n")
+        n = check_int(n, "n")
         if init not in ("mib", "random"):
             raise ValueError(f"init must be 'mib' or 'random', got {init!r}")
         bg = self.head(0)

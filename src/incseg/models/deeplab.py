@@ -115,7 +115,7 @@ def _weights_file(path: str | PathLike[str]) -> Path:
 
 
 def _load_backbone_weights(backbone: nn.Module, file: Path) -> None:
-    from incseg.learner.checkpoint import load_file  # the one safe reader (no import cycle at module load)
+    from incseg._safe_files import load_file  # the one safe reader of checkpoints and weights
 
     state = load_file(file, "backbone_weights")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

@@ -7,9 +7,9 @@ from typing import Literal, cast, get_args
 import torch
 from torch import Tensor, nn
 
-from incseg._checks import check_feature_map, check_same_shape
+from incseg._checks import check_feature_map, check_int, check_same_shape
 from incseg.nn.fusion import FeatureFusion
-from incseg.nn.non_local import NonLocalProjection, _check_positive_int
+from incseg.nn.non_local import NonLocalProjection
 from incseg.nn.structured_attention import AttentionMaps, Gate, StructuredAttention
 
 __all__ = ["ContinualAttentiveFusion", "FusionStrategy"]
@@ -81,7 +81,7 @@ class ContinualAttentiveFusion(nn.Module):
         fusion_dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.channels = _check_positive_int(channels, "channels")
+        self.channels = check_int(channels, "channels")
         if isinstance(fusion_dropout, bool) or not isinstance(fusion_dropout, (int, float)):
             raise TypeError(f"fusion_dropout must be a float, got {type(fusion_dropout).__name__}")
         if not 0.0 <= fusion_dropout <= 1.0:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from incseg._checks import check_feature_map, check_same_shape
-from incseg.nn.non_local import _check_positive_int, _conv1x1
+from incseg._checks import check_feature_map, check_int, check_same_shape
+from incseg.nn.non_local import _conv1x1
 
 __all__ = ["FeatureFusion"]
 
@@ -44,7 +44,7 @@ class FeatureFusion(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.channels = _check_positive_int(channels, "channels")
+        self.channels = check_int(channels, "channels")
         self.conv = nn.Conv2d(2 * channels, channels, kernel_size=1)
         self.reset_parameters()
 

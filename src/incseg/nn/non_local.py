@@ -8,17 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from incseg._checks import check_feature_map
+from incseg._checks import check_feature_map, check_int
 
 __all__ = ["NonLocalProjection", "non_local_attention"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _check_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -144,10 +138,10 @@ class NonLocalProjection(nn.Module):
         use_sdpa: bool = True,
     ) -> None:
         super().__init__()
-        self.in_channels = _check_positive_int(in_channels, "in_channels")
+        self.in_channels = check_int(in_channels, "in_channels")
         if inner_channels is None:
             inner_channels = max(in_channels // 2, 1)
-        self.inner_channels = _check_positive_int(inner_channels, "inner_channels")
+        self.inner_channels = check_int(inner_channels, "inner_channels")
         self.subsample = bool(subsample)
         self.residual = bool(residual)
         self.use_sdpa = bool(use_sdpa)

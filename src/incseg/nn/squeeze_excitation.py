@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from incseg._checks import check_feature_map
+from incseg._checks import check_feature_map, check_int
 
 __all__ = ["ChannelAttention", "SqueezeExcitation"]
 
@@ -39,12 +39,8 @@ class SqueezeExcitation(nn.Module):
 
     def __init__(self, channels: int, *, reduction: int = 16) -> None:
         super().__init__()
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"channels must be a positive int, got {channels!r}")
-        if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
-            raise ValueError(f"reduction must be a positive int, got {reduction!r}")
-        self.channels = channels
-        self.reduction = reduction
+        self.channels = check_int(channels, "channels")
+        self.reduction = check_int(reduction, "reduction")
         hidden = max(channels // reduction, 1)
         self.fc1 = nn.Conv2d(channels, hidden, kernel_size=1)
         self.act = nn.ReLU(inplace=True)

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from incseg._checks import check_feature_map
-from incseg.nn.non_local import _check_positive_int
+from incseg._checks import check_feature_map, check_int
 
 __all__ = ["AttentionMaps", "StructuredAttention"]
 
@@ -73,7 +72,7 @@ class StructuredAttention(nn.Module):
 
     def __init__(self, channels: int, *, gate: Gate | None = None) -> None:
         super().__init__()
-        self.channels = _check_positive_int(channels, "channels")
+        self.channels = check_int(channels, "channels")
         if gate not in _GATES:
             raise ValueError(f"gate must be one of {list(_GATES)}, got {gate!r}")
         self.gate: Gate | None = gate

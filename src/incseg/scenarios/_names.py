@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ADE20K_CLASS_NAMES", "VOC_CLASS_NAMES"]
+__all__ = ["ADE20K_CLASS_NAMES", "SYNTHETIC_CLASS_NAMES", "VOC_CLASS_NAMES"]
 
 VOC_CLASS_NAMES: tuple[str, ...] = (
     "background",
@@ -45,3 +45,29 @@ traffic light|tray|ashcan|fan|pier|crt screen|plate|monitor|bulletin board|showe
 
 ADE20K_CLASS_NAMES: tuple[str, ...] = ("background", *(n for n in _ADE150.replace("\n", "").split("|")))
 """ADE20K (150-class benchmark): ``0`` (unlabelled, "other") is the background, then the 150 classes."""
+
+SYNTHETIC_CLASS_NAMES: tuple[str, ...] = (
+    "background",
+    "red-disc",
+    "orange-disc",
+    "blue-square",
+    "purple-square",
+    "green-triangle",
+    "yellow-triangle",
+    "pink-ring",
+    "cyan-ring",
+    "white-cross",
+    "magenta-cross",
+    "blue-diamond",
+    "lime-ellipse",
+    "striped-disc",
+    "striped-square",
+    "dotted-disc",
+    "dotted-triangle",
+    "checkered-triangle",
+    "purple-ring",
+    "yellow-star",
+    "white-hexagon",
+)
+""":class:`~incseg.data.SyntheticScenes`: background and its 20 classes (shape, colour or texture; the generator
+reads its class table in this order)."""

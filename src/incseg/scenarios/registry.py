@@ -7,19 +7,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from incseg._catalog import DATASET_TASKS
-from incseg.scenarios._names import ADE20K_CLASS_NAMES, VOC_CLASS_NAMES
+from incseg.scenarios._names import ADE20K_CLASS_NAMES, SYNTHETIC_CLASS_NAMES, VOC_CLASS_NAMES
 from incseg.scenarios.scenario import Mode, Scenario, _as_int
 
 __all__ = ["default_mode", "get_scenario", "list_datasets", "list_tasks"]
-
-
-def _synthetic_class_names() -> tuple[str, ...]:
-    """The names of :class:`~incseg.data.SyntheticScenes`, which owns them (generic names without it)."""
-    try:
-        from incseg.data.synthetic import SyntheticScenes
-    except ImportError:
-        return ("background", *(f"object{i:02d}" for i in range(1, 21)))
-    return tuple(SyntheticScenes.class_names)
 
 
 @dataclass(frozen=True)
@@ -36,7 +27,7 @@ class _Dataset:
 _DATASETS: dict[str, _Dataset] = {
     "voc": _Dataset(lambda: VOC_CLASS_NAMES, DATASET_TASKS["voc"], "disjoint"),
     "ade20k": _Dataset(lambda: ADE20K_CLASS_NAMES, DATASET_TASKS["ade20k"], "overlapped"),
-    "synthetic": _Dataset(_synthetic_class_names, DATASET_TASKS["synthetic"], "disjoint"),
+    "synthetic": _Dataset(lambda: SYNTHETIC_CLASS_NAMES, DATASET_TASKS["synthetic"], "disjoint"),
 }
 _DATASET_ALIASES = {"pascal": "voc", "pascal-voc": "voc", "voc2012": "voc", "ade": "ade20k"}
 _TASK_ALIASES = {"joint": "offline", "15-5s": "15-1"}
