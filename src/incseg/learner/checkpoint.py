@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import math
@@ -14,15 +15,23 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from incseg._checks import NonFiniteError
 from incseg._safe_files import CheckpointError, load_file
-from incseg.learner.config import MethodConfig
+from incseg._version import __version__
+from incseg.learner._devices import rng_preserved
+from incseg.learner._freeze import freeze
+from incseg.learner.guard import check_finite_tensors
+from incseg.methods import MethodConfig
 from incseg.models import IncrementalSegmenter
 from incseg.scenarios import Scenario
+
+if TYPE_CHECKING:
+    from incseg.learner.learner import IncrementalLearner
 
 __all__ = [
     "CHECKSUM_KEY",
@@ -35,12 +44,15 @@ __all__ = [
     "check_optimizer_state",
     "check_plain",
     "content_checksum",
+    "learner_state",
     "levels_record",
     "load_file",
     "load_into",
+    "load_learner_state",
     "method_from",
     "read_checkpoint",
     "remove_stale_temporaries",
+    "save_learner",
     "scenario_from",
 ]
 
@@ -604,3 +616,176 @@ def _same_kind(value: object, reference: object) -> bool:
             and all(_same_kind(v, r) for v, r in zip(value, reference))  # type: ignore[call-overload]
         )
     return type(value) is type(reference)
+
+
+# ---------------------------------------------------------------------------- the learner's state
+def learner_state(
+    learner: IncrementalLearner,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What :meth:`IncrementalLearner.state_dict <incseg.learner.IncrementalLearner.state_dict>` returns.
+
+    Keys: ``format_version``, ``incseg_version``, ``scenario`` (``Scenario.to_dict()``), ``method``
+    (``MethodConfig.to_dict()``), ``step``, ``step_finished``, ``classes_per_step``, ``has_fusion``, ``caf_levels``
+    (the encoder's levels and those the fusion sees, ``None`` for a single-tensor encoder), ``model``, ``teacher``
+    (or ``None``), ``criterion`` (state dicts), ``optimizer`` (its state dict or ``None``) and ``extra``.
+    """
+    if learner._step < 0:
+        raise RuntimeError("nothing to save before begin_step(0)")
+    extra = {} if extra is None else extra
+    if not isinstance(extra, dict):
+        raise TypeError(f"extra must be a dict, got {type(extra).__name__}")
+    check_plain(extra, "extra")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    model = learner.model
+    state = {
+        "format_version": FORMAT_VERSION,
+        "incseg_version": __version__,
+        "scenario": learner._scenario.to_dict(),
+        "method": learner._config.to_dict(),
+        "step": learner._step,
+        "step_finished": learner._step_finished,
+        "classes_per_step": model.classifier.classes_per_step,
+        "has_fusion": model.fusion is not None,
+        "caf_levels": levels_record(model),
+        "model": model.state_dict(),
+        "teacher": None if learner._teacher is None else learner._teacher.state_dict(),
+        "criterion": learner.criterion.state_dict(),
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "extra": dict(extra),
+    }
+    check_plain(state, "the learner state")  # load() accepts exactly what this writes
+    return state
+
+
+def save_learner(
+    learner: IncrementalLearner,
+    path: str | os.PathLike[str],
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """What :meth:`IncrementalLearner.save <incseg.learner.IncrementalLearner.save>` does."""
+    state = learner_state(learner, optimizer=optimizer, extra=extra)
+    for what in ("model", "teacher", "criterion"):
+        if state[what] is not None:
+            check_finite_tensors(state[what], f"the {what} to save")
+    state[CHECKSUM_KEY] = content_checksum(state)
+    atomic_save(state, path)
+
+
+def load_learner_state(
+    learner: IncrementalLearner, state: Mapping[str, Any], *, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Any]:
+    """What :meth:`IncrementalLearner.load_state_dict <incseg.learner.IncrementalLearner.load_state_dict>` does:
+    validate ``state`` and build the saved structure on copies, then commit (nothing fails after the first
+    change)."""
+    step, cps = check_learner_state(state, learner._scenario, learner._config)
+    config = learner._config
+    has_fusion = learner._method.has_fusion(step)
+    if state["has_fusion"] != has_fusion:
+        raise CheckpointError(
+            f"checkpoint has_fusion={state['has_fusion']} but method {config.name!r} at step {step} has {has_fusion}"
+        )
+    saved_levels = state.get("caf_levels")  # absent in checkpoints of incseg 0.1: single-tensor encoders
+    if saved_levels != levels_record(learner.model):
+        raise CheckpointError(
+            f"checkpoint was written for a network with encoder levels {saved_levels} but this model has "
+            f"{levels_record(learner.model)} (None: an encoder returning one tensor); build the model with the "
+            "same encoder and caf_levels as when the checkpoint was saved"
+        )
+    if (state["teacher"] is None) != (step == 0):
+        raise CheckpointError(f"checkpoint at step {step} must {'not ' if step == 0 else ''}hold teacher weights")
+    extra = state["extra"]
+    for what in ("model", "teacher", "criterion"):
+        if isinstance(state[what], dict):
+            try:
+                check_finite_tensors(state[what], f"checkpoint {what}")
+            except NonFiniteError as exc:
+                raise CheckpointError(str(exc)) from exc
+
+    # Build and fill copies: any mismatch surfaces here, before the learner changes.
+    with rng_preserved(learner.model):
+        student = _build_structure(learner, cps, has_fusion)
+        load_into(student, state["model"], "model")
+        teacher = None
+        if state["teacher"] is not None:
+            teacher = _build_structure(learner, cps[:step], learner._method.has_fusion(step - 1))
+            load_into(teacher, state["teacher"], "teacher")
+        criterion = copy.deepcopy(learner.criterion)
+        load_into(criterion, state["criterion"], "criterion")
+
+    model = learner.model
+    replace_classifier = model.classifier.classes_per_step != cps
+    replace_fusion = (model.fusion is not None) != has_fusion
+    if optimizer is not None:
+        _check_optimizer(learner, optimizer, state["optimizer"], replace_classifier or replace_fusion, step)
+        previous = copy.deepcopy(optimizer.state_dict())
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except Exception as exc:
+            optimizer.load_state_dict(previous)
+            raise CheckpointError(f"the optimizer state of the checkpoint does not fit the optimizer: {exc}") from exc
+
+    # Commit: nothing below can fail (same structures, validated weights).
+    if replace_classifier:
+        model.classifier = student.classifier
+    if replace_fusion:
+        model.fusion = student.fusion
+    model.load_state_dict(state["model"])
+    learner._method.prepare_model(model, teacher=False)
+    if teacher is not None:
+        freeze(teacher)
+        learner._method.prepare_model(teacher, teacher=True)
+    learner._teacher = teacher
+    learner.criterion.load_state_dict(state["criterion"])
+    learner._step = step
+    learner._step_finished = state["step_finished"]
+    learner._module.num_old_classes = learner._scenario.num_old_classes(step)
+    learner._module.train(learner._module.training)
+    learner.criterion.requires_grad_(step > 0)
+    return dict(extra)
+
+
+def _build_structure(
+    learner: IncrementalLearner, classes_per_step: list[int], has_fusion: bool
+) -> IncrementalSegmenter:
+    """A copy of the model with the classifier heads ``classes_per_step`` and a fusion iff ``has_fusion``."""
+    model = copy.deepcopy(learner.model)
+    current = model.classifier.classes_per_step
+    if current != classes_per_step:
+        if len(current) < len(classes_per_step) and classes_per_step[: len(current)] == current:
+            for n in classes_per_step[len(current) :]:
+                model.classifier.add_classes(n, init="random")
+        else:
+            model.classifier = model.classifier.with_steps(classes_per_step)
+    if has_fusion and model.fusion is None:
+        model.fusion = learner._new_fusion(model)
+    elif not has_fusion:
+        model.fusion = None
+    return model
+
+
+def _check_optimizer(
+    learner: IncrementalLearner, optimizer: torch.optim.Optimizer, saved: Any, structure_changes: bool, step: int
+) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if saved is None:
+        raise CheckpointError("checkpoint holds no optimizer state (it was saved without optimizer=)")
+    if structure_changes:
+        raise CheckpointError(
+            f"the checkpoint is at step {step} with another network structure than the learner's current one, "
+            "so the optimizer cannot have been built for it: load without optimizer first (or use "
+            "IncrementalLearner.from_checkpoint), build the optimizer from learner.param_groups(), then "
+            "load(path, optimizer=optimizer)"
+        )
+    own = {id(p) for p in learner._module.parameters()}
+    if any(id(p) not in own for group in optimizer.param_groups for p in group["params"]):
+        raise CheckpointError(
+            "the optimizer holds parameters that are not this learner's; build it from param_groups()"
+        )
+    check_optimizer_state(optimizer, saved)

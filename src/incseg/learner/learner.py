@@ -13,26 +13,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from incseg._checks import NonFiniteError, check_feature_map, check_number
-from incseg._version import __version__
 from incseg._wrappers import unwrap_module
-from incseg.learner._devices import device_of, images_for, rng_preserved
+from incseg.learner._devices import device_of, images_for
 from incseg.learner._freeze import freeze
 from incseg.learner.checkpoint import (
-    CHECKSUM_KEY,
-    FORMAT_VERSION,
-    CheckpointError,
-    atomic_save,
-    check_learner_state,
-    check_optimizer_state,
-    check_plain,
-    content_checksum,
-    levels_record,
-    load_into,
+    learner_state,
+    load_learner_state,
     method_from,
     read_checkpoint,
+    save_learner,
     scenario_from,
 )
-from incseg.learner.guard import DivergenceGuard, check_finite_tensors
+from incseg.learner.guard import DivergenceGuard
 from incseg.learner.module import TrainingModule
 from incseg.losses import LossOutput
 from incseg.methods import Method, MethodConfig, get_family
@@ -59,10 +51,10 @@ class IncrementalLearner:
     - :meth:`param_groups`: every trained parameter once (backbone, classifier head, fusion module, the
       criterion's; the paper's public release forgot the CAF parameters, PROTOCOL.md);
     - :meth:`predict`, with the method's test strategies (CAF's ``skip``, ``zero_pad``, ``concat``);
-
-    Everything method-specific is a hook of the :class:`~incseg.methods.Method` named by ``config.family``.
     - checkpoints (:meth:`save`, :meth:`load`, :meth:`from_checkpoint`) as plain dictionaries of tensors
       loadable with ``torch.load(weights_only=True)``, written atomically, validated before any change.
+
+    Everything method-specific is a hook of the :class:`~incseg.methods.Method` named by ``config.family``.
 
     Args:
         model: the :class:`~incseg.models.IncrementalSegmenter` (its classifier with the
@@ -74,15 +66,8 @@ class IncrementalLearner:
         **overrides: fields of :class:`~incseg.learner.MethodConfig` to change, e.g. ``lambda_ad=100.0``.
 
     Attributes:
-        step: the current step (``-1`` before :meth:`begin_step(0) <begin_step>`).
-        model: the student network (unwrapped).
-        teacher: the frozen model of the previous step, or ``None`` at step 0.
-        criterion: the loss of the method.
-        module: the training module (model + criterion).
-        scenario: the scenario.
-        config: the :class:`~incseg.learner.MethodConfig`.
         guard: the :class:`~incseg.learner.DivergenceGuard` run by :meth:`training_step` (set thresholds on it;
-            ``None`` turns it off).
+            ``None`` turns it off). The other attributes are the properties below.
 
     Raises:
         TypeError: ``model`` is not an ``IncrementalSegmenter`` or ``scenario`` not a ``Scenario``.
@@ -297,9 +282,6 @@ class IncrementalLearner:
         return fusion
 
     # ------------------------------------------------------------------ training
-    def _needs_teacher(self) -> bool:
-        return self._teacher is not None and self._method.uses_teacher(self._config)
-
     @property
     def needs_calibration(self) -> bool:
         """Whether the method wants :meth:`calibrate` on the current step's training data before training
@@ -324,17 +306,10 @@ class IncrementalLearner:
         self._method.calibrate(self, ((batch[0].to(device), batch[1].to(device)) for batch in batches))
 
     def teacher_forward(self, images: Tensor) -> dict[str, Tensor] | None:
-        """Run the frozen teacher under ``torch.no_grad()``: its ``forward_features`` (eq. 1-4 features, logits).
-
-        The teacher stays in evaluation mode (its CAF module, if any, uses ``skip``); it is moved to the
-        device of ``images`` on first use if the student was moved after :meth:`begin_step`.
-
-        Args:
-            images: input images ``(B, C, H, W)``.
-
-        Returns:
-            ``{"z", "z_bar", "h", "logits"}`` of the teacher, or ``None`` at step 0.
-        """
+        """What the method needs from the frozen teacher for ``images`` ``(B, C, H, W)``, under ``no_grad``
+        (:meth:`~incseg.methods.Method.teacher_forward`; by default its ``forward_features``: ``{"z", "z_bar",
+        "h", "logits"}``), or ``None`` at step 0. The teacher stays in evaluation mode; it is moved to the device
+        of ``images`` on first use if the student was moved after :meth:`begin_step`."""
         teacher = self._teacher
         if teacher is None:
             return None
@@ -349,11 +324,8 @@ class IncrementalLearner:
     ) -> LossOutput:
         """Loss of one batch: teacher forward (no grad), then the training module (student and criterion).
 
-        With ``guard`` (default) the learner's :attr:`guard` checks the loss terms and the weights (as left by
-        the previous optimizer step) with one host synchronisation, and raises
-        :class:`~incseg.learner.DivergenceError` naming the term, its recent values and the likely fix when
-        one is NaN/Inf or explodes (grows more than 100x within a few iterations, see
-        :class:`~incseg.learner.DivergenceGuard`).
+        With ``guard`` (default) :attr:`guard` checks the loss terms and the weights with one host
+        synchronisation (see :class:`~incseg.learner.DivergenceGuard`).
 
         Args:
             images: input images ``(B, C, H, W)``.
@@ -367,10 +339,8 @@ class IncrementalLearner:
 
         Raises:
             RuntimeError: no step begun yet.
-            ValueError: ``module`` does not wrap this learner's :attr:`module`; bad shapes or labels (from the
-                model and the criterion); images or weights on the meta device, or images on another device
-                than the model. Images of another floating dtype are converted to the model's; a model
-                converted after the learner was built (``model.double()``) takes the criterion along.
+            ValueError: ``module`` does not wrap :attr:`module`; bad shapes or labels; images or weights on the
+                meta device, or images on another device than the model (another floating dtype is converted).
             DivergenceError: a loss term or the weights are non-finite, or a term exploded (``guard``).
         """
         if self._step < 0:
@@ -385,7 +355,8 @@ class IncrementalLearner:
         check_feature_map(images, "images")
         others = [self.criterion] + ([self._teacher] if self._teacher is not None else [])
         images = images_for(self.model, images, *others)
-        teacher_out = self.teacher_forward(images) if self._needs_teacher() else None
+        uses_teacher = self._teacher is not None and self._method.uses_teacher(self._config)
+        teacher_out = self.teacher_forward(images) if uses_teacher else None
         try:
             out: LossOutput = module(images, labels, teacher_out)
         except NonFiniteError:  # non-finite logits (value checks): say whether the weights are the cause
@@ -477,26 +448,21 @@ class IncrementalLearner:
     def predict(self, images: Tensor, *, strategy: str | None = None) -> Tensor:
         """Logits of the current model at image resolution (evaluation mode, no gradients).
 
-        The model runs in evaluation mode under ``torch.no_grad()`` and every submodule's train/eval mode is
-        restored afterwards. ``strategy`` is a test-time choice of the method family, passed to its
-        :meth:`~incseg.methods.Method.predict_logits`: for the CAF family (``None``: the configured
-        ``test_strategy``) what stands in for the old features of the CAF module (paper Sec. IV, Fig. 5),
-        ``"skip"`` (new projection only), ``"zero_pad"`` (fused with zeros) or ``"concat"`` (fused with the
-        teacher's features, which runs the teacher); without a CAF module it has no effect.
+        Every submodule's train/eval mode is restored afterwards. ``strategy`` is a test-time choice of the
+        method family (:meth:`~incseg.methods.Method.predict_logits`): for CAF (``None``: ``test_strategy``)
+        ``"skip"``, ``"zero_pad"`` or ``"concat"`` (paper Sec. IV, Fig. 5; ``concat`` runs the teacher).
 
         Args:
             images: input images ``(B, C, H, W)``.
             strategy: ``None`` or a test strategy of the method family.
 
         Returns:
-            float32 logits ``(B, K, H, W)``, bilinearly upsampled (``align_corners=False``) to the image size.
-
-        Images of another floating dtype than the model's (half images for a float32 model) are converted to
-        the model's dtype.
+            float32 logits ``(B, K, H, W)``, bilinearly upsampled (``align_corners=False``) to the image size
+            (images of another floating dtype are converted to the model's).
 
         Raises:
-            ValueError: unknown ``strategy``; ``"concat"`` without a teacher; bad image shapes; images or
-                weights on the meta device (no data), or images on another device than the model.
+            ValueError: unknown ``strategy``; ``"concat"`` without a teacher; bad image shapes; images or weights
+                on the meta device, or images on another device than the model.
             TypeError: ``images`` is not a floating tensor.
         """
         check_feature_map(images, "images")
@@ -523,57 +489,24 @@ class IncrementalLearner:
         return self
 
     # ------------------------------------------------------------------ checkpoints
+    # The code is in incseg.learner.checkpoint (learner_state, save_learner, load_learner_state).
     def state_dict(
         self, *, optimizer: torch.optim.Optimizer | None = None, extra: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
-        """The learner's complete state as a plain dictionary (what :meth:`save` writes).
-
-        Keys: ``format_version``, ``incseg_version``, ``scenario`` (``Scenario.to_dict()``), ``method``
-        (``MethodConfig.to_dict()``), ``step``, ``step_finished``, ``classes_per_step``, ``has_fusion``,
-        ``caf_levels`` (the encoder's levels and those CAF sees, ``None`` for a single-tensor encoder), ``model``,
-        ``teacher`` (or ``None``), ``criterion`` (state dicts), ``optimizer`` (its state dict or
-        ``None``) and ``extra``. Only tensors and plain python values: loadable with
+        """The learner's complete state as a plain dictionary (what :meth:`save` writes): the scenario, the
+        method's configuration, the step, the structure and the state dicts of model, teacher, criterion and
+        ``optimizer``, and ``extra``. Only tensors and plain python values: loadable with
         ``torch.load(weights_only=True)`` and storable inside, e.g., a Lightning checkpoint.
 
         Args:
             optimizer: an optimizer whose state to include.
             extra: user data of plain types (epoch, RNG states as tensors, scheduler state, ...).
 
-        Returns:
-            The state dictionary.
-
         Raises:
             RuntimeError: no step begun yet.
-            TypeError: ``extra`` holds something other than tensors and plain python data, or ``optimizer``
-                is not a ``torch.optim.Optimizer``.
+            TypeError: ``extra`` is not plain data, or ``optimizer`` is not a ``torch.optim.Optimizer``.
         """
-        if self._step < 0:
-            raise RuntimeError("nothing to save before begin_step(0)")
-        extra = {} if extra is None else extra
-        if not isinstance(extra, dict):
-            raise TypeError(f"extra must be a dict, got {type(extra).__name__}")
-        check_plain(extra, "extra")  # and the whole state below: load() accepts exactly what this writes
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        model = self.model
-        state = {
-            "format_version": FORMAT_VERSION,
-            "incseg_version": __version__,
-            "scenario": self._scenario.to_dict(),
-            "method": self._config.to_dict(),
-            "step": self._step,
-            "step_finished": self._step_finished,
-            "classes_per_step": model.classifier.classes_per_step,
-            "has_fusion": model.fusion is not None,
-            "caf_levels": levels_record(model),
-            "model": model.state_dict(),
-            "teacher": None if self._teacher is None else self._teacher.state_dict(),
-            "criterion": self.criterion.state_dict(),
-            "optimizer": None if optimizer is None else optimizer.state_dict(),
-            "extra": dict(extra),
-        }
-        check_plain(state, "the learner state")
-        return state
+        return learner_state(self, optimizer=optimizer, extra=extra)
 
     def save(
         self,
@@ -582,12 +515,9 @@ class IncrementalLearner:
         optimizer: torch.optim.Optimizer | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> None:
-        """Write a checkpoint atomically (temporary file in the same folder, fsync, ``os.replace``).
-
-        The file holds :meth:`state_dict`: plain tensors and python values only, so it is read back with
-        ``torch.load(weights_only=True)``, plus a ``"checksum"`` of that content (see
-        :func:`~incseg.learner.checkpoint.content_checksum`) that :meth:`load` verifies. On any error no partial
-        file is left and an existing ``path`` is untouched.
+        """Write :meth:`state_dict` atomically (temporary file in the same folder, fsync, ``os.replace``), with a
+        checksum of its content that :meth:`load` verifies. On any error no partial file is left and an existing
+        ``path`` is untouched.
 
         Args:
             path: destination file (its folder must exist).
@@ -595,17 +525,11 @@ class IncrementalLearner:
             extra: user data of plain types, returned by :meth:`load`.
 
         Raises:
-            RuntimeError: no step begun yet.
-            TypeError: ``extra`` is not plain data.
+            RuntimeError, TypeError: as :meth:`state_dict`.
             NonFiniteError: NaN/Inf weights (a diverged run is not saved over a good checkpoint).
             FileNotFoundError: the folder of ``path`` does not exist.
         """
-        state = self.state_dict(optimizer=optimizer, extra=extra)
-        for what in ("model", "teacher", "criterion"):
-            if state[what] is not None:
-                check_finite_tensors(state[what], f"the {what} to save")
-        state[CHECKSUM_KEY] = content_checksum(state)
-        atomic_save(state, path)
+        save_learner(self, path, optimizer=optimizer, extra=extra)
 
     def load(
         self,
@@ -616,13 +540,10 @@ class IncrementalLearner:
     ) -> dict[str, Any]:
         """Restore a checkpoint written by :meth:`save` (same scenario, method and network).
 
-        The learner's structure is rebuilt to the saved step (classifier heads per ``classes_per_step``, CAF
-        module if saved, teacher), then all weights, the step and its finished flag are restored. Everything is
-        validated on copies first: on any error the learner (and ``optimizer``) are left exactly as they were.
-
-        To restore an optimizer it must have been built from :meth:`param_groups` on the saved structure:
-        either load into a learner already at that step, or load once without it, build the optimizer, and
-        load again with it (see :meth:`from_checkpoint`).
+        The structure is rebuilt to the saved step (classifier heads, fusion module, teacher), then the weights,
+        the step and its finished flag are restored; everything is validated on copies first, so on any error
+        the learner (and ``optimizer``) are left as they were. An ``optimizer`` must have been built from
+        :meth:`param_groups` on the saved structure (load once without it first, see :meth:`from_checkpoint`).
 
         Args:
             path: the checkpoint file.
@@ -634,10 +555,9 @@ class IncrementalLearner:
 
         Raises:
             FileNotFoundError: no such file.
-            CheckpointError: the file is corrupt, truncated or damaged (its checksum does not match), holds
-                pickled objects, has another format version, holds NaN/Inf weights or weights of another dtype
-                than the network's (never cast silently), or was written for another scenario, method or
-                network (mismatched keys or shapes), or the optimizer does not match.
+            CheckpointError: a corrupt or damaged file (checksum), pickled objects, another format version,
+                NaN/Inf weights or weights of another dtype (never cast silently), another scenario, method or
+                network (mismatched keys or shapes), or an optimizer that does not match.
 
         Example:
             >>> import tempfile, torch
@@ -657,149 +577,25 @@ class IncrementalLearner:
     def from_checkpoint(
         cls, path: str | os.PathLike[str], model: IncrementalSegmenter, *, map_location: Any = "cpu"
     ) -> IncrementalLearner:
-        """Build a learner from a checkpoint: its scenario and method, ``model``'s architecture, saved weights.
-
-        Args:
-            path: the checkpoint file.
-            model: a fresh network of the same architecture, built for step 0 (e.g.
-                ``small_segmenter(scenario.num_classes_at(0))``); it becomes the learner's model.
-            map_location: passed to ``torch.load``.
-
-        Returns:
-            The learner at the saved step. The ``extra`` data is in ``learner.load(path)``'s return value.
+        """Build a learner from a checkpoint: its scenario and method, ``model``'s architecture, saved weights
+        (``model``: a fresh network of the same architecture built for step 0). Then build the optimizer from
+        :meth:`param_groups` and ``learner.load(path, optimizer=optimizer)`` to restore its state and the extra
+        data.
 
         Raises:
             FileNotFoundError, CheckpointError: as :meth:`load`.
-
-        Example:
-            >>> # learner = IncrementalLearner.from_checkpoint("last.pt", small_segmenter(16))
-            >>> # optimizer = torch.optim.SGD(learner.param_groups(1e-3), lr=1e-3, momentum=0.9)
-            >>> # extra = learner.load("last.pt", optimizer=optimizer)  # optimizer state too
         """
         data = read_checkpoint(path, map_location=map_location)
-        scenario = scenario_from(data)
-        config = method_from(data)
-        learner = cls(model, scenario, config)
+        learner = cls(model, scenario_from(data), method_from(data))
         learner.load_state_dict(data)
         return learner
 
     def load_state_dict(
         self, state: Mapping[str, Any], *, optimizer: torch.optim.Optimizer | None = None
     ) -> dict[str, Any]:
-        """Restore a :meth:`state_dict` (what :meth:`load` does after reading the file).
-
-        Args:
-            state: a dictionary from :meth:`state_dict`.
-            optimizer: an optimizer to restore, built from :meth:`param_groups` on the saved structure.
-
-        Returns:
-            The ``extra`` dictionary.
+        """Restore a :meth:`state_dict` (what :meth:`load` does after reading the file); returns ``extra``.
 
         Raises:
             CheckpointError: see :meth:`load`; the learner is unchanged when it is raised.
         """
-        step, cps = check_learner_state(state, self._scenario, self._config)
-        config = self._config
-        has_fusion = self._method.has_fusion(step)
-        if state["has_fusion"] != has_fusion:
-            raise CheckpointError(
-                f"checkpoint has_fusion={state['has_fusion']} but method {config.name!r} at step {step} "
-                f"has {has_fusion}"
-            )
-        saved_levels = state.get("caf_levels")  # absent in checkpoints of incseg 0.1: single-tensor encoders
-        if saved_levels != levels_record(self.model):
-            raise CheckpointError(
-                f"checkpoint was written for a network with encoder levels {saved_levels} but this model has "
-                f"{levels_record(self.model)} (None: an encoder returning one tensor); build the model with the "
-                "same encoder and caf_levels as when the checkpoint was saved"
-            )
-        if (state["teacher"] is None) != (step == 0):
-            raise CheckpointError(f"checkpoint at step {step} must {'not ' if step == 0 else ''}hold teacher weights")
-        extra = state["extra"]
-        for what in ("model", "teacher", "criterion"):
-            if isinstance(state[what], dict):
-                try:
-                    check_finite_tensors(state[what], f"checkpoint {what}")
-                except NonFiniteError as exc:
-                    raise CheckpointError(str(exc)) from exc
-
-        # Build and fill copies: any mismatch surfaces here, before the learner changes.
-        with rng_preserved(self.model):
-            student = self._build_structure(cps, has_fusion)
-            load_into(student, state["model"], "model")
-            teacher = None
-            if state["teacher"] is not None:
-                teacher = self._build_structure(cps[:step], self._method.has_fusion(step - 1))
-                load_into(teacher, state["teacher"], "teacher")
-            criterion = copy.deepcopy(self.criterion)
-            load_into(criterion, state["criterion"], "criterion")
-
-        model = self.model
-        replace_classifier = model.classifier.classes_per_step != cps
-        replace_fusion = (model.fusion is not None) != has_fusion
-        if optimizer is not None:
-            self._check_optimizer(optimizer, state["optimizer"], replace_classifier or replace_fusion, step)
-            previous = copy.deepcopy(optimizer.state_dict())
-            try:
-                optimizer.load_state_dict(state["optimizer"])
-            except Exception as exc:
-                optimizer.load_state_dict(previous)
-                raise CheckpointError(
-                    f"the optimizer state of the checkpoint does not fit the optimizer: {exc}"
-                ) from exc
-
-        # Commit: nothing below can fail (same structures, validated weights).
-        if replace_classifier:
-            model.classifier = student.classifier
-        if replace_fusion:
-            model.fusion = student.fusion
-        model.load_state_dict(state["model"])
-        self._method.prepare_model(model, teacher=False)
-        if teacher is not None:
-            freeze(teacher)
-            self._method.prepare_model(teacher, teacher=True)
-        self._teacher = teacher
-        self.criterion.load_state_dict(state["criterion"])
-        self._step = step
-        self._step_finished = state["step_finished"]
-        self._module.num_old_classes = self._scenario.num_old_classes(step)
-        self._module.train(self._module.training)
-        self.criterion.requires_grad_(step > 0)
-        return dict(extra)
-
-    def _build_structure(self, classes_per_step: list[int], has_fusion: bool) -> IncrementalSegmenter:
-        """A copy of the model with the classifier heads ``classes_per_step`` and a fusion iff ``has_fusion``."""
-        model = copy.deepcopy(self.model)
-        current = model.classifier.classes_per_step
-        if current != classes_per_step:
-            if len(current) < len(classes_per_step) and classes_per_step[: len(current)] == current:
-                for n in classes_per_step[len(current) :]:
-                    model.classifier.add_classes(n, init="random")
-            else:
-                model.classifier = model.classifier.with_steps(classes_per_step)
-        if has_fusion and model.fusion is None:
-            model.fusion = self._new_fusion(model)
-        elif not has_fusion:
-            model.fusion = None
-        return model
-
-    def _check_optimizer(
-        self, optimizer: torch.optim.Optimizer, saved: Any, structure_changes: bool, step: int
-    ) -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if saved is None:
-            raise CheckpointError("checkpoint holds no optimizer state (it was saved without optimizer=)")
-        if structure_changes:
-            raise CheckpointError(
-                f"the checkpoint is at step {step} with another network structure than the learner's current one, "
-                "so the optimizer cannot have been built for it: load without optimizer first (or use "
-                "IncrementalLearner.from_checkpoint), build the optimizer from learner.param_groups(), then "
-                "load(path, optimizer=optimizer)"
-            )
-        own = {id(p) for p in self._module.parameters()}
-        if any(id(p) not in own for group in optimizer.param_groups for p in group["params"]):
-            raise CheckpointError(
-                "the optimizer holds parameters that are not this learner's; build it from param_groups()"
-            )
-        check_optimizer_state(optimizer, saved)
+        return load_learner_state(self, state, optimizer=optimizer)
