@@ -176,10 +176,10 @@ class IncrementalLearner:
         return self._module.num_old_classes
 
     def __repr__(self) -> str:
+        model, cfg = self.model, self._config
         return (
-            f"IncrementalLearner(method={self._config.name!r}, scenario={self._scenario!r}, step={self._step}, "
-            f"finished={self._step_finished}, num_classes={self.model.num_classes}, "
-            f"fusion={self.model.fusion is not None})"
+            f"IncrementalLearner(method={cfg.name!r}, scenario={self._scenario!r}, step={self._step}, finished="
+            f"{self._step_finished}, num_classes={model.num_classes}, fusion={model.fusion is not None})"
         )
 
     # ------------------------------------------------------------------ lifecycle
