@@ -182,7 +182,6 @@ class IncrementalLearner:
             f"{self._step_finished}, num_classes={model.num_classes}, fusion={model.fusion is not None})"
         )
 
-    # ------------------------------------------------------------------ lifecycle
     def begin_step(self, step: int, *, data: Iterable[Any] | None = None) -> None:
         """Start learning step ``step``; steps go in order ``0, 1, ...`` (or resume with :meth:`load`).
 
