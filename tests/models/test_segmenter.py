@@ -38,12 +38,14 @@ def test_public_api() -> None:
             "IncrementalClassifier",
             "IncrementalSegmenter",
             "adapt",
+            "check_equivalent",
             "classifier_from_conv",
             "deeplabv3_resnet50",
             "deeplabv3_resnet101",
             "from_named_submodules",
             "from_torchvision_deeplabv3",
             "small_segmenter",
+            "without_last_child",
         ]
     )
     assert all(hasattr(incseg.models, name) for name in incseg.models.__all__)
