@@ -15,19 +15,34 @@ Usage::
 
 Each run adds its rows to benchmarks/results/bench_losses.json (docs/figures/make_figures.py plots them).
 
-A second table compares the unbiased CE + unbiased KD pair (the loss of every MiB/CAF step) with a
-re-implementation of MiB's official losses (target of issue 14: at most 0.55x their time).
+With ``--mib-loss PATH`` a second table times the unbiased CE + unbiased KD pair (the loss of every MiB/CAF
+step, ``L_SEG + λ L_D``) against MiB's official losses, imported from the file MiB publishes
+(github.com/fcdl94/MiB, ``utils/loss.py``: ``UnbiasedCrossEntropy`` and ``UnbiasedKnowledgeDistillationLoss``,
+reduction ``"mean"``), not a copy: its path, SHA-256 and git commit are printed. incseg's side is the separate
+modules, the functionals and ``CAFLoss(kd="unbiased", ad=None)``. Each contender runs forward + backward once
+per round, in an order that rotates from round to round, after the same warm-up rounds; a run is ``--rounds``
+rounds and gives the ratio of the medians; ``--runs`` runs give the median and range of each ratio, at each
+``--threads`` setting::
+
+    git clone https://github.com/fcdl94/MiB /tmp/MiB
+    python benchmarks/bench_losses.py --mib-only --mib-loss /tmp/MiB/utils/loss.py --size 4 21 256 256 \
+        --old 16 --threads 2 16 --runs 5 --rounds 7 --validate
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.util
+import os
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 from _results import save_rows
 from torch import Tensor
 
@@ -39,7 +54,7 @@ from incseg.functional import (
     unbiased_cross_entropy,
     unbiased_kd_loss,
 )
-from incseg.losses import CAFLoss
+from incseg.losses import CAFLoss, UnbiasedCrossEntropyLoss, UnbiasedKDLoss
 from incseg.nn.squeeze_excitation import SqueezeExcitation
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -94,35 +109,42 @@ def naive_caf(inputs: dict, criterion: CAFLoss) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# MiB's official losses, re-implemented for comparison (not incseg code)
+# MiB's official losses, imported from the user's copy of MiB's code
 # ---------------------------------------------------------------------------------------------------------------
-# A re-implementation, written for this benchmark, of the computation that MiB's published code performs
-# (Cermelli et al., CVPR 2020, github.com/fcdl94/MiB, utils/loss.py: UnbiasedCrossEntropy and
-# UnbiasedKnowledgeDistillationLoss with mean reduction): the same tensor operations in the same order, so that
-# the timing is that of the official implementation. Used only as a baseline for the CE + KD pair.
+
+MIB_URL = "https://github.com/fcdl94/MiB"
 
 
-def mib_unbiased_ce(logits: Tensor, labels: Tensor, n_old: int) -> Tensor:
-    """MiB's UnbiasedCrossEntropy: a zero-filled log-probability tensor, filled slice by slice, then nll_loss."""
-    log_probs = torch.zeros_like(logits)
-    norm = torch.logsumexp(logits, dim=1)
-    log_probs[:, 0] = torch.logsumexp(logits[:, :n_old], dim=1) - norm
-    log_probs[:, n_old:] = logits[:, n_old:] - norm.unsqueeze(1)
-    target = labels.clone()
-    target[labels < n_old] = 0
-    return F.nll_loss(log_probs, target, ignore_index=255)
+def load_mib_losses(path: str) -> tuple[ModuleType, str]:
+    """Import MiB's ``utils/loss.py`` from ``path``; return the module and where it comes from (path, SHA-256,
+    git commit and remote when the file is in a git checkout)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise SystemExit(
+            f"--mib-loss {path}: no such file. It is MiB's utils/loss.py: `git clone {MIB_URL} MiB` and pass "
+            "--mib-loss MiB/utils/loss.py (the benchmark times MiB's own code, it does not ship a copy)."
+        )
+    spec = importlib.util.spec_from_file_location("mib_utils_loss", file)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # MiB's loss.py imports only torch
+    missing = [n for n in ("UnbiasedCrossEntropy", "UnbiasedKnowledgeDistillationLoss") if not hasattr(module, n)]
+    if missing:
+        raise SystemExit(f"--mib-loss {path}: no {', '.join(missing)} in it; is it MiB's utils/loss.py?")
+    provenance = f"{file.resolve()} (sha256 {hashlib.sha256(file.read_bytes()).hexdigest()[:16]}"
 
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(["git", "-C", str(file.parent), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return out.stdout.strip() if out.returncode == 0 else ""
 
-def mib_unbiased_kd(logits: Tensor, old_logits: Tensor) -> Tensor:
-    """MiB's UnbiasedKnowledgeDistillationLoss: index_select of the background + new classes, then logsumexp."""
-    n_old, k = old_logits.shape[1], logits.shape[1]
-    background_new = torch.tensor([0, *range(n_old, k)], device=logits.device)
-    norm = torch.logsumexp(logits, dim=1)
-    old_foreground = logits[:, 1 : n_old - k] - norm.unsqueeze(1)
-    background = torch.logsumexp(torch.index_select(logits, 1, background_new), dim=1) - norm
-    q = torch.softmax(old_logits, dim=1)
-    per_pixel = (q[:, 0] * background + (q[:, 1:] * old_foreground).sum(dim=1)) / n_old
-    return -per_pixel.mean()
+    commit = git("log", "-1", "--format=%H", "--", file.name)
+    if commit:
+        changed = " + local changes" if git("status", "--porcelain", "--", file.name) else ""
+        provenance += f", git {commit[:12]}{changed} of {git('remote', 'get-url', 'origin') or 'a local repository'}"
+    return module, provenance + ")"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,6 +185,95 @@ def time_pair(
     return times
 
 
+def time_rounds(
+    fns: dict[str, Callable[[], Tensor]], inputs: dict, device: torch.device, rounds: int, warmup: int
+) -> dict[str, list[float]]:
+    """Seconds of one forward + backward of each contender in each of ``rounds`` rounds (after ``warmup``
+    rounds, the same for all). Each round runs every contender once; the order rotates by one from round to
+    round, so that each contender takes each place as often as the others (none always follows the same one)."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for step in range(warmup + rounds):
+        shift = step % len(names)
+        for name in names[shift:] + names[:shift]:
+            _sync(device)
+            start = time.perf_counter()
+            fns[name]().backward()
+            _sync(device)
+            if step >= warmup:
+                times[name].append(time.perf_counter() - start)
+            _zero_grads(inputs)
+    return times
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def mib_section(args: argparse.Namespace, inputs: dict, device: torch.device, threads: int) -> list[dict[str, object]]:
+    """The unbiased CE + KD pair against MiB's official losses: median and range of each ratio over the runs."""
+    mib, provenance = load_mib_losses(args.mib_loss)
+    logits, labels, old_logits = inputs["logits"], inputs["labels"], inputs["old_logits"]
+    n_old, lam = old_logits.shape[1], args.lambda_d
+    mib_ce = mib.UnbiasedCrossEntropy(old_cl=n_old, ignore_index=255, reduction="mean")
+    mib_kd = mib.UnbiasedKnowledgeDistillationLoss(reduction="mean", alpha=1.0)
+    ce, kd = UnbiasedCrossEntropyLoss(n_old), UnbiasedKDLoss()
+    caf = CAFLoss(None, None, kd="unbiased", ad=None, lambda_d=lam)
+    fns: dict[str, Callable[[], Tensor]] = {
+        "MiB": lambda: mib_ce(logits, labels) + lam * mib_kd(logits, old_logits),
+        "modules": lambda: ce(logits, labels) + lam * kd(logits, old_logits),
+        "functionals": lambda: (
+            unbiased_cross_entropy(logits, labels, n_old) + lam * unbiased_kd_loss(logits, old_logits)
+        ),
+        "CAFLoss": lambda: caf(logits, labels, num_old_classes=n_old, old_logits=old_logits).loss,
+    }
+    with torch.no_grad():
+        values = {name: fn() for name, fn in fns.items()}
+    tol = 1e-5 if logits.dtype == torch.float32 else 2e-2  # incseg computes in float32, MiB in the input's dtype
+    for name, value in values.items():  # every contender computes MiB's loss
+        torch.testing.assert_close(value.float(), values["MiB"].float(), rtol=tol, atol=tol, msg=f"{name} != MiB")
+    b, k, h, w = logits.shape
+    cores = os.cpu_count()
+    note = f" (more than the machine's {cores} cores: oversubscribed)" if cores and threads > cores else ""
+    print(f"-- the unbiased CE + {lam:g} x unbiased KD pair against MiB's official losses (MiB = 1)")
+    print(f"   MiB's code: {provenance}")
+    print(
+        f"   device={device} B={b} K={k} H={h} W={w} n_old={n_old} threads={threads}{note} value checks "
+        f"{'on' if args.validate else 'off'}; loss {values['MiB'].item():.6f} on every side; forward + backward, "
+        f"{args.runs} runs of {args.rounds} interleaved rounds (order rotating, {args.warmup} warm-up rounds)"
+    )
+    ratios: dict[str, list[float]] = {}
+    for run in range(args.runs):
+        times = time_rounds(fns, inputs, device, args.rounds, args.warmup)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        for name in ("modules", "functionals", "CAFLoss"):
+            ratios.setdefault(f"{name} / MiB", []).append(med[name] / med["MiB"])
+        for name in ("modules", "functionals"):
+            ratios.setdefault(f"{name} / CAFLoss", []).append(med[name] / med["CAFLoss"])
+        print(
+            f"   run {run + 1}: MiB {med['MiB'] * 1e3:.1f} ms; "
+            + ", ".join(f"{name} {values[-1]:.2f}" for name, values in ratios.items()),
+            flush=True,
+        )
+    print(f"   {'ratio of median times':24s} median (range) over {args.runs} runs")
+    rows: list[dict[str, object]] = []
+    for name, values in ratios.items():
+        print(f"   {name:24s} {_spread(values)}")
+        rows.append(
+            {
+                "loss": f"CE + unbiased KD ({name.split(' / ')[0]})",
+                "reference": "MiB's official losses" if name.endswith("MiB") else "CAFLoss(kd='unbiased', ad=None)",
+                "ratio": statistics.median(values),
+                "ratio_min": min(values),
+                "ratio_max": max(values),
+                "runs": [round(v, 4) for v in values],
+                "threads": threads,
+                "mib_code": provenance,
+            }
+        )
+    return rows
+
+
 def saved_bytes(fn: Callable[[], Tensor], inputs: dict) -> int:
     """Bytes of the tensors autograd saves for backward in one forward, each storage counted once and the
     inputs' own storages (which exist anyway) left out."""
@@ -201,9 +312,18 @@ def main() -> None:
                         help="feature channels of z-bar and h and their spatial size (default 256 256 33)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[0],
+                        help="torch CPU threads (0: leave as is); several values: the MiB table at each, the naive "
+                        "table at the first")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(fullgraph=True) of each loss")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--mib-loss", metavar="PATH", help=f"MiB's utils/loss.py (from {MIB_URL}): time it too")
+    parser.add_argument("--mib-only", action="store_true", help="only the table against MiB's losses")
+    parser.add_argument("--lambda-d", type=float, default=10.0, help="weight of the KD term in the MiB table (10)")
+    parser.add_argument("--runs", type=int, default=5, help="runs of the MiB table (default 5)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per run of the MiB table (7)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the logits and old logits (as autocast gives them; float32)")  # fmt: skip
     parser.add_argument(
         "--validate",
         action="store_true",
@@ -211,16 +331,19 @@ def main() -> None:
     )
     args = parser.parse_args()
     incseg.set_validate_values(True if args.validate else False)
+    if args.mib_only and not args.mib_loss:
+        parser.error(f"--mib-only needs --mib-loss PATH to MiB's utils/loss.py (git clone {MIB_URL})")
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads[0]:
+        torch.set_num_threads(args.threads[0])
     device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     b, k, h, w = args.size
     n_old = args.old
     cz, ch, s = args.feat
-    logits = torch.randn(b, k, h, w, device=device, requires_grad=True)
-    old_logits = torch.randn(b, n_old, h, w, device=device)
+    logits = torch.randn(b, k, h, w, device=device).to(dtype).requires_grad_(True)
+    old_logits = torch.randn(b, n_old, h, w, device=device).to(dtype)
     labels = torch.randint(0, k, (b, h, w), device=device)
     labels[:, :4] = 255
     z = torch.randn(b, cz, s, s, device=device, requires_grad=True)
@@ -266,20 +389,39 @@ def main() -> None:
         ),
     ]
 
-    mib_criterion = CAFLoss(None, None, kd="unbiased", ad=None, lambda_d=1.0)
-    mib_pairs: list[tuple[str, Callable[[], Tensor], Callable[[], Tensor]]] = [
-        (
-            "CE + unbiased KD (functionals)",
-            lambda: unbiased_cross_entropy(logits, labels, n_old) + unbiased_kd_loss(logits, old_logits),
-            lambda: mib_unbiased_ce(logits, labels, n_old) + mib_unbiased_kd(logits, old_logits),
-        ),
-        (
-            "CE + unbiased KD (CAFLoss mib)",
-            lambda: mib_criterion(logits, labels, num_old_classes=n_old, old_logits=old_logits).loss,
-            lambda: mib_unbiased_ce(logits, labels, n_old) + mib_unbiased_kd(logits, old_logits),
-        ),
-    ]
+    rows: list[dict[str, object]] = []
+    if not args.mib_only:
+        rows += naive_section(args, pairs, inputs, device, figure_key=[b, k, h, w])
+    for threads in args.threads if args.mib_loss else []:
+        if threads:
+            torch.set_num_threads(threads)
+        rows += mib_section(args, inputs, device, torch.get_num_threads())
+    if args.json:
+        setting = {
+            "device": str(device),
+            "B": b,
+            "K": k,
+            "H": h,
+            "W": w,
+            "n_old": n_old,
+            "dtype": args.dtype,
+            "threads": args.threads,
+            "value_checks": bool(args.validate),
+        }
+        write_json(args.json, {"benchmark": "losses", "setting": setting, "rows": rows})
 
+
+def naive_section(
+    args: argparse.Namespace,
+    pairs: list[tuple[str, Callable[[], Tensor], Callable[[], Tensor]]],
+    inputs: dict,
+    device: torch.device,
+    figure_key: list[int],
+) -> list[dict[str, object]]:
+    """Each loss against its naive reference: best and median time, memory kept for backward."""
+    b, k, h, w = figure_key
+    n_old = inputs["old_logits"].shape[1]
+    cz, ch, s = args.feat
     print(
         f"device={device} B={b} K={k} H={h} W={w} n_old={n_old} features z/h=({cz},{ch},{s},{s}) "
         f"threads={torch.get_num_threads()} torch={torch.__version__}; forward+backward, best and median of "
@@ -293,12 +435,13 @@ def main() -> None:
         header += f" {'compiled ms':>11s} {'speed-up':>8s}"
     rows: list[dict[str, object]] = []
     figure_rows: list[dict[str, object]] = []
-    for section, section_pairs in (("naive reference", pairs), ("MiB's official losses (re-implemented)", mib_pairs)):
+    for section, section_pairs in (("naive reference", pairs),):
         print(f"-- against the {section}")
         print(header)
         for name, ours, naive in section_pairs:
             with torch.no_grad():
-                torch.testing.assert_close(ours(), naive(), rtol=1e-4, atol=1e-5)  # both compute the same loss
+                tol = 1e-4 if inputs["logits"].dtype == torch.float32 else 2e-2  # naive: in the input's dtype
+                torch.testing.assert_close(ours().float(), naive().float(), rtol=tol, atol=tol)  # the same loss
             times_ours, times_naive = time_pair(ours, naive, inputs, device, args.repeats, args.warmup)
             t_ours, t_naive = min(times_ours), min(times_naive)
             med_ours, med_naive = statistics.median(times_ours), statistics.median(times_naive)
@@ -350,17 +493,7 @@ def main() -> None:
     print("torch.compile(fullgraph=True) of the incseg loss.")
     if device.type != "cuda":
         print("peak memory: not measured on CPU (no allocator statistics); use 'saved MiB' there.")
-    if args.json:
-        setting = {
-            "device": str(device),
-            "B": b,
-            "K": k,
-            "H": h,
-            "W": w,
-            "n_old": n_old,
-            "threads": torch.get_num_threads(),
-        }
-        write_json(args.json, {"benchmark": "losses", "setting": setting, "rows": rows})
+    return rows
 
 
 def write_json(path: str, payload: dict[str, object]) -> None:

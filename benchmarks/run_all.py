@@ -11,6 +11,8 @@ Usage::
 
     python benchmarks/run_all.py --device cuda          # the paper's setting, about 10 minutes on one GPU
     python benchmarks/run_all.py --device cpu --quick   # about 10 minutes on 2 CPU cores
+
+``--mib-loss MiB/utils/loss.py`` (a clone of https://github.com/fcdl94/MiB) adds the table against MiB's losses.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def commands(device: str, quick: bool, results: Path) -> dict[str, list[str]]:
-    """The command line of every benchmark for ``device`` (``--quick``: the reduced CPU setting)."""
+def commands(device: str, quick: bool, results: Path, mib_loss: str | None = None) -> dict[str, list[str]]:
+    """The command line of every benchmark for ``device`` (``--quick``: the reduced CPU setting; ``mib_loss``:
+    MiB's ``utils/loss.py``, to time the unbiased CE + KD pair against it too)."""
     tag = device.split(":")[0]
     if tag == "cuda":
         losses = ["--size", "12", "21", "512", "512", "--compile"]
@@ -39,6 +42,8 @@ def commands(device: str, quick: bool, results: Path) -> dict[str, list[str]]:
         step = ["--model", "deeplabv3_resnet101", "--size", "256", "--batch", "2"]
         step += ["--iters", "2", "--warmup", "1"] if quick else ["--iters", "5", "--warmup", "2"]
         non_local = ["--quick"] if quick else []
+    if mib_loss:
+        losses += ["--mib-loss", mib_loss] + (["--runs", "3"] if quick else [])
     return {
         "losses": ["bench_losses.py", "--device", device, *losses, "--json", str(results / f"losses-{tag}.json")],
         "step": ["bench_step.py", "--device", device, *step, "--json", str(results / f"step-{tag}.json")],
@@ -58,7 +63,10 @@ def table(device: str, command: str, losses: dict, step: dict) -> str:
     ]
     for row in losses["rows"]:
         speedup = f"{row['compiled_speedup']:.2f}x" if "compiled_speedup" in row else "-"
-        lines.append(f"| {row['loss']} | {row['reference']} | {row['ratio']:.2f}x | {speedup} |")
+        ratio = f"{row['ratio']:.2f}x"
+        if "ratio_min" in row:  # the MiB table: median and range over runs
+            ratio += f" ({row['ratio_min']:.2f}-{row['ratio_max']:.2f}, {row['threads']} threads)"
+        lines.append(f"| {row['loss']} | {row['reference']} | {ratio} | {speedup} |")
     lines += [
         "",
         f"Training step ({setting['model']}, batch {setting['batch']}, {setting['size']}x{setting['size']}, "
@@ -100,12 +108,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", default=str(HERE / "results"), help="folder of the JSON/text outputs")
     parser.add_argument("--page", default=str(ROOT / "docs" / "results.md"), help="page that receives the table")
     parser.add_argument("--only", nargs="+", choices=["losses", "step", "non_local"], help="run only these")
+    parser.add_argument("--mib-loss", metavar="PATH", help="MiB's utils/loss.py: also time the losses against it")
     args = parser.parse_args(argv)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     tag = args.device.split(":")[0]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    for name, cmd in commands(args.device, args.quick, results).items():
+    for name, cmd in commands(args.device, args.quick, results, args.mib_loss).items():
         if args.only and name not in args.only:
             continue
         print(f"== {name}: python {' '.join(cmd)}", flush=True)

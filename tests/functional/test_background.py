@@ -156,3 +156,16 @@ def test_gamma_extreme_logits_finite() -> None:
     assert torch.isfinite(gamma).all()
     assert (gamma > 1e16).all()
     assert torch.isfinite(gamma_balance(old_logits.bfloat16())).all()
+
+
+def test_logaddexp_matches_torch_at_every_scale() -> None:
+    """The folds of the class groups use max + log(1 + exp(min - max)): torch.logaddexp's value."""
+    from incseg.functional.background import _logaddexp
+
+    gen = torch.Generator().manual_seed(0)
+    for scale in (1e-3, 1.0, 30.0, 1e4):
+        a = torch.randn(1000, generator=gen, dtype=torch.float64) * scale
+        b = torch.randn(1000, generator=gen, dtype=torch.float64) * scale
+        for x, y in ((a, b), (a, a), (a, a - 800.0)):
+            torch.testing.assert_close(_logaddexp(x, y), torch.logaddexp(x, y), rtol=1e-15, atol=1e-15)
+            torch.testing.assert_close(_logaddexp(x.float(), y.float()), torch.logaddexp(x, y).float())

@@ -192,3 +192,31 @@ def test_bad_inputs_raise(kwargs: dict, error: type[Exception], match: str) -> N
     args = {"logits": LOGITS, "labels": LABELS, "num_old_classes": 1, **kwargs}
     with pytest.raises(error, match=match):
         unbiased_cross_entropy(args.pop("logits"), args.pop("labels"), args.pop("num_old_classes"), **args)
+
+
+LAYOUTS = {
+    "contiguous": lambda x: x,
+    "channels_last": lambda x: x.contiguous(memory_format=torch.channels_last),
+    "permuted": lambda x: x.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2),
+    "strided": lambda x: torch.stack([x, torch.zeros_like(x)], dim=-1)[..., 0],  # gaps in memory
+    "expanded": lambda x: x[:1].expand(2, -1, -1, -1),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_non_finite_logits_raise_in_every_memory_layout(layout: str, bad: float, dtype: torch.dtype) -> None:
+    """The finiteness check (one aminmax pass over the logits' memory) sees every element, whatever the strides."""
+    from incseg import NonFiniteError
+
+    labels = _labels(5, (2, 4, 4))
+    for position in [(0, 0, 0, 0), (0, 4, 3, 3), (0, 2, 1, 3)]:
+        logits = torch.randn(2, 5, 4, 4, dtype=dtype)
+        logits[position] = bad
+        logits = LAYOUTS[layout](logits)
+        assert not torch.isfinite(logits).all()
+        with pytest.raises(NonFiniteError, match="non-finite"):
+            unbiased_cross_entropy(logits, labels, 3)
+    finite = LAYOUTS[layout](torch.randn(2, 5, 4, 4, dtype=dtype))
+    assert torch.isfinite(unbiased_cross_entropy(finite, labels, 3))

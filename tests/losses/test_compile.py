@@ -54,11 +54,24 @@ def _caf_call(ce: str, kd: str | None) -> Callable[[nn.Module, dict[str, torch.T
     return call
 
 
+class _Pair(nn.Module):
+    """MiB's loss from the separate modules: in eager mode the two share one class-group pass (issue 27), under
+    torch.compile each runs its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ce, self.kd = UnbiasedCrossEntropyLoss(N_OLD), UnbiasedKDLoss()
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
+        return self.ce(logits, labels) + 10.0 * self.kd(logits, old_logits)
+
+
 CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]]] = {
     "unbiased_ce": (
         lambda: UnbiasedCrossEntropyLoss(N_OLD),
         lambda m, t: m(t["logits"], t["labels"]),
     ),
+    "unbiased_ce_plus_unbiased_kd": (_Pair, lambda m, t: m(t["logits"], t["labels"], t["old_logits"])),
     "kd": (KDLoss, lambda m, t: m(t["logits"], t["old_logits"], t["mask"])),
     "unbiased_kd": (UnbiasedKDLoss, lambda m, t: m(t["logits"], t["old_logits"], t["mask"])),
     "balanced_kd": (BalancedKDLoss, lambda m, t: m(t["logits"], t["old_logits"])),

@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 
 from incseg._checks import check_labels, check_logits
-from incseg.functional._common import Reduction, check_choice, check_num_old_classes, reduce_pixels, resize_to, upcast
-from incseg.functional.background import _ClassGroups, _UnionName
+from incseg.functional._common import Reduction, check_choice, check_num_old_classes, reduce_pixels, resize_to
+from incseg.functional.background import _ClassGroups, _UnionName, shared_upcast
 
 __all__ = ["unbiased_cross_entropy"]
 
@@ -110,8 +110,8 @@ def unbiased_cross_entropy(
     num_classes = logits.shape[1]
     n_old = check_num_old_classes(num_old_classes, num_classes, minimum=0, allow_all=False)
     check_labels(labels, num_classes, ignore_index=ignore_index, batch_shape=(logits.shape[0],))
-    x = resize_to(upcast(logits), labels.shape[-2:])
+    x = resize_to(shared_upcast(logits), labels.shape[-2:])
     start = _nll_index_start(n_old, aggregate_old=True)
     index, valid = _label_index(labels, ignore_index, start)
-    groups = _ClassGroups(x, n_old, _nll_unions(True), index=index, index_start=start)
+    groups = _ClassGroups(x, n_old, _nll_unions(True), index=index, index_start=start, share=True, source=logits)
     return reduce_pixels(_nll(groups, labels), valid, reduction)

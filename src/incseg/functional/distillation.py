@@ -27,7 +27,7 @@ from incseg.functional._common import (
     resize_to,
     upcast,
 )
-from incseg.functional.background import _ClassGroups, _gamma_balance, _UnionName
+from incseg.functional.background import _ClassGroups, _gamma_balance, _UnionName, shared_upcast
 
 __all__ = ["balanced_kd_loss", "kd_loss", "unbiased_kd_loss"]
 
@@ -44,7 +44,7 @@ def _prepare(logits: Tensor, old_logits: Tensor, mask: Tensor | None) -> tuple[T
         )
     if mask is not None:
         check_mask(mask, (logits.shape[0], *logits.shape[2:]))
-    x = upcast(logits)
+    x = shared_upcast(logits)  # the float32 copy a class-group pass on the same logits made, if any
     x_old = upcast(old_logits)
     dtype = torch.promote_types(x.dtype, x_old.dtype)
     x, x_old = x.to(dtype), x_old.to(dtype)
@@ -60,7 +60,9 @@ def _old_probs(x_old: Tensor) -> Tensor:
     if x_old.device.type != "cpu":
         return torch.softmax(x_old, dim=1)
     e = torch.sub(x_old, x_old.detach().amax(dim=1, keepdim=True)).exp_()
-    return e / e.sum(dim=1, keepdim=True)
+    if e.requires_grad:  # exp_'s backward reads e: divide out of place
+        return e / e.sum(dim=1, keepdim=True)
+    return e.div_(e.sum(dim=1, keepdim=True))
 
 
 def _kd_unions(kind: str) -> tuple[_UnionName, ...]:
@@ -68,15 +70,25 @@ def _kd_unions(kind: str) -> tuple[_UnionName, ...]:
     return ("old", "background", "foreground") if kind == "plain" else ("all", "background_new", "foreground")
 
 
-def _kd_groups(x: Tensor, q: Tensor, kind: str) -> _ClassGroups:
-    """The student's class groups for a distillation with teacher probabilities ``q`` (``(B, n_old, H, W)``).
+def _kd_groups(x: Tensor, q: Tensor, kind: str, source: Tensor | None = None) -> _ClassGroups:
+    """The student's class groups for a distillation with teacher probabilities ``q`` (``(B, n_old, H, W)``),
+    shared with a class-group pass on the same logits when one can lead (see :class:`_ClassGroups`).
 
     Args:
         x: upcast student logits ``(B, K, H, W)``.
         q: the teacher's probabilities at the student's size.
         kind: ``"plain"`` (only the old classes matter) or ``"unbiased"``.
+        source: the logits ``x`` was upcast from, if any.
     """
-    return _ClassGroups(x, q.shape[1], _kd_unions(kind), old_foreground_weights=q[:, 1:], old_only=kind == "plain")
+    return _ClassGroups(
+        x,
+        q.shape[1],
+        _kd_unions(kind),
+        old_foreground_weights=q[:, 1:],
+        old_only=kind == "plain",
+        share=True,
+        source=source,
+    )
 
 
 def _kd_parts(groups: _ClassGroups, q: Tensor, kind: str) -> tuple[Tensor, Tensor]:
@@ -124,7 +136,7 @@ def _kd(
     check_choice(reduction, "reduction", ("none", "mean", "sum"))
     x, x_old = _prepare(logits, old_logits, mask)
     q = _old_probs(x_old)
-    background, others = _kd_parts(_kd_groups(x, q, kind), q, kind)
+    background, others = _kd_parts(_kd_groups(x, q, kind, source=logits), q, kind)
     gamma = _gamma_balance(x_old) if balanced else None
     per_pixel = _combine(background, others, gamma, class_reduction, x_old.shape[1])
     return reduce_pixels(per_pixel, mask, reduction)
