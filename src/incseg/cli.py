@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke test: 10 / 5 epochs on 500 / 100 images (about 1 min of CPU time against 4 for the full demo)",
+        help="a smoke test: 10 / 5 epochs on 500 / 100 images, about a sixth of the full demo's time",
     )
     demo.add_argument(
         "--threads",

@@ -64,7 +64,7 @@ class MethodConfig:
         kd: ``None``, ``"plain"``, ``"unbiased"`` or ``"balanced"`` output distillation. The ``caf`` recipe
             (the default) uses MiB's ``"unbiased"`` KD, as the authors' public release does: the balanced KD of
             eq. 11-12 pulls the student towards the old classes wherever ``γ < 1`` and cost new classes on
-            every network measured (docs/results.md); ``caf-paper`` keeps ``"balanced"``.
+            every network measured (docs/lab-notebook.md); ``caf-paper`` keeps ``"balanced"``.
         ad: ``None``, ``"plain"``, ``"spatial"``, ``"channel"`` or ``"both"`` feature distillation.
         caf: insert :class:`~incseg.nn.caf.ContinualAttentiveFusion` at step 1 (kept in later steps).
         init: initialisation of new classifier rows, ``"mib"`` (PROTOCOL.md) or ``"random"``.
@@ -86,7 +86,7 @@ class MethodConfig:
         gamma_on_new: with ``kd="balanced"``: ``True`` (the paper) applies ``γ`` on every pixel; ``False``
             (default) keeps ``γ = 1`` (MiB's unbiased KD) on pixels labelled with a new class, where ``γ < 1``
             pulls the student towards the old classes against the label (see :class:`~incseg.losses.CAFLoss`
-            and docs/results.md).
+            and docs/lab-notebook.md).
         ad_on_new: ``True`` (the paper) distils the features at every position; ``False`` leaves the positions
             of pixels labelled with a new class out of the attentive distillation, where the old model's features
             work against the label (see :class:`~incseg.losses.CAFLoss` and docs/protocol.md).
@@ -94,7 +94,7 @@ class MethodConfig:
             them in evaluation mode (running statistics of step 0) at steps > 0, as the teacher's, while their
             affine weights still train (MiB's ``--fix_bn``). ``"frozen"`` is not the default: it made deep
             residual networks diverge under attentive distillation (FCN-ResNet50, lr 0.01, see
-            docs/results.md). Layers that never saw data (running mean
+            docs/lab-notebook.md). Layers that never saw data (running mean
             0 and variance 1, as initialised) keep batch statistics under ``"frozen"``, with a warning:
             evaluation mode would not normalise them, and training diverges (measured: MiB with frozen
             untrained batch norm explodes within 4 iterations on torchvision's FCN-ResNet50).
