@@ -506,3 +506,9 @@ def test_one_time_estimate_counts_every_iteration_of_the_run_and_none_a_resume_r
     assert resumed.done == resumed.total == plan[1]
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("  eval step 1") and all(", run " in line for line in lines if "epoch" in line)
+
+    # Without one given, train_scenario makes its own for all its steps (incseg train).
+    run["checkpoint_dir"] = tmp_path / "own"
+    train_scenario(tiny_learner(scenario), datasets, config, **run)
+    lines = [line for line in capsys.readouterr().err.splitlines() if " epoch " in line]
+    assert len(lines) == 3 and all(", run " in line for line in lines) and "run 0:00 left" in lines[-1]
