@@ -1,6 +1,6 @@
 """Where the benchmarks keep their numbers: ``benchmarks/results/<name>.json``, one row per configuration.
 
-``docs/figures/make_figures.py`` draws the pictures of docs/results.md from these files, so that pictures and
+``docs/figures/make_figures.py`` draws the pictures of the documentation from these files, so that pictures and
 numbers come from the same runs. A new run replaces the rows of the same configuration (the ``key`` fields) and
 keeps the others: running a benchmark with several settings accumulates one row per setting.
 """

@@ -2,7 +2,7 @@
 
 Trains step 0 once (as `incseg demo` does), then each run's later steps from that same model, and scores the
 final model of every run on the last step's test set with each CAF test strategy. Produces the ablation and
-strategy tables of docs/results.md (and writes benchmarks/results/ablation_synthetic.json, which
+strategy tables of docs/lab-notebook.md (and writes benchmarks/results/ablation_synthetic.json, which
 docs/figures/make_figures.py plots):
 
     python benchmarks/ablation_synthetic.py

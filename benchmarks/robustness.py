@@ -6,7 +6,7 @@ library's defaults for the method and the same optimiser settings for all. Each 
 last step's test set with the field's convention (old = the classes of step 0, new = all later classes,
 background excluded), whether training diverged (a non-finite loss or weights), and for CAF methods the
 ``all`` mIoU with the ``skip`` and ``concat`` test strategies. Rows are appended to a JSON file as they finish,
-so an interrupted run keeps its cells; ``--table`` prints the markdown table of docs/results.md from the JSON.
+so an interrupted run keeps its cells; ``--table`` prints the markdown table of docs/lab-notebook.md from the JSON.
 
     python benchmarks/robustness.py                                  # the full matrix (about 2 h on 2 cores)
     python benchmarks/robustness.py --networks small --seeds 0 --tasks 15-5 --methods mib caf

@@ -399,3 +399,29 @@ def test_c6_an_error_in_a_dataloader_worker_is_one_line(
     assert main(["train", "--dataset", "synthetic"]) == 2
     err = _one_line_error(capsys)
     assert err.rstrip().endswith("its label a.png has size (5, 5) (in DataLoader worker 0)"), err
+
+
+def test_demo_prints_one_time_estimate_for_all_its_phases(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    import incseg._progress
+
+    made: list[incseg._progress.Eta] = []
+
+    class Recorded(incseg._progress.Eta):
+        def __init__(self, total: int) -> None:
+            super().__init__(total)
+            made.append(self)
+
+    monkeypatch.setattr(incseg._progress, "Eta", Recorded)
+    threads = torch.get_num_threads()
+    tiny = ["--epochs", "1", "--epochs-next", "1", "--train-images", "96", "--val-images", "16", "--width", "8"]
+    assert main(["demo", *tiny, "--methods", "ft,mib,joint", "--out", str(tmp_path), "--threads", "1"]) == 0
+    assert torch.get_num_threads() == threads  # the caller's setting is restored
+    assert len(made) == 1  # step 0, each method's step 1 and joint training share one estimate
+    assert made[0].done == made[0].total > 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if " epoch " in line]
+    assert len(lines) == 4 and all(", run " in line for line in lines)
+    assert "run 0:00 left" in lines[-1]

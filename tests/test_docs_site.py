@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -291,12 +292,12 @@ def test_make_figures_draws_every_figure_from_the_json_outputs(tmp_path: Path) -
     pytest.importorskip("matplotlib", reason="the docs extra (matplotlib) is not installed")
     figures = _load("docs/figures/make_figures.py")
     demo, results = _fake_outputs(tmp_path)
-    written = figures.make_figures(demo, results, tmp_path / "out")
+    written = figures.make_figures([demo], results, tmp_path / "out")
     names = sorted(p.name for p in written)
-    expected = ["ablation.svg", "demo-miou.svg", "demo-predictions.png", "lambda-ad.svg", "robustness.svg"]
-    assert names == sorted([*expected, "speed.svg", "strategies.svg"])
+    expected = ["ablation.svg", "demo-miou.svg", "demo-predictions.png", "demo-table.md", "lambda-ad.svg"]
+    assert names == sorted([*expected, "robustness.svg", "speed.svg", "strategies.svg"])
     assert (tmp_path / "out/demo-predictions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for path in written:  # the snippet a page includes to show the figure
+    for path in (p for p in written if p.suffix != ".md"):  # the snippet a page includes to show the figure
         assert f"](assets/figures/{path.name})" in path.with_suffix(".md").read_text(encoding="utf-8")
     for path in written:
         if path.suffix == ".svg":
@@ -304,7 +305,7 @@ def test_make_figures_draws_every_figure_from_the_json_outputs(tmp_path: Path) -
             ElementTree.fromstring(text)  # well-formed
             assert not re.search(r'(href|src)="(https?:)?//', text), "an SVG that loads something from outside"
     svg = (tmp_path / "out/demo-predictions.png").read_bytes()
-    again = figures.make_figures(demo, results, tmp_path / "again")
+    again = figures.make_figures([demo], results, tmp_path / "again")
     assert [p.read_bytes() for p in again] == [p.read_bytes() for p in written], "figures are not deterministic"
     assert svg == (tmp_path / "again/demo-predictions.png").read_bytes()
 
@@ -315,11 +316,32 @@ def test_make_figures_skips_missing_inputs(tmp_path: Path, capsys: pytest.Captur
     demo, results = _fake_outputs(tmp_path)
     for name in ("robustness", "bench_step", "bench_losses", "ablation_synthetic"):
         (results / f"{name}.json").unlink()
-    written = figures.make_figures(demo, results, tmp_path / "out")
-    assert sorted(p.name for p in written) == ["demo-miou.svg", "demo-predictions.png"]
+    written = figures.make_figures([demo], results, tmp_path / "out")
+    assert sorted(p.name for p in written) == ["demo-miou.svg", "demo-predictions.png", "demo-table.md"]
     printed = capsys.readouterr().out
     assert "skipped the robustness figure" in printed and "skipped the speed figure" in printed
-    assert figures.make_figures(tmp_path / "no-demo", results, tmp_path / "out") == []
+    assert figures.make_figures([demo, tmp_path / "no-demo"], results, tmp_path / "none") == []
+    assert "skipped the demo figures: no " + str(tmp_path / "no-demo") in capsys.readouterr().out
+
+
+def test_demo_figures_of_several_seeds_show_the_mean_and_the_spread(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the docs extra (matplotlib) is not installed")
+    figures = _load("docs/figures/make_figures.py")
+    demo, _ = _fake_outputs(tmp_path)
+    other = tmp_path / "demo-s1"
+    shutil.copytree(demo, other)
+    results = json.loads((other / "results.json").read_text())
+    results["final"]["caf"]["groups"]["all"] = 0.25  # 15.0 % in the first run, 25.0 % in the second
+    (other / "results.json").write_text(json.dumps(results))
+    figures.demo_miou([demo, other], tmp_path / "out")
+    assert "mean over 2 seeds with their range" in (tmp_path / "out/demo-miou.md").read_text(encoding="utf-8")
+    table = figures.demo_table([demo, other], tmp_path / "out").read_text(encoding="utf-8")
+    caf = next(line for line in table.splitlines() if line.startswith("| CAF |"))
+    assert "| 20.0 ± 7.1 |" in caf and caf.endswith("| 15.0, 25.0 |")
+    results["scenario"]["name"] = "synthetic-15-1"
+    (other / "results.json").write_text(json.dumps(results))
+    with pytest.raises(ValueError, match="another scenario"):
+        figures.demo_table([demo, other], tmp_path / "out")
 
 
 def test_robustness_figure_reads_every_matrix_file(tmp_path: Path) -> None:

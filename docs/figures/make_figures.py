@@ -1,14 +1,16 @@
 """Draw every generated picture of the documentation from the JSON the demo and the benchmarks write.
 
-    python docs/figures/make_figures.py --demo incseg-demo
+    python docs/figures/make_figures.py --demo incseg-demo-s0 incseg-demo-s1 incseg-demo-s2
 
 Nothing here is typed in by hand: each figure reads a run's output, so the pictures and the numbers of
 docs/results.md come from the same runs. Inputs (a missing input skips its figures with a message and leaves
 the committed files as they are):
 
-- ``--demo`` (default ``incseg-demo``), the folder ``incseg demo`` writes: ``results.json`` and
-  ``predictions.npz`` give ``demo-predictions.png`` (final predictions of every method side by side, with a
-  colour legend of the class names) and ``demo-miou.svg`` (old / new / all mIoU per method);
+- ``--demo`` (default ``incseg-demo``), one or more folders ``incseg demo`` wrote (one per seed:
+  ``incseg demo --seed S --out incseg-demo-sS``): the first one's ``results.json`` and ``predictions.npz`` give
+  ``demo-predictions.png`` (final predictions of every method side by side, with a colour legend of the class
+  names); all of them give ``demo-miou.svg`` (old / new / all mIoU per method, the mean over the runs with their
+  range) and ``demo-table.md`` (the table of docs/results.md: mean ± standard deviation and every run);
 - ``--results`` (default ``benchmarks/results``): ``ablation_synthetic.json`` gives ``ablation.svg``,
   ``strategies.svg`` and ``lambda-ad.svg``; ``robustness*.json`` give ``robustness.svg``; ``bench_step.json``
   and ``bench_losses.json`` give ``speed.svg``.
@@ -132,19 +134,67 @@ def _grouped_bars(ax: plt.Axes, labels: Sequence[str], values: dict[str, Sequenc
     return ax
 
 
-def demo_miou(demo: Path, out: Path) -> Path:
-    """Bar chart of the demo's final old / new / all mIoU (%, without background) per method."""
-    results = _read_json(demo / "results.json")
-    final = results["final"]
-    methods = list(final)
-    values = {g: [100 * (final[m]["groups"][g] or 0.0) for m in methods] for g in GROUPS}
-    fig, ax = plt.subplots(figsize=(5.2, 2.4))
+def _demo_runs(demos: Sequence[Path]) -> tuple[str, list[str], dict[str, dict[str, list[float]]]]:
+    """``(scenario name, methods, {method: {group: [mIoU % of each run]}})`` of demo folders (same methods)."""
+    runs = [_read_json(d / "results.json") for d in demos]
+    methods = list(runs[0]["final"])
+    for demo, run in zip(demos, runs):
+        if list(run["final"]) != methods or run["scenario"] != runs[0]["scenario"]:
+            raise ValueError(f"{demo}: another scenario or other methods than {demos[0]}")
+    groups = (*GROUPS, "all_bg")
+    values = {m: {g: [100 * (r["final"][m]["groups"][g] or 0.0) for r in runs] for g in groups} for m in methods}
+    return runs[0]["scenario"]["name"], methods, values
+
+
+def demo_miou(demos: Sequence[Path], out: Path) -> Path:
+    """Bar chart of the demo's final old / new / all mIoU (%, without background) per method: the mean over the
+    runs (one per seed) and, with several runs, their range."""
+    name, methods, runs = _demo_runs(demos)
+    values = {g: [statistics.fmean(runs[m][g]) for m in methods] for g in GROUPS}
+    fig, ax = plt.subplots(figsize=(5.2, 2.5))
     _grouped_bars(ax, [_method_label(m) for m in methods], values, GROUP_COLOURS)
+    if len(demos) > 1:
+        width = 0.8 / len(GROUPS)
+        for k, g in enumerate(GROUPS):
+            x = np.arange(len(methods)) + (k - (len(GROUPS) - 1) / 2) * width
+            mean = np.array(values[g])
+            low = mean - np.array([min(runs[m][g]) for m in methods])
+            high = np.array([max(runs[m][g]) for m in methods]) - mean
+            ax.errorbar(x, mean, yerr=[low, high], fmt="none", ecolor="#333333", elinewidth=0.8, capsize=2)
+    top = max(max(max(runs[m][g]) for m in methods) for g in GROUPS)
     ax.set_ylabel("mIoU (%)")
-    ax.set_ylim(0, max(max(v) for v in values.values()) * 1.18 + 1)
+    ax.set_ylim(0, top * 1.2 + 1)
     ax.legend(title=None, ncol=3, frameon=False, loc="upper left", fontsize=8)
-    ax.set_title(f"incseg demo: {results['scenario']['name']}, after the last step", fontsize=9)
-    return _save(fig, out / "demo-miou.svg", "Bar chart of the final old, new and all-class mIoU of each method")
+    spread = f"mean of {len(demos)} seeds, bars: their range" if len(demos) > 1 else "one run"
+    ax.set_title(f"incseg demo: {name}, after the last step ({spread})", fontsize=9)
+    return _save(
+        fig,
+        out / "demo-miou.svg",
+        "Bar chart of the final old, new and all-class mIoU of each method"
+        + (f", mean over {len(demos)} seeds with their range" if len(demos) > 1 else ""),
+    )
+
+
+def demo_table(demos: Sequence[Path], out: Path) -> Path:
+    """``demo-table.md``: the final mIoU per method as mean ± standard deviation over the runs, and every run."""
+    _, methods, runs = _demo_runs(demos)
+    groups = (*GROUPS, "all_bg")
+    heads = {"old": "old", "new": "new", "all": "all", "all_bg": "all incl. background"}
+
+    def cell(values: list[float]) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.1f}"
+        return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+    lines = ["| method | " + " | ".join(heads[g] for g in groups) + " | all, each run |", "|---" + "|---:" * 5 + "|"]
+    for m in methods:
+        each = ", ".join(f"{v:.1f}" for v in runs[m]["all"])
+        lines.append(f"| {_method_label(m)} | " + " | ".join(cell(runs[m][g]) for g in groups) + f" | {each} |")
+    path = out / "demo-table.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    return path
 
 
 # ------------------------------------------------------------------------------------------------ ablations
@@ -358,13 +408,14 @@ def speed(results: Path, out: Path) -> Path | None:
 # ------------------------------------------------------------------------------------------------ main
 
 
-def make_figures(demo: Path, results: Path, out: Path) -> list[Path]:
+def make_figures(demos: Sequence[Path], results: Path, out: Path) -> list[Path]:
     """Draw every figure whose inputs exist; report the others as skipped. Returns the files written."""
     written: list[Path] = []
-    if (demo / "results.json").is_file() and (demo / "predictions.npz").is_file():
-        written += [demo_predictions(demo, out), demo_miou(demo, out)]
+    missing = [d for d in demos if not ((d / "results.json").is_file() and (d / "predictions.npz").is_file())]
+    if not missing:
+        written += [demo_predictions(demos[0], out), demo_miou(demos, out), demo_table(demos, out)]
     else:
-        print(f"skipped the demo figures: no {demo}/results.json and predictions.npz (run: incseg demo --out {demo})")
+        print(f"skipped the demo figures: no {missing[0]}/results.json and predictions.npz (run incseg demo)")
     if (results / "ablation_synthetic.json").is_file():
         written += ablation(results, out)
     else:
@@ -388,7 +439,13 @@ def make_figures(demo: Path, results: Path, out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--demo", type=Path, default=Path("incseg-demo"), help="output folder of incseg demo")
+    parser.add_argument(
+        "--demo",
+        type=Path,
+        nargs="+",
+        default=[Path("incseg-demo")],
+        help="output folders of incseg demo, one per seed (the first one's predictions are drawn)",
+    )
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="benchmark JSON folder")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "assets" / "figures", help="where to write")
     args = parser.parse_args(argv)

@@ -61,8 +61,9 @@ def synthetic_sources(size: int, seed: int, train_images: int, val_images: int) 
     mild scale jitter and evaluated as they are (``TestTransform(size=None)``: no resizing)."""
     from incseg.data import SyntheticScenes, TestTransform, TrainTransform
 
-    train_src = SyntheticScenes("train", num_images=train_images, size=size, seed=seed)
-    test_src = SyntheticScenes("val", num_images=val_images, size=size, seed=seed)
+    cache = (train_images + val_images) * size * size * 4 <= 512 * 2**20  # rendered once when small enough
+    train_src = SyntheticScenes("train", num_images=train_images, size=size, seed=seed, cache=cache)
+    test_src = SyntheticScenes("val", num_images=val_images, size=size, seed=seed, cache=cache)
     return train_src, test_src, TrainTransform(crop_size=size, scale=(0.75, 1.25), hflip=True), TestTransform(None)
 
 

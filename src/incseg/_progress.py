@@ -9,11 +9,62 @@ from typing import TextIO, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["Progress"]
+__all__ = ["Eta", "Progress"]
+
+
+class Eta:
+    """The time left of a whole run made of several loops (steps, methods): one estimate for all of them.
+
+    The run's loops report each training iteration (:meth:`advance`); the estimate is the run's own pace so far
+    (wall time per iteration since the first one, everything in between included: evaluations, checkpoints)
+    times the iterations left. Iterations a resumed run does not repeat are taken off with :meth:`skip`.
+
+    Args:
+        total: training iterations of the whole run.
+
+    Example:
+        >>> eta = Eta(100)
+        >>> eta.left() is None  # no pace yet
+        True
+        >>> eta.skip(40)
+        >>> eta.total
+        60
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = max(0, int(total))
+        self.done = 0
+        self._start: float | None = None
+
+    def start(self) -> None:
+        """Start the clock (the first :meth:`advance` does it if not called)."""
+        if self._start is None:
+            self._start = time.monotonic()
+
+    def advance(self, n: int = 1) -> None:
+        """``n`` more iterations are done."""
+        self.start()
+        self.done += n
+
+    def skip(self, n: int) -> None:
+        """``n`` iterations of the plan will not run (done before a resume)."""
+        self.total = max(self.done, self.total - n)
+
+    def left(self) -> float | None:
+        """Estimated seconds left, or ``None`` before the first iteration."""
+        if self._start is None or self.done == 0:
+            return None
+        elapsed = time.monotonic() - self._start
+        return elapsed / self.done * max(0, self.total - self.done)
+
+    def text(self) -> str:
+        """``"run 3:10 left"`` (or ``""`` without an estimate yet)."""
+        left = self.left()
+        return "" if left is None else f"run {_fmt(left)} left"
 
 
 class Progress:
-    """Wraps an iterable and prints ``desc [=====>    ] 12/40 0:05<0:12 2.4it/s step 1:10 left loss=0.53``.
+    """Wraps an iterable and prints ``desc [=====>    ] 12/40 0:05<0:12 2.4it/s step 1:10 left run 4:30 left``.
 
     On a terminal the line is redrawn in place; otherwise (logs, CI) a line is printed at most every
     ``min_interval`` seconds and at the end, so log files stay short.
@@ -27,6 +78,7 @@ class Progress:
         min_interval: seconds between two printed lines when not on a terminal.
         remaining_after: items that follow this loop in the same larger task (e.g. the step's later epochs);
             when given, the line ends with the estimated time left for the whole task.
+        eta: the :class:`Eta` of the whole run: every item advances it and the line ends with its estimate.
     """
 
     def __init__(
@@ -39,6 +91,7 @@ class Progress:
         stream: TextIO | None = None,
         min_interval: float = 10.0,
         remaining_after: int | None = None,
+        eta: Eta | None = None,
     ) -> None:
         self.iterable = iterable
         self.total = total if total is not None else len(iterable)  # type: ignore[arg-type]
@@ -47,6 +100,7 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         self.min_interval = min_interval
         self.remaining_after = remaining_after
+        self.eta = eta
         self.postfix = ""
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
 
@@ -55,11 +109,15 @@ class Progress:
         self.postfix = text
 
     def __iter__(self) -> Iterator[T]:  # type: ignore[type-var]
+        if self.eta is not None:
+            self.eta.start()
         start = last = time.monotonic()
         n = 0
         for item in self.iterable:
             yield item  # type: ignore[misc]
             n += 1
+            if self.eta is not None:
+                self.eta.advance()
             now = time.monotonic()
             if self.enabled and (self._tty or now - last >= self.min_interval or n == self.total):
                 self._print(n, now - start, final=n == self.total)
@@ -75,6 +133,8 @@ class Progress:
         line = f"{self.desc} [{bar}] {n}/{self.total} {_fmt(elapsed)}<{_fmt(per_item * (self.total - n))} {rate}"
         if self.remaining_after is not None:
             line += f" step {_fmt(per_item * (self.total - n + self.remaining_after))} left"
+        if self.eta is not None and self.eta.text():
+            line += f", {self.eta.text()}"
         line = f"{line} {self.postfix}".rstrip()
         end = "\n" if final or not self._tty else ""
         self.stream.write(("\r" if self._tty else "") + line + end)

@@ -152,7 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--val-images", type=_positive_int, default=_SYNTHETIC_IMAGES["val"], help="test set")
     demo.add_argument("--size", type=_positive_int, default=synthetic["crop_size"], help="image side in pixels")
     demo.add_argument("--width", type=_positive_int, default=32, help="width of the small network")
-    demo.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke test: 10 / 5 epochs on 500 / 100 images, about a sixth of the full demo's time",
+    )
+    demo.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        help="torch threads; the table depends on it (float rounding). 1 is fastest for this small network on a "
+        "busy machine: a second thread waits on the first when the cores are shared",
+    )
     _common(demo, out_default="incseg-demo", device_default="cpu; the small network gains little from a GPU")
 
     train = sub.add_parser(
@@ -350,12 +361,25 @@ def run_demo(args: argparse.Namespace) -> int:
     Step 0 is the same training for every incremental method (plain cross-entropy on the first classes: the
     unbiased CE has nothing to aggregate yet and no teacher exists), so it is trained once and shared; each
     method then learns the later steps from that model. Joint training learns all classes in one step.
+    ``--threads`` sets torch's intra-op threads for the run (the caller's setting is restored afterwards).
     """
     import torch
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run_demo(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import torch
+
     from incseg import distributed as D
+    from incseg._progress import Eta
     from incseg.data import IncrementalSegmentation
-    from incseg.engine import TrainConfig, evaluate, train_scenario
+    from incseg.engine import TrainConfig, evaluate, planned_iterations, train_scenario
     from incseg.learner import METHODS, IncrementalLearner
     from incseg.metrics import StepHistory
     from incseg.models import small_segmenter
@@ -383,7 +407,9 @@ def run_demo(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "nan_policy": args.nan_policy,
         "progress": not args.no_progress,
-        "extra": _result_args(args, ("task", "mode", "train_images", "val_images", "size", "width", "lambda_ad")),
+        "extra": _result_args(
+            args, ("task", "mode", "train_images", "val_images", "size", "width", "lambda_ad", "threads")
+        ),
     }
     first = TrainConfig(epochs=args.epochs, **common)
     later = TrainConfig(epochs=args.epochs_next, **common)
@@ -397,6 +423,18 @@ def run_demo(args: argparse.Namespace) -> int:
     t_start = time.monotonic()
 
     incremental = [m for m in methods if m != "joint"]
+    joint = scenario.joint()
+    joint_datasets = _datasets(train_src, test_src, joint, train_tf, test_tf, cache)
+    # One time estimate for the whole demo (every phase's progress line ends with it): the training iterations
+    # of step 0, of each method's later steps and of joint training, at the pace of the run so far.
+    eta = None
+    if not args.no_progress and main:
+        later_steps = sum(planned_iterations(datasets, later, range(1, scenario.num_steps)).values())
+        eta = Eta(
+            (sum(planned_iterations(datasets, first, range(0, 1)).values()) if incremental else 0)
+            + later_steps * len(incremental)
+            + (sum(planned_iterations(joint_datasets, first, range(0, 1)).values()) if "joint" in methods else 0)
+        )
     if incremental:
         say(f"\n=== step 0 ({scenario.name}, shared by {', '.join(incremental)}) ===")
         torch.manual_seed(args.seed)
@@ -411,6 +449,7 @@ def run_demo(args: argparse.Namespace) -> int:
             checkpoint_dir=out / "step0",
             resume=not args.no_resume,
             steps=range(0, 1),
+            eta=eta,
         )
         step0_state = base.model.state_dict()
     for method in incremental:
@@ -431,20 +470,21 @@ def run_demo(args: argparse.Namespace) -> int:
             resume=not args.no_resume,
             steps=range(1, scenario.num_steps),
             history=StepHistory.from_dict(base_history.to_dict()),
+            eta=eta,
         )
         learners[method] = learner
     if "joint" in methods:
-        joint = scenario.joint()
         say(f"\n=== joint (all {joint.num_classes_at(0) - 1} classes in one step: the upper bound) ===")
         torch.manual_seed(args.seed)
         learner = IncrementalLearner(small_segmenter(joint.num_classes_at(0), width=args.width).to(device), joint, "ft")
         train_scenario(
             learner,
-            _datasets(train_src, test_src, joint, train_tf, test_tf, cache),
+            joint_datasets,
             first,
             device=device,
             checkpoint_dir=out / "joint",
             resume=not args.no_resume,
+            eta=eta,
         )
         learners["joint"] = learner
     # Score every method on the same final test set with the incremental scenario's old/new split: old = the

@@ -26,7 +26,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 
 from incseg import distributed as D
 from incseg._checks import NonFiniteError
-from incseg._progress import Progress
+from incseg._progress import Eta, Progress
 from incseg.data import IncrementalSegmentation
 from incseg.learner import CheckpointError, IncrementalLearner
 from incseg.learner.checkpoint import (
@@ -53,6 +53,7 @@ __all__ = [
     "config_differences",
     "evaluate",
     "format_differences",
+    "planned_iterations",
     "train_one_epoch",
     "train_scenario",
 ]
@@ -356,6 +357,40 @@ def _optimizer(learner: IncrementalLearner, lr: float, config: TrainConfig) -> t
     return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=False)
 
 
+def _iterations_per_epoch(train_set: Dataset[Any], config: TrainConfig) -> int:
+    """Optimizer updates per epoch of ``train_set`` (full batches per process, capped by the config)."""
+    iters = len(_loader(train_set, config.batch_size, shuffle=True, seed=0, num_workers=0, drop_last=True))
+    return iters if config.max_iters_per_epoch is None else min(iters, config.max_iters_per_epoch)
+
+
+def planned_iterations(
+    datasets: DatasetFactory, config: TrainConfig, steps: Iterable[int], *, memory: ReplayMemory | None = None
+) -> dict[int, int]:
+    """Training iterations of each step of ``steps`` as :func:`train_scenario` runs them.
+
+    For an overall time estimate (``incseg demo`` adds those of every method). It builds every step's datasets
+    (their class-set caches make that cheap after the first time); a replay memory counts with its full budget
+    from step 1 on.
+
+    Args:
+        datasets: ``datasets(step) -> (train_dataset, test_dataset)``, as for :func:`train_scenario`.
+        config: its epochs, batch size and ``max_iters_per_epoch`` count.
+        steps: the steps to plan.
+        memory: the replay memory of the run, if any.
+
+    Returns:
+        ``{step: iterations}`` (epochs times optimizer updates per epoch).
+    """
+    plan = {}
+    for step in steps:
+        train_set = datasets(step)[0]
+        iters = _iterations_per_epoch(train_set, config) if len(train_set) else 0  # type: ignore[arg-type]
+        if memory is not None and step > 0 and config.max_iters_per_epoch is None:
+            iters += memory.budget // config.batch_size
+        plan[step] = config.epochs_at(step) * iters
+    return plan
+
+
 def _poly_factor(it: int, max_it: int, power: float) -> float:
     """``(1 - it / max_it) ** power``: the poly schedule in closed form (1 when ``max_it`` is 0)."""
     return (1.0 - it / max_it) ** power if max_it > 0 else 1.0
@@ -426,6 +461,7 @@ def train_one_epoch(
     log: Callable[[str], None],
     on_iteration: Callable[[dict[str, Any]], None] | None = None,
     stats: dict[str, torch.Tensor] | None = None,
+    eta: Eta | None = None,
 ) -> int:
     """One epoch of step ``step``: ``iters_per_epoch`` batches of ``train_set`` in the order of ``(seed, step,
     epoch)``, each a :meth:`~incseg.learner.IncrementalLearner.training_step` through ``module`` (the training
@@ -435,6 +471,7 @@ def train_one_epoch(
     weights and exploding terms always stop it (:class:`~incseg.learner.DivergenceError`).
     ``on_iteration`` gets every update's record (see :func:`train_scenario`). ``stats``, if given, accumulates
     the sum of every ``LossOutput.stats`` entry over the updates (on the device, no host synchronisation).
+    ``eta``: the overall time estimate of the run, shown by the progress bar.
 
     Returns:
         The number of updates (batches not skipped).
@@ -465,6 +502,7 @@ def train_one_epoch(
         desc=f"step {step} epoch {epoch + 1}/{epochs}",
         enabled=config.progress and main,
         remaining_after=(epochs - epoch - 1) * iters_per_epoch,
+        eta=eta,
     )
     running = 0.0
     images: torch.Tensor
@@ -540,6 +578,7 @@ def train_scenario(
     on_iteration: Callable[[dict[str, Any]], None] | None = None,
     allow_config_change: bool = False,
     memory: ReplayMemory | None = None,
+    eta: Eta | None = None,
 ) -> StepHistory:
     """Train ``learner`` over every step of its scenario, evaluating after each step.
 
@@ -567,6 +606,10 @@ def train_scenario(
             training set (which must then be an :class:`~incseg.data.IncrementalSegmentation`), and the images
             it holds are added to the training set of every later step. Its state (image indices) is saved in
             the checkpoints' extra data and restored on resume.
+        eta: the overall time estimate (an ``incseg._progress.Eta``) of a larger run this call is part of
+            (``incseg demo``: every method's steps); the progress lines end with it. Default (with
+            ``config.progress``): one for the steps run here, from :func:`planned_iterations`, so the progress
+            lines end with the time left for all of them.
 
     Returns:
         The per-step history of results (per-class IoU, old/new/all, forgetting).
@@ -609,6 +652,16 @@ def train_scenario(
             resume_state = saved
         say(f"resumed from {last_path}: step {start_step}, epoch {start_epoch}")
 
+    if config.progress and main:
+        plan = planned_iterations(datasets, config, steps, memory=memory)
+        if eta is None:
+            eta = Eta(sum(plan.values()))
+        done_before = sum(n for s, n in plan.items() if s < start_step)
+        if start_step in plan:  # the epochs of the resumed step that are not repeated
+            done_before += plan[start_step] // config.epochs_at(start_step) * start_epoch
+        eta.skip(done_before)
+    else:
+        eta = None
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     for step in steps:
         if step < start_step:
@@ -694,6 +747,7 @@ def train_scenario(
                 log=say,
                 on_iteration=on_iteration if main else None,
                 stats=stat_sums,
+                eta=eta,
             )
             if last_path is not None:
                 _save(

@@ -244,3 +244,19 @@ def test_bad_index() -> None:
         src.labels_present(-5)
     with pytest.raises(TypeError, match="index"):
         src.load(1.0)  # type: ignore[arg-type]
+
+
+def test_cached_images_are_the_rendered_ones_and_stay_intact() -> None:
+    plain = SyntheticScenes("train", num_images=5, size=48, seed=3)
+    cached = SyntheticScenes("train", num_images=5, size=48, seed=3, cache=True)
+    for i in [0, 4, -1, 2, 4, 0]:  # repeated and negative indices hit the cache
+        image, mask = cached.load(i)
+        ref_image, ref_mask = plain.load(i)
+        assert mask.dtype == torch.int64 and torch.equal(image, ref_image) and torch.equal(mask, ref_mask)
+        image.zero_()  # a caller modifying what it got leaves the cache unchanged
+        mask.fill_(VOID)
+    assert torch.equal(cached.load(4)[0], plain.load(4)[0])
+    with pytest.raises(IndexError):
+        cached.load(5)
+    with pytest.raises(TypeError, match="cache"):
+        SyntheticScenes(cache=1)  # type: ignore[arg-type]

@@ -10,7 +10,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _tiny import tiny_config, tiny_datasets, tiny_learner, tiny_run, tiny_scenario
 
-from incseg.engine import NonFiniteLossError, TrainConfig, config_differences, evaluate, train_scenario
+from incseg._progress import Eta
+from incseg.engine import (
+    NonFiniteLossError,
+    TrainConfig,
+    config_differences,
+    evaluate,
+    planned_iterations,
+    train_scenario,
+)
 from incseg.learner import CheckpointError, IncrementalLearner
 from incseg.losses import LossOutput
 from incseg.models import small_segmenter
@@ -476,3 +484,29 @@ def test_a_nan_image_is_named_and_skip_restores_the_batch_norm_statistics() -> N
     assert len(skipped) == 1 and "in images" in skipped[0] and "previous optimizer step" not in skipped[0]
     for name, buffer in learner.model.named_buffers():
         assert torch.isfinite(buffer.float()).all(), name
+
+
+def test_one_time_estimate_counts_every_iteration_of_the_run_and_none_a_resume_repeats(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scenario = tiny_scenario()
+    datasets = tiny_datasets(scenario)
+    config = tiny_config(progress=True, max_iters_per_epoch=None, epochs=2, epochs_next=1)
+    plan = planned_iterations(datasets, config, range(scenario.num_steps))
+    assert plan[0] == 2 * (len(datasets(0)[0]) // 4) and plan[1] == len(datasets(1)[0]) // 4
+
+    eta = Eta(sum(plan.values()))
+    run = {"device": torch.device("cpu"), "checkpoint_dir": tmp_path, "log": lambda _m: None}
+    train_scenario(tiny_learner(scenario), datasets, config, steps=range(0, 1), eta=eta, **run)
+    assert eta.done == plan[0]
+    resumed = Eta(sum(plan.values()))  # a new process resumes after step 0: step 1 only is left
+    train_scenario(tiny_learner(scenario), datasets, config, eta=resumed, **run)
+    assert resumed.done == resumed.total == plan[1]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("  eval step 1") and all(", run " in line for line in lines if "epoch" in line)
+
+    # Without one given, train_scenario makes its own for all its steps (incseg train).
+    run["checkpoint_dir"] = tmp_path / "own"
+    train_scenario(tiny_learner(scenario), datasets, config, **run)
+    lines = [line for line in capsys.readouterr().err.splitlines() if " epoch " in line]
+    assert len(lines) == 3 and all(", run " in line for line in lines) and "run 0:00 left" in lines[-1]

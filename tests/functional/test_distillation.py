@@ -99,7 +99,7 @@ def _logits_for(phi: torch.Tensor, n_new: int) -> torch.Tensor:
 
 @given(seed=st.integers(0, 2**16), n_old=st.integers(2, 5), n_new=st.integers(1, 3), scale=st.floats(0.5, 4.0))
 def test_balanced_kd_pulls_towards_a_gamma_tilted_teacher(seed: int, n_old: int, n_new: int, scale: float) -> None:
-    """Why the balanced KD costs new classes (docs/results.md): per pixel, unbiased KD is minimal where the
+    """Why the balanced KD costs new classes (docs/lab-notebook.md): per pixel, unbiased KD is minimal where the
     student's eq.-10 probabilities equal the teacher's ``q``; the balanced KD is minimal at ``(γ q_0, q_1, ...)``
     renormalised, so with ``γ < 1`` it moves probability from background-and-new to the old classes."""
     gen = torch.Generator().manual_seed(seed)

@@ -211,8 +211,9 @@ class SyntheticScenes:
     band around each object when ``void_border=True``). Each image holds 1 to 3 objects drawn with a skewed
     class distribution, over a noisy low-frequency background with distractor shapes that belong to no
     class. Image ``i`` of a split is a pure function of ``(seed, split, i)``; the train and val splits use
-    different random streams. Generation is vectorised NumPy (about a millisecond per 64x64 image), so
-    images are rendered on the fly and nothing is stored.
+    different random streams. Generation is vectorised NumPy (about a millisecond per 64x64 image), so by
+    default images are rendered on the fly and nothing is stored; ``cache=True`` keeps every rendered image
+    (about 16 KB per 64x64 image), which saves the rendering of every later epoch (``incseg demo`` does).
 
     This is a test bed for the incremental scenarios (it plays the role of Pascal VOC in ``incseg demo``),
     not a model of any paper experiment: the CAF paper (Yang et al., TMM 2022, Sec. IV) evaluates on Pascal
@@ -224,6 +225,7 @@ class SyntheticScenes:
         size: height and width of the square images in pixels (at least 48). Object sizes scale with it.
         seed: base seed (non-negative integer) of the whole benchmark.
         void_border: mark a one-pixel band around every object as void (255), as Pascal VOC does.
+        cache: keep each image once rendered (in the process that rendered it); same images either way.
 
     Attributes:
         class_names: the 21 class names, ``class_names[0] == "background"``.
@@ -255,6 +257,7 @@ class SyntheticScenes:
         size: int = 64,
         seed: int = 0,
         void_border: bool = True,
+        cache: bool = False,
     ) -> None:
         if not isinstance(split, str) or split not in _SPLIT_CODES:
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -265,11 +268,14 @@ class SyntheticScenes:
         _check_int(seed, "seed", minimum=0)
         if not isinstance(void_border, bool):
             raise TypeError(f"void_border must be a bool, got {type(void_border).__name__}")
+        if not isinstance(cache, bool):
+            raise TypeError(f"cache must be a bool, got {type(cache).__name__}")
         self.split: str = split
         self.num_images: int = int(num_images)
         self.size: int = int(size)
         self.seed: int = int(seed)
         self.void_border: bool = void_border
+        self._cache: dict[int, tuple[Tensor, Tensor]] | None = {} if cache else None
         self._scale = self.size / _REFERENCE_SIZE
         coords = np.arange(self.size, dtype=np.float32)
         self._xs = coords[None, :]
@@ -333,20 +339,30 @@ class SyntheticScenes:
             IndexError: index out of range.
             TypeError: index is not an integer.
         """
-        layout_rng, pixel_rng = self._rngs(index)
+        key = self._index(index)
+        if self._cache is not None and key in self._cache:
+            image_t, mask_t = self._cache[key]
+            return image_t.clone(), mask_t.long()
+        layout_rng, pixel_rng = self._rngs(key)
         objects = self._layout(layout_rng, objects_only=False)
         image, mask = self._render(objects, pixel_rng)
+        if self._cache is not None:  # the mask's ids fit in uint8: a quarter of the memory
+            self._cache[key] = (torch.from_numpy(image).clone(), torch.from_numpy(mask).to(torch.uint8))
         return torch.from_numpy(image), torch.from_numpy(mask)
 
     # ------------------------------------------------------------------ generation
 
-    def _rngs(self, index: int) -> tuple[np.random.Generator, np.random.Generator]:
+    def _index(self, index: int) -> int:
+        """``index`` checked and made non-negative."""
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
             raise TypeError(f"index must be an int, got {type(index).__name__}")
         n = self.num_images
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for SyntheticScenes of length {n}")
-        index = int(index) % n
+        return int(index) % n
+
+    def _rngs(self, index: int) -> tuple[np.random.Generator, np.random.Generator]:
+        index = self._index(index)
         seq = np.random.SeedSequence([self.seed, _SPLIT_CODES[self.split], index])
         layout_seq, pixel_seq = seq.spawn(2)
         return np.random.Generator(np.random.PCG64(layout_seq)), np.random.Generator(np.random.PCG64(pixel_seq))

@@ -119,7 +119,7 @@ class CAFLoss(nn.Module):
             (``1.0``: γ only ever lowers the background term).
         gamma_on_new: ``True`` (default, the paper) weights the background term of every pixel by its image's
             γ; ``False`` keeps ``γ = 1`` (MiB's unbiased KD) on pixels whose label is a new class, where a
-            ``γ < 1`` would pull the student towards the old classes against the label (docs/results.md).
+            ``γ < 1`` would pull the student towards the old classes against the label (docs/lab-notebook.md).
         ad_on_new: ``True`` (default, the paper) distils the features at every position; ``False`` leaves the
             positions of pixels labelled with a new class out of ``L_AD`` (each position of ``z̄`` and ``h`` is
             weighted by the fraction of its pixels that are not labelled new, see

@@ -96,7 +96,7 @@ class MethodConfig:
         name: a label for logs and checkpoints.
         ce: ``"plain"`` or ``"unbiased"`` segmentation loss.
         kd: ``None``, ``"plain"``, ``"unbiased"`` or ``"balanced"`` output distillation. The ``caf`` recipe
-            (the default) uses MiB's ``"unbiased"`` KD, as the authors' public release does (why: docs/results.md);
+            (the default) uses MiB's ``"unbiased"`` KD, as the authors' public release does (why: docs/lab-notebook.md);
             ``caf-paper`` keeps ``"balanced"``.
         ad: ``None``, ``"plain"``, ``"spatial"``, ``"channel"`` or ``"both"`` feature distillation.
         caf: insert :class:`~incseg.nn.caf.ContinualAttentiveFusion` at step 1 (kept in later steps).
@@ -108,7 +108,7 @@ class MethodConfig:
         void_as_background: MiB's labelling of void pixels as background (``incseg train`` passes it to the
             datasets; in your own pipeline give it to :class:`~incseg.data.IncrementalSegmentation`).
         caf_inner_channels: inner channels of CAF's non-local projections (``None``: ``C / 2`` as the paper);
-            fewer trade accuracy for speed (docs/results.md, "Speed and memory").
+            fewer trade accuracy for speed (docs/lab-notebook.md, "Speed and memory").
         ad_balance: cap ``κ`` of the attentive distillation's pull: at every iteration the weight of each
             feature map's ``L_AD`` term is ``min(λ_AD, κ ||∂L_task/∂m|| / ||∂L_AD/∂m||)``, so that distillation
             never pulls a feature map ``m`` harder than ``κ`` times the segmentation and output distillation
@@ -119,14 +119,14 @@ class MethodConfig:
         gamma_on_new: with ``kd="balanced"``: ``True`` (the paper) applies ``γ`` on every pixel; ``False``
             (default) keeps ``γ = 1`` (MiB's unbiased KD) on pixels labelled with a new class, where ``γ < 1``
             pulls the student towards the old classes against the label (see :class:`~incseg.losses.CAFLoss`
-            and docs/results.md).
+            and docs/lab-notebook.md).
         ad_on_new: ``True`` (the paper) distils the features at every position; ``False`` leaves the positions
             of pixels labelled with a new class out of the attentive distillation, where the old model's features
             work against the label (see :class:`~incseg.losses.CAFLoss` and docs/protocol.md).
         bn: ``"train"`` (default) updates the student's batch-norm layers from each batch; ``"frozen"`` keeps
             them in evaluation mode (running statistics of step 0) at steps > 0, as the teacher's, while their
             affine weights still train (MiB's ``--fix_bn``; not the default, see "Large networks: stability" in
-            docs/results.md). Layers that never saw data (running mean 0 and variance 1, as initialised) keep
+            docs/lab-notebook.md). Layers that never saw data (running mean 0 and variance 1, as initialised) keep
             batch statistics under ``"frozen"``, with a warning: evaluation mode would not normalise them.
         dropout: ``"frozen"`` switches the student's dropout layers off at steps > 0, so that the distilled
             features of the student and the teacher are computed the same way; ``"train"`` keeps them on.
