@@ -145,7 +145,12 @@ def run(args: argparse.Namespace, text: str, seed: int, perturb_seed: int | None
 def table(paths: list[Path]) -> str:
     """Markdown table of rows from ``--out`` files: per network, task and method, old / new / all mIoU per seed,
     and against MiB of the same seed: the new-class ratio and the old- and all-class differences."""
-    rows = [r for p in paths for r in json.loads(p.read_text()) if "perturb" not in r]
+    unique: dict[tuple[Any, ...], dict[str, Any]] = {}  # one row per run (files may repeat runs)
+    for p in paths:
+        for r in json.loads(p.read_text()):
+            if "perturb" not in r:
+                unique.setdefault((r["network"], r["task"], r["mode"], r["method"], r["seed"]), r)
+    rows = list(unique.values())
     mib = {(r["network"], r["task"], r["mode"], r["seed"]): r for r in rows if r["method"] == "mib"}
     lines = [
         "| network | task | method | old / new / all (per seed) | new / MiB's | old - MiB's | all - MiB's "
