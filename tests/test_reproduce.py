@@ -24,7 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "reproduce.md"
 # One training image per VOC class (so that every step of every task has images in both protocols), a few
 # validation images with classes of several steps.
-VOC_TRAIN = {f"2007_{c:06d}": [c] for c in range(1, 21)} | {"2007_000100": [2, 16], "2007_000101": [20, 1]}
+# Two training images of every class of 15-1's single-class steps: a step needs at least one batch (of 2).
+VOC_TRAIN = {f"2007_{c:06d}": [c] for c in range(1, 21)} | {
+    "2007_000100": [2, 16],
+    "2007_000101": [20, 1],
+    "2007_000102": [17, 3],
+    "2007_000103": [18],
+    "2007_000104": [19, 5],
+}
 VOC_VAL = {"2008_000001": [1, 16], "2008_000002": [17, 18], "2008_000003": [19, 20], "2008_000004": [15]}
 # What a CPU needs instead of 4 GPUs and hours; everything else comes from the page and the config file.
 SMALL = [
