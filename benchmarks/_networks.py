@@ -100,12 +100,16 @@ def _fcn_resnet50(num_classes: int) -> IncrementalSegmenter:
 
 
 def _fcn_resnet18(num_classes: int) -> IncrementalSegmenter:
-    """torchvision's FCN class on a narrow, dilated ResNet-18 (output stride 8), adapted in one call."""
+    """torchvision's FCN class on a ResNet-18 at output stride 8, adapted in one call. ResNet-18's BasicBlock
+    refuses dilation (``replace_stride_with_dilation``), so layer3 and layer4 keep stride 1 without it."""
     from torchvision.models import resnet18
     from torchvision.models._utils import IntermediateLayerGetter
     from torchvision.models.segmentation.fcn import FCN, FCNHead
 
-    backbone = resnet18(weights=None, replace_stride_with_dilation=[False, True, True])
+    backbone = resnet18(weights=None)
+    for layer in (backbone.layer3, backbone.layer4):
+        layer[0].conv1.stride = (1, 1)
+        layer[0].downsample[0].stride = (1, 1)
     body = IntermediateLayerGetter(backbone, return_layers={"layer4": "out"})
     return adapt(FCN(body, FCNHead(512, num_classes)))
 
