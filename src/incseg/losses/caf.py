@@ -357,8 +357,10 @@ class CAFLoss(nn.Module):
             # A zero AD gradient (identical features) gives an infinite ratio: the cap then does not bind.
             weight = torch.nan_to_num(ratio, nan=lam, posinf=lam).clamp(max=lam).detach()
             weights.append(weight)
+            # <g_AD, g_task> as dot products of flat views: no feature-sized product on this per-iteration path
             inner = sum(
-                ((a.to(wide) * t.to(wide)).sum() for a, t in zip(g_ad, g_task)), start=task.new_zeros((), dtype=wide)
+                (torch.dot(a.reshape(-1).to(wide), t.reshape(-1).to(wide)) for a, t in zip(g_ad, g_task)),
+                start=task.new_zeros((), dtype=wide),
             )
             share = (-weight * inner / norm_task.square()).clamp(min=0.0)
             opposition[f"ad_opposition_{name}"] = torch.nan_to_num(share, nan=0.0, posinf=0.0).detach()
