@@ -78,8 +78,9 @@ class Method:
       the teacher snapshot and after loading a checkpoint);
     - :meth:`on_begin_step` (after the teacher snapshot and the classifier growth) and :meth:`on_end_step`;
     - :meth:`teacher_forward`: what the method needs from the teacher (under ``no_grad``);
-    - :meth:`training_loss`: the student's forward pass and the loss of a :class:`Batch`, as named terms (a
-      :class:`~incseg.losses.LossOutput` whose ``terms`` add up to ``"total"``);
+    - :meth:`forward` and :meth:`loss`: the student's forward pass of a :class:`Batch` and the loss computed from
+      it, as named terms (a :class:`~incseg.losses.LossOutput` whose ``terms`` add up to ``"total"``);
+      :meth:`training_loss` runs both (components of a composition read the forward pass in between);
     - :meth:`calibrate`: an optional pass over the step's training data before training (PLOP's thresholds);
     - :meth:`predict_logits`: the model's logits at test time (CAF's test strategies).
 
@@ -177,10 +178,33 @@ class Method:
         """What the loss needs from the teacher (run under ``no_grad``): by default its ``forward_features``."""
         return teacher.forward_features(images)
 
+    def forward(self, model: IncrementalSegmenter, batch: Batch) -> dict[str, Any]:
+        """The student's forward pass of one batch: by default ``model.forward_features(images, z_old)``, where
+        ``z_old`` is the teacher's ``"z"`` when the model has a fusion module (at steps > 0), else ``None``.
+
+        Components (:class:`~incseg.methods.Component`) read what this returns, so a family that overrides it
+        keeps the keys of :meth:`~incseg.models.IncrementalSegmenter.forward_features` (``z``, ``z_bar``,
+        ``h``, ``logits``) and adds its own."""
+        z_old = None
+        if model.fusion is not None and batch.num_old_classes > 0:
+            teacher_out = batch.teacher_out
+            if teacher_out is None or "z" not in teacher_out:
+                raise ValueError(
+                    "the model's fusion module needs the teacher's 'z' (teacher_out from "
+                    "IncrementalLearner.teacher_forward) at steps > 0"
+                )
+            z_old = teacher_out["z"]
+        return dict(model.forward_features(batch.images, z_old))
+
+    def loss(self, criterion: nn.Module, out: Mapping[str, Any], batch: Batch) -> LossOutput:
+        """The family's loss of one batch from the student's forward pass ``out`` (:meth:`forward`)."""
+        raise NotImplementedError(f"method family {self.family!r} implements neither loss nor training_loss")
+
     def training_loss(self, model: IncrementalSegmenter, criterion: nn.Module, batch: Batch) -> LossOutput:
         """The student's forward pass and the loss of one batch (called inside
-        :class:`~incseg.learner.TrainingModule`, so that a DDP wrapper sees it)."""
-        raise NotImplementedError
+        :class:`~incseg.learner.TrainingModule`, so that a DDP wrapper sees it): :meth:`loss` of
+        :meth:`forward` by default."""
+        return self.loss(criterion, self.forward(model, batch), batch)
 
     # ------------------------------------------------------------------ inference
     def predict_logits(

@@ -18,7 +18,7 @@ from incseg.methods.registry import register_method, register_preset
 from incseg.models import IncrementalSegmenter
 from incseg.nn.caf import ContinualAttentiveFusion, FusionStrategy
 
-__all__ = ["CAFMethod", "caf_training_loss"]
+__all__ = ["CAFMethod", "caf_forward", "caf_loss", "caf_training_loss"]
 
 TEACHER_KEYS = ("z", "z_bar", "h", "logits")
 _STRATEGIES = get_args(FusionStrategy)
@@ -35,6 +35,12 @@ def caf_training_loss(model: IncrementalSegmenter, criterion: CAFLoss, batch: Ba
         ValueError: ``teacher_out`` missing or lacking a key the method needs.
         TypeError: ``teacher_out`` is not a mapping.
     """
+    return caf_loss(criterion, caf_forward(model, criterion, batch), batch)
+
+
+def caf_forward(model: IncrementalSegmenter, criterion: CAFLoss, batch: Batch) -> dict[str, Any]:
+    """The student's ``forward_features`` of one batch, with the teacher's ``z`` for the CAF module (checks
+    ``teacher_out`` for every key the criterion and the model need)."""
     n_old, teacher_out = batch.num_old_classes, batch.teacher_out
     needs_logits = n_old > 0 and criterion.kd is not None
     needs_features = n_old > 0 and criterion.ad is not None
@@ -42,7 +48,17 @@ def caf_training_loss(model: IncrementalSegmenter, criterion: CAFLoss, batch: Ba
     if needs_logits or needs_features or needs_z:
         _check_teacher_out(teacher_out, n_old)
         assert teacher_out is not None
-    out = model.forward_features(batch.images, teacher_out["z"] if needs_z and teacher_out is not None else None)
+    z_old = teacher_out["z"] if needs_z and teacher_out is not None else None
+    return dict(model.forward_features(batch.images, z_old))
+
+
+def caf_loss(criterion: CAFLoss, out: Mapping[str, Any], batch: Batch) -> LossOutput:
+    """:class:`~incseg.losses.CAFLoss` of one batch from the student's ``forward_features`` ``out``."""
+    n_old, teacher_out = batch.num_old_classes, batch.teacher_out
+    needs_logits = n_old > 0 and criterion.kd is not None
+    needs_features = n_old > 0 and criterion.ad is not None
+    if needs_logits or needs_features:
+        _check_teacher_out(teacher_out, n_old)
     old_logits = teacher_out["logits"] if needs_logits and teacher_out is not None else None
     features = old_features = None
     if needs_features and teacher_out is not None:
@@ -145,6 +161,10 @@ class CAFMethod(Method):
     def training_loss(self, model: IncrementalSegmenter, criterion: nn.Module, batch: Batch) -> LossOutput:
         assert isinstance(criterion, CAFLoss)
         return caf_training_loss(model, criterion, batch)
+
+    def loss(self, criterion: nn.Module, out: Mapping[str, Any], batch: Batch) -> LossOutput:
+        assert isinstance(criterion, CAFLoss)
+        return caf_loss(criterion, out, batch)
 
     def predict_logits(
         self,

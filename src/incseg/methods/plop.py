@@ -85,9 +85,9 @@ def pod_feature_maps(out: Mapping[str, Any], stages: list[Tensor]) -> list[Tenso
     return [*maps, out["h"]]
 
 
-def _forward(model: IncrementalSegmenter, images: Tensor) -> dict[str, Any]:
+def _forward(model: IncrementalSegmenter, images: Tensor, z_old: Tensor | None = None) -> dict[str, Any]:
     with _stage_outputs(model) as stages:
-        out = dict(model.forward_features(images))
+        out = dict(model.forward_features(images, z_old))
     out["pod"] = pod_feature_maps(out, stages)
     return out
 
@@ -186,10 +186,17 @@ class PLOPMethod(Method):
         criterion.thresholds[:n_old] = thresholds.clamp(min=floor).to(criterion.thresholds)
         criterion.calibrated_for.fill_(n_old)
 
-    def training_loss(self, model: IncrementalSegmenter, criterion: nn.Module, batch: Batch) -> LossOutput:
+    def forward(self, model: IncrementalSegmenter, batch: Batch) -> dict[str, Any]:
+        """``forward_features`` plus ``"pod"``, the feature maps POD distils (:func:`pod_feature_maps`)."""
+        teacher_out = batch.teacher_out
+        z_old = None
+        if model.fusion is not None and batch.num_old_classes > 0 and teacher_out is not None:
+            z_old = teacher_out["z"]
+        return _forward(model, batch.images, z_old)
+
+    def loss(self, criterion: nn.Module, out: Mapping[str, Any], batch: Batch) -> LossOutput:
         assert isinstance(criterion, PLOPLoss)
         n_old, labels, teacher_out = batch.num_old_classes, batch.labels, batch.teacher_out
-        out = _forward(model, batch.images)
         logits = check_logits(out["logits"], "logits")
         num_classes = logits.shape[1]
         check_labels(labels, num_classes, ignore_index=IGNORE_INDEX, batch_shape=(logits.shape[0],))
