@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from incseg._checks import check_feature_map, check_int
@@ -12,7 +13,7 @@ from incseg.functional._common import Reduction, check_choice
 from incseg.functional.attention import _ATTENTIONS, Attention, attentive_distillation_loss, pixel_weights
 from incseg.nn.squeeze_excitation import SqueezeExcitation
 
-__all__ = ["AttentiveDistillationLoss"]
+__all__ = ["AttentiveDistillationLoss", "balanced_ad_weights", "not_new_pixels"]
 
 
 class AttentiveDistillationLoss(nn.Module):
@@ -179,3 +180,75 @@ def _by_level(features: object, name: str, channels: Mapping[str, int]) -> dict[
     for key, c in channels.items():
         check_feature_map(by_key[key], f"{name}[{key!r}]", channels=c)
     return by_key
+
+
+@torch.compiler.disable  # autograd.grad inside a traced graph: run eagerly (a graph break under compile)
+def balanced_ad_weights(
+    task: Tensor, maps: tuple[Any, Tensor], losses: tuple[Tensor, Tensor], *, lambda_ad: float, kappa: float
+) -> tuple[tuple[Tensor, Tensor], dict[str, Tensor]]:
+    """The gradient-balanced weights of the two attentive distillation terms (``ad_balance`` of
+    :class:`~incseg.losses.CAFLoss`): ``λ_m = min(λ_AD, κ ||∂task/∂m|| / ||∂L_AD(m)/∂m||)`` per feature map
+    ``m`` in ``maps`` (``(z̄, h)``; detached; ``λ_AD`` where a gradient is unavailable, e.g. without autograd).
+    A multi-scale ``z̄`` (dict of levels) counts as one map: the norms run over all its levels.
+
+    Args:
+        task: the output losses (segmentation and output distillation) of the batch, with their graph.
+        maps: the student's ``(z̄, h)`` (``z̄`` possibly a dict level -> map).
+        losses: the unweighted AD terms of the two maps (:meth:`AttentiveDistillationLoss.terms`).
+        lambda_ad: the cap ``λ_AD``.
+        kappa: the balance ``κ``.
+
+    Also returns, per map ``m`` (``"ad_opposition_z"``, ``"ad_opposition_h"``), the share of the output
+    losses' descent on ``m`` that the weighted AD gradient cancels,
+    ``max(0, -λ_m <∂L_AD/∂m, ∂task/∂m>) / ||∂task/∂m||²`` (0: AD does not oppose the labels, 1: the two
+    pulls cancel along the task's direction); free, since both gradients are computed anyway."""
+    lam = float(lambda_ad)
+    groups = [list(m.values()) if isinstance(m, Mapping) else [m] for m in maps]
+    fixed = (task.new_tensor(lam), task.new_tensor(lam))
+    if not (torch.is_grad_enabled() and task.requires_grad and all(t.requires_grad for g in groups for t in g)):
+        return fixed, {}
+    # One backward of the task losses to every map's tensors (the classifier's backward is shared).
+    flat = [t for g in groups for t in g]
+    g_task_all = torch.autograd.grad(task, flat, retain_graph=True, allow_unused=True)
+    weights = []
+    opposition: dict[str, Tensor] = {}
+    start = 0
+    for name, tensors, loss in zip(("z", "h"), groups, losses):
+        g_task = g_task_all[start : start + len(tensors)]
+        start += len(tensors)
+        if not loss.requires_grad:
+            weights.append(task.new_tensor(lam))
+            continue
+        g_ad = torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
+        if any(g is None for g in g_task) or any(g is None for g in g_ad):
+            weights.append(task.new_tensor(lam))
+            continue
+        wide = torch.promote_types(tensors[0].dtype, torch.float32)  # norms of half gradients in float32
+        norm_task = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=wide) for g in g_task]))
+        norm_ad = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=wide) for g in g_ad]))
+        ratio = kappa * norm_task / norm_ad
+        # A zero AD gradient (identical features) gives an infinite ratio: the cap then does not bind.
+        weight = torch.nan_to_num(ratio, nan=lam, posinf=lam).clamp(max=lam).detach()
+        weights.append(weight)
+        # <g_AD, g_task> as dot products of flat views: no feature-sized product on this per-iteration path
+        inner = sum(
+            (torch.dot(a.reshape(-1).to(wide), t.reshape(-1).to(wide)) for a, t in zip(g_ad, g_task)),
+            start=task.new_zeros((), dtype=wide),
+        )
+        share = (-weight * inner / norm_task.square()).clamp(min=0.0)
+        opposition[f"ad_opposition_{name}"] = torch.nan_to_num(share, nan=0.0, posinf=0.0).detach()
+    return (weights[0], weights[1]), opposition
+
+
+def not_new_pixels(labels: Tensor, num_old_classes: int, ignore_index: int | None = 255) -> Tensor:
+    """The pixels attentive distillation keeps with ``ad_on_new=False``: all but those labelled with a new class
+    (labels ``>= num_old_classes`` other than ``ignore_index``), as a bool mask of ``labels``' shape.
+
+    Example:
+        >>> not_new_pixels(torch.tensor([[0, 2, 3, 255]]), 3).tolist()
+        [[True, True, False, True]]
+    """
+    keep = labels < num_old_classes
+    if ignore_index is not None:
+        keep = keep | (labels == ignore_index)
+    return keep

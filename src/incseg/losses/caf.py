@@ -23,7 +23,7 @@ from incseg.functional.attention import Attention
 from incseg.functional.background import _ClassGroups, _gamma_balance
 from incseg.functional.cross_entropy import _label_index, _nll, _nll_index_start, _nll_unions
 from incseg.functional.distillation import _combine, _kd_parts, _kd_unions, _old_probs
-from incseg.losses.attentive import AttentiveDistillationLoss
+from incseg.losses.attentive import AttentiveDistillationLoss, balanced_ad_weights, not_new_pixels
 
 __all__ = ["ADMode", "CAFLoss", "CEMode", "KDMode", "LossOutput"]
 
@@ -297,16 +297,14 @@ class CAFLoss(nn.Module):
                     where = name if level is None else f"{name}[{level!r}]"
                     check_batch(logits, check_feature_map(x, where), "logits", where)
                     check_finite(x, where)
-            keep = None
-            if not self.ad_on_new:  # positions of new-class pixels are left free
-                keep = labels < n_old
-                if self.ignore_index is not None:
-                    keep = keep | (labels == self.ignore_index)
+            keep = None if self.ad_on_new else not_new_pixels(labels, n_old, self.ignore_index)
             loss_z, loss_h = ad_loss.terms(z, z_old, h, h_old, keep=keep)
             if self.ad_balance is None:
                 ad_term = self.lambda_ad * (loss_z + loss_h)
             else:
-                (lam_z, lam_h), opposition = self._balanced_weights(total, (z, h), (loss_z, loss_h))
+                (lam_z, lam_h), opposition = balanced_ad_weights(
+                    total, (z, h), (loss_z, loss_h), lambda_ad=self.lambda_ad, kappa=self.ad_balance
+                )
                 ad_term = lam_z * loss_z + lam_h * loss_h
                 stats["lambda_ad"] = (0.5 * (lam_z + lam_h)).detach()
                 stats.update(opposition)
@@ -315,56 +313,6 @@ class CAFLoss(nn.Module):
 
         terms["total"] = total.detach()
         return LossOutput(total, terms, stats)
-
-    @torch.compiler.disable  # autograd.grad inside a traced graph: run eagerly (a graph break under compile)
-    def _balanced_weights(
-        self, task: Tensor, maps: tuple[Any, Tensor], losses: tuple[Tensor, Tensor]
-    ) -> tuple[tuple[Tensor, Tensor], dict[str, Tensor]]:
-        """``λ_m = min(λ_AD, κ ||∂task/∂m|| / ||∂L_AD(m)/∂m||)`` per feature map (detached; ``λ_AD`` where
-        a gradient is unavailable). A multi-scale ``z̄`` (dict of levels) counts as one map: the norms run over
-        all its levels.
-
-        Also returns, per map ``m`` (``"ad_opposition_z"``, ``"ad_opposition_h"``), the share of the output
-        losses' descent on ``m`` that the weighted AD gradient cancels,
-        ``max(0, -λ_m <∂L_AD/∂m, ∂task/∂m>) / ||∂task/∂m||²`` (0: AD does not oppose the labels, 1: the two
-        pulls cancel along the task's direction); free, since both gradients are computed anyway."""
-        lam = self.lambda_ad
-        assert self.ad_balance is not None
-        groups = [list(m.values()) if isinstance(m, Mapping) else [m] for m in maps]
-        fixed = (task.new_tensor(lam), task.new_tensor(lam))
-        if not (torch.is_grad_enabled() and task.requires_grad and all(t.requires_grad for g in groups for t in g)):
-            return fixed, {}
-        # One backward of the task losses to every map's tensors (the classifier's backward is shared).
-        flat = [t for g in groups for t in g]
-        g_task_all = torch.autograd.grad(task, flat, retain_graph=True, allow_unused=True)
-        weights = []
-        opposition: dict[str, Tensor] = {}
-        start = 0
-        for name, tensors, loss in zip(("z", "h"), groups, losses):
-            g_task = g_task_all[start : start + len(tensors)]
-            start += len(tensors)
-            if not loss.requires_grad:
-                weights.append(task.new_tensor(lam))
-                continue
-            g_ad = torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
-            if any(g is None for g in g_task) or any(g is None for g in g_ad):
-                weights.append(task.new_tensor(lam))
-                continue
-            wide = torch.promote_types(tensors[0].dtype, torch.float32)  # norms of half gradients in float32
-            norm_task = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=wide) for g in g_task]))
-            norm_ad = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=wide) for g in g_ad]))
-            ratio = self.ad_balance * norm_task / norm_ad
-            # A zero AD gradient (identical features) gives an infinite ratio: the cap then does not bind.
-            weight = torch.nan_to_num(ratio, nan=lam, posinf=lam).clamp(max=lam).detach()
-            weights.append(weight)
-            # <g_AD, g_task> as dot products of flat views: no feature-sized product on this per-iteration path
-            inner = sum(
-                (torch.dot(a.reshape(-1).to(wide), t.reshape(-1).to(wide)) for a, t in zip(g_ad, g_task)),
-                start=task.new_zeros((), dtype=wide),
-            )
-            share = (-weight * inner / norm_task.square()).clamp(min=0.0)
-            opposition[f"ad_opposition_{name}"] = torch.nan_to_num(share, nan=0.0, posinf=0.0).detach()
-        return (weights[0], weights[1]), opposition
 
     def _features(
         self, features: Mapping[str, Any] | None, old_features: Mapping[str, Any] | None
