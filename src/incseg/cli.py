@@ -662,7 +662,7 @@ def run_train(args: argparse.Namespace) -> int:
     from incseg import distributed as D
     from incseg.engine import MetricsLog, TensorBoardLog, TrainConfig, train_scenario
     from incseg.learner import IncrementalLearner
-    from incseg.methods import ReplayMemory
+    from incseg.methods import MethodConfig, ReplayComponent
     from incseg.scenarios import get_scenario
 
     resolve_train_args(args)
@@ -695,7 +695,16 @@ def run_train(args: argparse.Namespace) -> int:
     model = model.to(device)
     if args.void_as_background:
         overrides["void_as_background"] = True
-    learner = IncrementalLearner(model, scn, method, **overrides)
+    method_config = MethodConfig.preset(method)
+    if args.memory > 0:  # the replay component, added to whatever the method has
+        method_config = method_config.replace(
+            components=(*method_config.components, "replay"), memory_size=args.memory, memory_seed=args.seed
+        )
+    learner = IncrementalLearner(model, scn, method_config, **overrides)
+    out = args.out or _default_out(args)
+    for part in getattr(learner.method, "parts", ()):
+        if isinstance(part, ReplayComponent):
+            part.memory.cache_dir = out / "cache"  # the run's class-set cache
     config = TrainConfig(
         epochs=args.epochs,
         epochs_next=args.epochs_next,
@@ -710,7 +719,6 @@ def run_train(args: argparse.Namespace) -> int:
         max_iters_per_epoch=args.max_iters_per_epoch,
         extra=_result_args(args),
     )
-    out = args.out or _default_out(args)
     if D.is_main_process():
         _write_run_config(out, args, config, resume=not args.no_resume)
         if args.config is not None:
@@ -743,7 +751,6 @@ def run_train(args: argparse.Namespace) -> int:
             on_iteration=on_iteration,
             on_step_end=board.step_end if board is not None else None,
             allow_config_change=args.allow_config_change,
-            memory=ReplayMemory(args.memory, seed=args.seed, cache_dir=out / "cache") if args.memory > 0 else None,
         )
     finally:
         metrics_log.close()

@@ -38,6 +38,7 @@ from incseg.learner.checkpoint import (
 )
 from incseg.learner.guard import DivergenceError, DivergenceGuard, NonFiniteLossError, check_finite_module
 from incseg.losses import LossOutput
+from incseg.methods import Method
 from incseg.methods.replay import ReplayMemory
 from incseg.metrics import IoUResult, MeanIoU, StepHistory
 from incseg.nn import FusionStrategy
@@ -364,19 +365,25 @@ def _iterations_per_epoch(train_set: Dataset[Any], config: TrainConfig) -> int:
 
 
 def planned_iterations(
-    datasets: DatasetFactory, config: TrainConfig, steps: Iterable[int], *, memory: ReplayMemory | None = None
+    datasets: DatasetFactory,
+    config: TrainConfig,
+    steps: Iterable[int],
+    *,
+    memory: ReplayMemory | None = None,
+    method: Method | None = None,
 ) -> dict[int, int]:
     """Training iterations of each step of ``steps`` as :func:`train_scenario` runs them.
 
     For an overall time estimate (``incseg demo`` adds those of every method). It builds every step's datasets
-    (their class-set caches make that cheap after the first time); a replay memory counts with its full budget
-    from step 1 on.
+    (their class-set caches make that cheap after the first time); the images a method's data hook adds (a
+    replay component's memory, :meth:`~incseg.methods.Method.extra_train_images`) count with their full budget.
 
     Args:
         datasets: ``datasets(step) -> (train_dataset, test_dataset)``, as for :func:`train_scenario`.
         config: its epochs, batch size and ``max_iters_per_epoch`` count.
         steps: the steps to plan.
-        memory: the replay memory of the run, if any.
+        memory: deprecated (the ``memory=`` of :func:`train_scenario`).
+        method: the learner's method (``learner.method``), whose data hooks add images.
 
     Returns:
         ``{step: iterations}`` (epochs times optimizer updates per epoch).
@@ -385,8 +392,11 @@ def planned_iterations(
     for step in steps:
         train_set = datasets(step)[0]
         iters = _iterations_per_epoch(train_set, config) if len(train_set) else 0  # type: ignore[arg-type]
-        if memory is not None and step > 0 and config.max_iters_per_epoch is None:
-            iters += memory.budget // config.batch_size
+        extra = method.extra_train_images(step) if method is not None else 0
+        if memory is not None and step > 0:
+            extra += memory.budget
+        if config.max_iters_per_epoch is None:
+            iters += extra // config.batch_size
         plan[step] = config.epochs_at(step) * iters
     return plan
 
@@ -602,10 +612,11 @@ def train_scenario(
             e.g. a :class:`~incseg.engine.MetricsLog`.
         allow_config_change: resume even when ``config`` differs from the checkpoint's in a setting that
             changes results (every field but those of :data:`NON_RESULT_FIELDS`); the differences are logged.
-        memory: a :class:`~incseg.methods.ReplayMemory`: after each step it selects exemplars of the step's
-            training set (which must then be an :class:`~incseg.data.IncrementalSegmentation`), and the images
-            it holds are added to the training set of every later step. Its state (image indices) is saved in
-            the checkpoints' extra data and restored on resume.
+        memory: deprecated since 0.3 (removed in 0.4): use the ``replay`` component
+            (``MethodConfig.components``, e.g. the ``mib-m`` preset, or ``incseg train --memory N``), which the
+            method's data hooks run. A :class:`~incseg.methods.ReplayMemory` given here still selects exemplars
+            after each step and adds them to the training sets of later steps, saved in the checkpoints' extra
+            data.
         eta: the overall time estimate (an ``incseg._progress.Eta``) of a larger run this call is part of
             (``incseg demo``: every method's steps); the progress lines end with it. Default (with
             ``config.progress``): one for the steps run here, from :func:`planned_iterations`, so the progress
@@ -625,6 +636,14 @@ def train_scenario(
     """
     main = D.is_main_process()
     say = log if log is not None else (print if main else (lambda _msg: None))
+    if memory is not None:
+        warnings.warn(
+            "train_scenario(memory=...) is deprecated and will be removed in incseg 0.4: add the 'replay' component "
+            "to the method instead (e.g. the 'mib-m' preset, or MethodConfig.replace(components=[..., 'replay'], "
+            "memory_size=N))",
+            DeprecationWarning,
+            stacklevel=2,
+        )
     scenario = learner.scenario
     steps = steps if steps is not None else range(scenario.num_steps)
     if history is None:
@@ -653,7 +672,7 @@ def train_scenario(
         say(f"resumed from {last_path}: step {start_step}, epoch {start_epoch}")
 
     if config.progress and main:
-        plan = planned_iterations(datasets, config, steps, memory=memory)
+        plan = planned_iterations(datasets, config, steps, memory=memory, method=learner.method)
         if eta is None:
             eta = Eta(sum(plan.values()))
         done_before = sum(n for s, n in plan.items() if s < start_step)
@@ -670,10 +689,13 @@ def train_scenario(
         if len(train_set) == 0:  # type: ignore[arg-type]
             raise ValueError(f"step {step} has no training images: check the dataset and the scenario's rules")
         step_set = train_set
+        train_set = learner.method.train_set(step, step_set)  # data hooks: a replay component adds its memory
+        if train_set is not step_set:
+            say(f"step {step}: training on {len(train_set)} images, {len(step_set)} of the step")  # type: ignore[arg-type]
         if memory is not None and len(memory) > 0 and step > 0:
             if not isinstance(step_set, IncrementalSegmentation):
                 raise TypeError(f"a replay memory needs IncrementalSegmentation training sets, got {step_set!r}")
-            train_set = ConcatDataset([step_set, memory.dataset(step_set)])
+            train_set = ConcatDataset([train_set, memory.dataset(step_set)])
             say(f"step {step}: replaying {len(memory)} memory images")
         first_epoch = start_epoch if step == start_step else 0
         if resume_state is None or step != start_step:
@@ -768,6 +790,7 @@ def train_scenario(
             note = _opposition_note({k: float(v) / stat_count for k, v in stat_sums.items()})
             if note:
                 say(f"step {step}: {note}")
+        learner.method.observe_train_set(step, step_set)
         if memory is not None:
             if not isinstance(step_set, IncrementalSegmentation):
                 raise TypeError(f"a replay memory needs IncrementalSegmentation training sets, got {step_set!r}")

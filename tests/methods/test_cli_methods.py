@@ -19,7 +19,9 @@ def test_train_plop_with_memory(tmp_path: Path) -> None:
     history = json.loads((tmp_path / "history.json").read_text())
     assert [entry["step"] for entry in history["steps"]] == [0, 1]
     saved = read_checkpoint(tmp_path / "checkpoints" / "step1.pt")
-    assert saved["method"]["family"] == "plop" and len(saved["extra"]["memory"]["entries"]) == 8
-    assert int(saved["criterion"]["calibrated_for"]) == 16  # thresholds of step 1's 16 old classes
+    assert saved["method"]["family"] == "plop" and saved["method"]["components"] == ["replay"]
+    memory = saved["criterion"]["components.replay._extra_state"]  # [budget, seed, (source, step) * 8]
+    assert memory[:2].tolist() == [8, 0] and memory.numel() == 2 + 2 * 8
+    assert int(saved["criterion"]["family.calibrated_for"]) == 16  # thresholds of step 1's 16 old classes
     terms = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "pod" in terms[-1] and "pod" not in terms[0]

@@ -11,7 +11,7 @@ import torch
 
 from incseg.data import IncrementalSegmentation, SyntheticScenes, TestTransform, image_class_sets
 from incseg.engine import TrainConfig, train_scenario
-from incseg.learner import IncrementalLearner
+from incseg.learner import IncrementalLearner, MethodConfig
 from incseg.learner.checkpoint import read_checkpoint
 from incseg.methods import ReplayMemory
 from incseg.models import small_segmenter
@@ -83,7 +83,45 @@ def test_state_is_plain_and_validated() -> None:
 
 
 @pytest.mark.parametrize("method", ["ft", "plop"])
-def test_training_loop_replays_and_resumes(tmp_path: Path, method: str) -> None:
+def test_replay_component_replays_and_resumes(tmp_path: Path, method: str) -> None:
+    scenario = get_scenario("synthetic", "15-5", mode="overlapped")
+    src = SyntheticScenes("train", num_images=48, size=48, seed=1)
+    val = SyntheticScenes("val", num_images=8, size=48, seed=1)
+    sizes: list[tuple[int, int]] = []
+    config = MethodConfig.preset(method).replace(name=f"{method}-m10", components=("replay",), memory_size=10)
+
+    def datasets(step: int) -> tuple[IncrementalSegmentation, IncrementalSegmentation]:
+        tf = TestTransform(size=None)
+        return (
+            IncrementalSegmentation(src, scenario, step, train=True, transform=tf),
+            IncrementalSegmentation(val, scenario, step, train=False, transform=tf),
+        )
+
+    def log(message: str) -> None:
+        if "training on" in message:  # "step 1: training on N images, M of the step"
+            words = message.split()
+            sizes.append((int(words[4]), int(words[6])))
+
+    def run(out: Path) -> IncrementalLearner:
+        torch.manual_seed(0)
+        learner = IncrementalLearner(small_segmenter(scenario.num_classes_at(0), width=8), scenario, config)
+        train_config = TrainConfig(epochs=1, batch_size=4, lr=0.01, max_iters_per_epoch=2, progress=False)
+        train_scenario(learner, datasets, train_config, device=torch.device("cpu"), checkpoint_dir=out, log=log)
+        return learner
+
+    learner = run(tmp_path)
+    ((total, own),) = sizes
+    assert total == own + 10  # step 1 trained on its images plus the 10 of the memory
+    memory = learner.method.parts[0].memory  # type: ignore[attr-defined]
+    assert len(memory) == 10 and {s for _, s in memory.entries} <= {0, 1}
+    saved = read_checkpoint(tmp_path / "step1.pt")
+    assert saved["method"]["components"] == ["replay"] and saved["method"]["memory_size"] == 10
+    restored = run(tmp_path)  # everything finished: the resume restores the memory and trains nothing
+    assert restored.method.parts[0].memory.entries == memory.entries  # type: ignore[attr-defined]
+    assert len(sizes) == 1
+
+
+def test_deprecated_memory_argument_still_replays(tmp_path: Path) -> None:
     scenario = get_scenario("synthetic", "15-5", mode="overlapped")
     src = SyntheticScenes("train", num_images=48, size=48, seed=1)
     val = SyntheticScenes("val", num_images=8, size=48, seed=1)
@@ -96,24 +134,17 @@ def test_training_loop_replays_and_resumes(tmp_path: Path, method: str) -> None:
             IncrementalSegmentation(val, scenario, step, train=False, transform=tf),
         )
 
-    def run(out: Path, memory: ReplayMemory) -> IncrementalLearner:
-        torch.manual_seed(0)
-        learner = IncrementalLearner(small_segmenter(scenario.num_classes_at(0), width=8), scenario, method)
-        config = TrainConfig(epochs=1, batch_size=4, lr=0.01, max_iters_per_epoch=2, progress=False)
-        train_scenario(
-            learner, datasets, config, device=torch.device("cpu"), checkpoint_dir=out, log=seen_log, memory=memory
-        )
-        return learner
-
     def seen_log(message: str) -> None:
         if "replaying" in message:
             seen.append(int(message.split("replaying ")[1].split()[0]))
 
     memory = ReplayMemory(10)
-    run(tmp_path, memory)
-    assert seen == [10]  # step 1 trained on its images plus the 10 of the memory
-    saved = read_checkpoint(tmp_path / "step1.pt")
-    assert saved["extra"]["memory"] == memory.state_dict()
-    restored = ReplayMemory(10)
-    run(tmp_path, restored)  # everything finished: the resume restores the memory and trains nothing
-    assert restored.entries == memory.entries
+    torch.manual_seed(0)
+    learner = IncrementalLearner(small_segmenter(scenario.num_classes_at(0), width=8), scenario, "ft")
+    config = TrainConfig(epochs=1, batch_size=4, lr=0.01, max_iters_per_epoch=2, progress=False)
+    with pytest.warns(DeprecationWarning, match="replay"):
+        train_scenario(
+            learner, datasets, config, device=torch.device("cpu"), checkpoint_dir=tmp_path, log=seen_log, memory=memory
+        )
+    assert seen == [10]
+    assert read_checkpoint(tmp_path / "step1.pt")["extra"]["memory"] == memory.state_dict()

@@ -426,7 +426,7 @@ def load_into(module: nn.Module, weights: Mapping[str, Any], what: str) -> None:
     shaped = [
         f"{k} ({tuple(v.shape)} -> {tuple(own[k].shape)})"
         for k, v in weights.items()
-        if k in own and v.shape != own[k].shape
+        if k in own and v.shape != own[k].shape and not k.endswith("_extra_state")  # extra state: any size
     ]
     if shaped:  # load_state_dict would take a (1,) tensor for a 0-dim buffer (num_batches_tracked)
         raise CheckpointError(

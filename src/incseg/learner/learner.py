@@ -27,7 +27,7 @@ from incseg.learner.checkpoint import (
 from incseg.learner.guard import DivergenceGuard
 from incseg.learner.module import TrainingModule
 from incseg.losses import LossOutput
-from incseg.methods import Method, MethodConfig, get_family
+from incseg.methods import Method, MethodConfig, build_method
 from incseg.models import IncrementalSegmenter
 from incseg.scenarios import Scenario
 
@@ -107,7 +107,7 @@ class IncrementalLearner:
             config = MethodConfig.preset(method, **overrides)
         else:
             raise TypeError(f"method must be a method name or a MethodConfig, got {type(method).__name__}")
-        self._method: Method = get_family(config.family)(config, unwrapped, scenario)
+        self._method: Method = build_method(config, unwrapped, scenario)
         criterion = self._method.build_criterion(unwrapped)
         found = device_of(unwrapped)
         if found is not None:  # the SE blocks of the attentive distillation run on the model's features
@@ -354,7 +354,7 @@ class IncrementalLearner:
         check_feature_map(images, "images")
         others = [self.criterion] + ([self._teacher] if self._teacher is not None else [])
         images = images_for(self.model, images, *others)
-        uses_teacher = self._teacher is not None and self._method.uses_teacher(self._config)
+        uses_teacher = self._teacher is not None and self._config.uses_teacher
         teacher_out = self.teacher_forward(images) if uses_teacher else None
         try:
             out: LossOutput = module(images, labels, teacher_out)

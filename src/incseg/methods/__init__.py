@@ -9,30 +9,60 @@ This package owns the contract between the learner and the methods; :mod:`incseg
   makes a family known.
 - Families: :class:`CAFMethod` (``ft``, ``lwf``, ``mib``, ``caf``, ``caf-release``, the paper's ablations),
   :class:`PLOPMethod` (``plop``).
-- :class:`ReplayMemory`: a class-balanced exemplar memory usable with any method.
+- :class:`Component`: a part that composes with any family (``MethodConfig.components``):
+  ``caf-fusion`` (:class:`FusionComponent`), ``attentive-distillation`` (:class:`AttentiveDistillationComponent`),
+  ``replay`` (:class:`ReplayComponent`, over a :class:`ReplayMemory`), ``ewf`` (:class:`WeightFusionComponent`);
+  :func:`register_component` makes yours known, :func:`build_method` builds the plugin of a configuration.
 """
 
 from __future__ import annotations
 
 from incseg.methods.base import Batch, LearnerView, Method
+from incseg.methods.components import (
+    AttentiveDistillationComponent,
+    Component,
+    ComposedMethod,
+    FusionComponent,
+    WeightFusionComponent,
+    build_method,
+    fuse_weights,
+)
 from incseg.methods.config import METHODS, MethodConfig
-from incseg.methods.registry import get_family, register_method, register_preset, unregister_preset
+from incseg.methods.registry import (
+    get_component,
+    get_family,
+    register_component,
+    register_method,
+    register_preset,
+    unregister_preset,
+)
 
 # The built-in families register themselves and their presets on import.
 from incseg.methods.caf import CAFMethod  # isort: skip
 from incseg.methods.plop import PLOPMethod  # isort: skip
-from incseg.methods.replay import ReplayMemory  # isort: skip
+from incseg.methods.replay import ReplayComponent, ReplayMemory  # isort: skip
+from incseg.methods import compositions  # isort: skip  # noqa: F401  (presets of compositions)
 
 __all__ = [
     "METHODS",
+    "AttentiveDistillationComponent",
     "Batch",
     "CAFMethod",
+    "Component",
+    "ComposedMethod",
+    "FusionComponent",
     "LearnerView",
     "Method",
     "MethodConfig",
     "PLOPMethod",
+    "ReplayComponent",
     "ReplayMemory",
+    "WeightFusionComponent",
+    "build_method",
+    "fuse_weights",
+    "get_component",
     "get_family",
+    "register_component",
     "register_method",
     "register_preset",
     "unregister_preset",

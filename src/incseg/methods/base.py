@@ -15,7 +15,30 @@ if TYPE_CHECKING:
     from incseg.models import IncrementalSegmenter
     from incseg.scenarios import Scenario
 
-__all__ = ["Batch", "LearnerView", "Method"]
+__all__ = ["Batch", "LearnerView", "Method", "check_option_values"]
+
+
+def check_option_values(options: Mapping[str, Any], defaults: Mapping[str, Any], owner: str) -> dict[str, Any]:
+    """``options`` (a subset of ``defaults``) checked against the defaults' types and completed with them.
+
+    Raises:
+        ValueError: an unknown option (the message lists the valid ones) or a non-finite number.
+        TypeError: a value whose type differs from its default's.
+    """
+    unknown = [k for k in options if k not in defaults]
+    if unknown:
+        raise ValueError(f"unknown options {unknown} for {owner}; valid: {list(defaults)}")
+    out = dict(defaults)
+    for key, value in options.items():
+        default = defaults[key]
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(default):
+            raise TypeError(f"{key} must be a {type(default).__name__}, got {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key} must be finite, got {value}")
+        out[key] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -117,20 +140,7 @@ class Method:
             ValueError: an unknown option (the message lists the valid ones) or a non-finite number.
             TypeError: a value whose type differs from its default's.
         """
-        unknown = [k for k in options if k not in cls.options]
-        if unknown:
-            raise ValueError(f"unknown options {unknown} for method family {cls.family!r}; valid: {list(cls.options)}")
-        out = dict(cls.options)
-        for key, value in options.items():
-            default = cls.options[key]
-            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if type(value) is not type(default):
-                raise TypeError(f"{key} must be a {type(default).__name__}, got {type(value).__name__}")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{key} must be finite, got {value}")
-            out[key] = value
-        return out
+        return check_option_values(options, cls.options, f"method family {cls.family!r}")
 
     @classmethod
     def check_config(cls, config: MethodConfig) -> None:
@@ -172,6 +182,19 @@ class Method:
 
     def calibrate(self, learner: LearnerView, batches: Any) -> None:
         """Optional pass over ``(images, labels)`` batches of the step's training data before training."""
+
+    def train_set(self, step: int, dataset: Any) -> Any:
+        """Data hook: the training set of ``step`` given the step's own ``dataset`` (default: ``dataset``;
+        a replay component adds its memory). :func:`~incseg.engine.train_scenario` calls it."""
+        return dataset
+
+    def observe_train_set(self, step: int, dataset: Any) -> None:
+        """Data hook: the step's own training set once the step is trained (a replay component selects its
+        exemplars). :func:`~incseg.engine.train_scenario` calls it after ``end_step``."""
+
+    def extra_train_images(self, step: int) -> int:
+        """At most how many images :meth:`train_set` adds at ``step`` (for time estimates; default 0)."""
+        return 0
 
     # ------------------------------------------------------------------ training
     def teacher_forward(self, teacher: IncrementalSegmenter, images: Tensor) -> dict[str, Any]:

@@ -7,21 +7,23 @@ Every method of the paper's tables is one :class:`~incseg.losses.CAFLoss` config
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
 from incseg.losses import CAFLoss, LossOutput
 from incseg.methods.base import Batch, Method
+from incseg.methods.components import FusionComponent, cafs_of, predict_with_fusion
 from incseg.methods.config import CAF_FIELDS, MethodConfig
 from incseg.methods.registry import register_method, register_preset
 from incseg.models import IncrementalSegmenter
-from incseg.nn.caf import ContinualAttentiveFusion, FusionStrategy
+
+if TYPE_CHECKING:
+    from incseg.scenarios import Scenario
 
 __all__ = ["CAFMethod", "caf_forward", "caf_loss", "caf_training_loss"]
 
 TEACHER_KEYS = ("z", "z_bar", "h", "logits")
-_STRATEGIES = get_args(FusionStrategy)
 
 
 def caf_training_loss(model: IncrementalSegmenter, criterion: CAFLoss, batch: Batch) -> LossOutput:
@@ -75,13 +77,6 @@ def caf_loss(criterion: CAFLoss, out: Mapping[str, Any], batch: Batch) -> LossOu
     return result
 
 
-def _cafs(model: nn.Module) -> list[ContinualAttentiveFusion]:
-    """The CAF modules of a segmenter's fusion: the fusion itself, or the values of its ``nn.ModuleDict``."""
-    fusion = getattr(model, "fusion", None)
-    modules = fusion.values() if isinstance(fusion, nn.ModuleDict) else [fusion]
-    return [m for m in modules if isinstance(m, ContinualAttentiveFusion)]
-
-
 def _check_teacher_out(teacher_out: Mapping[str, Any] | None, num_old_classes: int) -> None:
     if teacher_out is None:
         raise ValueError(
@@ -133,29 +128,25 @@ class CAFMethod(Method):
             ad_on_new=config.ad_on_new,
         )
 
+    def __init__(self, config: MethodConfig, model: IncrementalSegmenter, scenario: Scenario) -> None:
+        super().__init__(config, model, scenario)
+        # the fusion module and its test strategies: the same block as the caf-fusion component of other families
+        self._fusion = FusionComponent(config, model, scenario) if config.caf else None
+
     def has_fusion(self, step: int) -> bool:
-        return self.config.caf and step >= 1
+        return self._fusion is not None and self._fusion.has_fusion(step)
 
     def new_fusion(self, model: IncrementalSegmenter) -> nn.Module:
         """One :class:`~incseg.nn.ContinualAttentiveFusion` on ``z_channels`` (one per level of ``caf_levels``
         for a multi-scale encoder)."""
-        channels = model.caf_channels
-        if isinstance(channels, int):
-            return self._new_caf(channels)
-        return nn.ModuleDict({level: self._new_caf(c) for level, c in channels.items()})
-
-    def _new_caf(self, channels: int) -> ContinualAttentiveFusion:
-        return ContinualAttentiveFusion(
-            channels,
-            inner_channels=self.config.caf_inner_channels,
-            test_strategy=self.config.test_strategy,
-            fusion_dropout=self.config.fusion_dropout,
-        )
+        if self._fusion is None:
+            return super().new_fusion(model)
+        return self._fusion.new_fusion(model)
 
     def prepare_model(self, model: IncrementalSegmenter, *, teacher: bool) -> None:
         """The test strategy of the model's CAF modules: ``skip`` for the teacher (no older features exist),
         the configured ``test_strategy`` for the student."""
-        for caf in _cafs(model):
+        for caf in cafs_of(model):
             caf.test_strategy = "skip" if teacher else self.config.test_strategy
 
     def training_loss(self, model: IncrementalSegmenter, criterion: nn.Module, batch: Batch) -> LossOutput:
@@ -182,26 +173,7 @@ class CAFMethod(Method):
         Raises:
             ValueError: unknown ``strategy``; ``"concat"`` without a teacher.
         """
-        if strategy is not None and strategy not in _STRATEGIES:
-            raise ValueError(f"strategy must be None or one of {list(_STRATEGIES)}, got {strategy!r}")
-        cafs = _cafs(model)
-        z_old = None
-        saved = [caf.test_strategy for caf in cafs]
-        try:
-            if cafs:
-                effective = strategy if strategy is not None else cafs[0].test_strategy
-                if effective == "concat":
-                    teacher_out = teacher_forward(images)
-                    if teacher_out is None:
-                        raise ValueError('strategy "concat" needs the teacher (old model), but there is none')
-                    z_old = teacher_out["z"]
-                for caf in cafs:
-                    caf.test_strategy = effective  # type: ignore[assignment]
-            logits: Tensor = model.forward_features(images, z_old)["logits"]
-            return logits
-        finally:
-            for caf, value in zip(cafs, saved):
-                caf.test_strategy = value
+        return predict_with_fusion(model, images, teacher_forward=teacher_forward, strategy=strategy)
 
     def divergence_hints(self) -> dict[str, str]:
         cfg = self.config

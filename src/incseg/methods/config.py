@@ -17,7 +17,7 @@ from incseg._catalog import METHOD_DESCRIPTIONS
 from incseg._checks import check_number
 from incseg.functional._common import ClassReduction
 from incseg.losses.caf import ADMode, CEMode, KDMode
-from incseg.methods.registry import PresetView, get_family
+from incseg.methods.registry import PresetView, get_component, get_family
 from incseg.nn.caf import FusionStrategy
 
 __all__ = [
@@ -36,7 +36,7 @@ __all__ = [
 InitMode = Literal["mib", "random"]
 NormPolicy = Literal["train", "frozen"]
 
-COMMON_FIELDS = ("name", "family", "init", "bn", "dropout", "void_as_background")
+COMMON_FIELDS = ("name", "family", "components", "init", "bn", "dropout", "void_as_background")
 """The fields every method family uses (the learner reads them: classifier growth, bn/dropout policy)."""
 
 CAF_FIELDS: Mapping[str, Any] = {
@@ -136,9 +136,15 @@ class MethodConfig:
         family: the method family (a plugin of :mod:`incseg.methods`) that implements the configuration:
             ``"caf"`` (every method of the CAF paper, :class:`~incseg.methods.CAFMethod`), ``"plop"``
             (:class:`~incseg.methods.PLOPMethod`) or one registered with :func:`~incseg.methods.register_method`.
-        options: the family's own settings (e.g. PLOP's ``pod_factor``), validated and completed with its
-            defaults; they are passed like fields (``MethodConfig.preset("plop", pod_factor=0.02)``) and appear
-            as entries of their own in :meth:`to_dict`.
+        components: names of :class:`~incseg.methods.Component` s added to the family, in order (e.g.
+            ``("caf-fusion", "attentive-distillation")`` for ``plop+caf``, ``("replay",)`` for a "-M" variant,
+            ``("ewf",)`` for weight fusion); each reads the fields it lists and has options of its own. The CAF
+            family has the fusion module and the attentive distillation built in (``caf``, ``ad``), so it refuses
+            the components that would duplicate them.
+        options: the family's and the components' own settings (e.g. PLOP's ``pod_factor``, replay's
+            ``memory_size``), validated and completed with their defaults; they are passed like fields
+            (``MethodConfig.preset("plop", pod_factor=0.02)``) and appear as entries of their own in
+            :meth:`to_dict`.
 
     Raises:
         ValueError: a value outside its allowed set (the message lists the valid ones), a negative or
@@ -173,6 +179,7 @@ class MethodConfig:
     dropout: NormPolicy = "frozen"
     fusion_dropout: float = 0.5
     family: str = "caf"
+    components: tuple[str, ...] = ()
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -183,15 +190,46 @@ class MethodConfig:
         if not isinstance(self.options, Mapping):
             raise TypeError(f"options must be a mapping, got {type(self.options).__name__}")
         family = get_family(self.family)
-        object.__setattr__(self, "options", family.check_options(self.options))
+        components = self.components
+        if isinstance(components, str) or not isinstance(components, (tuple, list)):
+            raise TypeError(f"components must be a list of component names, got {components!r}")
+        parts = [get_component(name) for name in components]
+        if len(set(components)) != len(components):
+            raise ValueError(f"components must not repeat, got {list(components)}")
+        object.__setattr__(self, "components", tuple(components))
+        owned: dict[str, str] = {k: f"family {self.family!r}" for k in family.fields}
+        owners: dict[str, Any] = {k: family for k in family.options}
+        for part in parts:
+            for key in part.fields:
+                if key in owned:
+                    raise ValueError(
+                        f"component {part.name!r} cannot be added to {owned[key]}: both set {key!r} "
+                        "(the CAF family has the fusion module and attentive distillation built in: use caf=True, "
+                        "ad=...)"
+                    )
+                owned[key] = f"component {part.name!r}"
+            for key in part.options:
+                if key in owners:
+                    raise ValueError(f"component {part.name!r} and {owners[key]} both have the option {key!r}")
+                owners[key] = part
+        known = {k: v for k, v in self.options.items() if k not in owners}
+        if known:
+            raise ValueError(
+                f"unknown options {list(known)} for family {self.family!r} with components {list(components)}; "
+                f"valid: {list(owners)}"
+            )
+        checked = family.check_options({k: v for k, v in self.options.items() if owners[k] is family})
+        for part in parts:
+            checked.update(part.check_options({k: v for k, v in self.options.items() if owners[k] is part}))
+        object.__setattr__(self, "options", checked)
         for field_name, off in CAF_FIELDS.items():
-            if field_name in family.fields:
+            if field_name in owned:
                 continue
             value = getattr(self, field_name)
             if value != off and value != _DEFAULTS[field_name]:
                 raise ValueError(
-                    f"{field_name}={value!r} is not a setting of method family {self.family!r}; "
-                    f"its settings: {', '.join(_settings(self.family))}"
+                    f"{field_name}={value!r} is not a setting of method family {self.family!r}"
+                    f"{_with(self.components)}; its settings: {', '.join(_settings(self.family, self.components))}"
                 )
             object.__setattr__(self, field_name, off)  # the default of a CAF setting: switched off
         for field_name, allowed in _CHOICES.items():
@@ -228,8 +266,10 @@ class MethodConfig:
 
     @property
     def uses_teacher(self) -> bool:
-        """Whether training at steps > 0 runs the old model (the method family's answer)."""
-        return get_family(self.family).uses_teacher(self)
+        """Whether training at steps > 0 runs the old model (the answer of the family or of a component)."""
+        return get_family(self.family).uses_teacher(self) or any(
+            get_component(name).uses_teacher(self) for name in self.components
+        )
 
     def replace(self, **overrides: Any) -> MethodConfig:
         """Return a copy with some fields, or options of its family, changed (validated like the constructor).
@@ -238,16 +278,19 @@ class MethodConfig:
             ValueError: an unknown field name (the message lists the valid ones) or an invalid value.
         """
         family = overrides.get("family", self.family)
-        fields, options = _split(overrides, family)
-        if isinstance(family, str):
-            foreign = [k for k in fields if k not in _settings(family) and k != "options"]
+        components = overrides.get("components", self.components)
+        fields, options = _split(overrides, family, components)
+        if isinstance(family, str) and isinstance(components, (tuple, list)):
+            foreign = [k for k in fields if k not in _settings(family, components) and k != "options"]
             if foreign:
                 raise ValueError(
-                    f"{foreign} are not settings of method family {family!r}; its settings: "
-                    f"{', '.join(_settings(family))}"
+                    f"{foreign} are not settings of method family {family!r}{_with(components)}; its settings: "
+                    f"{', '.join(_settings(family, components))}"
                 )
-        if "options" not in fields and (options or family != self.family):
-            fields["options"] = {**(self.options if family == self.family else {}), **options}
+        if "options" not in fields and (options or family != self.family or "components" in fields):
+            own = _option_names(family, components) if isinstance(components, (tuple, list)) else set()
+            kept = {k: v for k, v in self.options.items() if k in own} if family == self.family else {}
+            fields["options"] = {**kept, **options}
         return dataclasses.replace(self, **fields)
 
     @classmethod
@@ -276,6 +319,7 @@ class MethodConfig:
         """Plain-python view of the configuration (str, bool, float and ``None`` values; the family's
         :attr:`options` appear as entries of their own)."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        data["components"] = list(self.components)
         return {**data, **self.options}
 
     @classmethod
@@ -288,7 +332,7 @@ class MethodConfig:
         """
         if not isinstance(data, Mapping):
             raise TypeError(f"data must be a mapping, got {type(data).__name__}")
-        fields, options = _split(data, data.get("family", "caf"))
+        fields, options = _split(data, data.get("family", "caf"), data.get("components", ()))
         # Fields added after format 1 was defined: older checkpoints lack them and get the values they were
         # trained with (the 0.1 behaviour), not today's defaults.
         legacy = {
@@ -301,6 +345,7 @@ class MethodConfig:
             "dropout": "train",
             "fusion_dropout": 0.0,
             "family": "caf",
+            "components": (),
         }
         missing = [
             f.name
@@ -315,21 +360,38 @@ class MethodConfig:
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(MethodConfig)}
 
 
-def _settings(family: str) -> list[str]:
-    """The fields and options a configuration of ``family`` may set."""
+def _settings(family: str, components: Any = ()) -> list[str]:
+    """The fields and options a configuration of ``family`` with ``components`` may set."""
     cls = get_family(family)
-    return [*COMMON_FIELDS, *(k for k in CAF_FIELDS if k in cls.fields), *cls.options]
+    parts = [get_component(name) for name in components]
+    reads = set(cls.fields).union(*(p.fields for p in parts))
+    return [*COMMON_FIELDS, *(k for k in CAF_FIELDS if k in reads), *_option_names(family, components)]
 
 
-def _split(data: Mapping[str, Any], family: object) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``data`` split into fields of :class:`MethodConfig` and options of ``family``; anything else raises."""
+def _option_names(family: str, components: Any) -> list[str]:
+    names = list(get_family(family).options)
+    for name in components:
+        names += [k for k in get_component(name).options if k not in names]
+    return names
+
+
+def _with(components: Any) -> str:
+    return f" with components {list(components)}" if components else ""
+
+
+def _split(data: Mapping[str, Any], family: object, components: object = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``data`` split into fields of :class:`MethodConfig` and options of ``family`` and ``components``;
+    anything else raises."""
     valid = [f.name for f in dataclasses.fields(MethodConfig)]
-    own = get_family(family).options if isinstance(family, str) else {}
+    ok = isinstance(family, str) and isinstance(components, (tuple, list))
+    own = _option_names(family, components) if ok else []  # type: ignore[arg-type]
     unknown = [k for k in data if k not in valid and k not in own]
     if unknown:
         names = ", ".join([*valid, *own])
         raise ValueError(f"unknown method configuration fields {unknown}; valid fields: {names}")
     fields = {k: v for k, v in data.items() if k in valid}
+    if isinstance(fields.get("components"), list):
+        fields["components"] = tuple(fields["components"])
     return fields, {k: v for k, v in data.items() if k not in valid}
 
 

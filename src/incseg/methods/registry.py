@@ -13,11 +13,21 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from incseg.methods.base import Method
+    from incseg.methods.components import Component
     from incseg.methods.config import MethodConfig
 
-__all__ = ["PresetView", "get_family", "register_method", "register_preset", "unregister_preset"]
+__all__ = [
+    "PresetView",
+    "get_component",
+    "get_family",
+    "register_component",
+    "register_method",
+    "register_preset",
+    "unregister_preset",
+]
 
 _FAMILIES: dict[str, type[Method]] = {}
+_COMPONENTS: dict[str, type[Component]] = {}
 _PRESETS: dict[str, MethodConfig] = {}
 
 
@@ -53,6 +63,39 @@ def get_family(name: str) -> type[Method]:
     if not isinstance(name, str) or name not in _FAMILIES:
         raise ValueError(f"family must be one of {sorted(_FAMILIES)}, got {name!r}")
     return _FAMILIES[name]
+
+
+def register_component(cls: type[Component]) -> type[Component]:
+    """Register a component class (usable as a decorator); its :attr:`~Component.name` is the key that
+    ``MethodConfig(components=[...])`` names.
+
+    Raises:
+        TypeError: ``cls`` is not a :class:`Component` subclass.
+        ValueError: empty name, or the name is taken by a class of another name.
+    """
+    from incseg.methods.components import Component
+
+    if not (isinstance(cls, type) and issubclass(cls, Component)):
+        raise TypeError(f"register_component expects a subclass of incseg.methods.Component, got {cls!r}")
+    name = cls.name
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{cls.__name__}.name must be a non-empty str, got {name!r}")
+    previous = _COMPONENTS.get(name)
+    if previous is not None and previous is not cls and previous.__qualname__ != cls.__qualname__:
+        raise ValueError(f"component {name!r} is already registered by {previous.__name__}")
+    _COMPONENTS[name] = cls
+    return cls
+
+
+def get_component(name: str) -> type[Component]:
+    """The component class registered under ``name``.
+
+    Raises:
+        ValueError: no such component (the message lists the registered ones).
+    """
+    if not isinstance(name, str) or name not in _COMPONENTS:
+        raise ValueError(f"component must be one of {sorted(_COMPONENTS)}, got {name!r}")
+    return _COMPONENTS[name]
 
 
 def register_preset(config: MethodConfig, *, replace: bool = False) -> MethodConfig:

@@ -11,15 +11,17 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from incseg._checks import check_int
 from incseg.data import IncrementalSegmentation, image_class_sets
+from incseg.methods.components import Component, register_component
 
-__all__ = ["ReplayMemory"]
+__all__ = ["ReplayComponent", "ReplayMemory", "ReplayState"]
 
 
 class ReplayMemory:
@@ -164,3 +166,78 @@ class ReplayMemory:
                 f"the saved memory has budget {state.get('budget')!r} and {len(entries)} images, this one {self.budget}"
             )
         self.entries = entries
+
+
+class ReplayState(nn.Module):
+    """The criterion module of the ``replay`` component: holds its :class:`ReplayMemory`, saved in the module's
+    ``state_dict`` as an int64 tensor ``[budget, seed, source_0, step_0, source_1, step_1, ...]`` (extra state),
+    so checkpoints keep the memory."""
+
+    def __init__(self, memory: ReplayMemory) -> None:
+        super().__init__()
+        self.memory = memory
+
+    def get_extra_state(self) -> Tensor:
+        state = self.memory.state_dict()
+        flat = [state["budget"], state["seed"], *(v for pair in state["entries"] for v in pair)]
+        return torch.tensor(flat, dtype=torch.int64)
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, Tensor) or state.dim() != 1 or state.numel() < 2 or state.numel() % 2:
+            raise ValueError(f"a replay memory state must be an int64 tensor of even length >= 2, got {state!r:.100}")
+        values = [int(v) for v in state.tolist()]
+        entries = [values[i : i + 2] for i in range(2, len(values), 2)]
+        self.memory.load_state_dict({"budget": values[0], "seed": values[1], "entries": entries})
+
+
+@register_component
+class ReplayComponent(Component):
+    """Class-balanced replay of ``memory_size`` training images (the "-M" variants: SSUL-M, DKD-M), on any family.
+
+    A data hook: :meth:`train_set` adds the memory's images to the training set of every step > 0, and
+    :meth:`observe_train_set` re-selects the memory among its images and the step's once the step is trained
+    (:class:`ReplayMemory`). :func:`~incseg.engine.train_scenario` calls both; in a loop of your own call
+    ``learner.method.train_set(step, dataset)`` before building the step's loader and
+    ``learner.method.observe_train_set(step, dataset)`` after ``end_step``. The memory is saved in checkpoints
+    (in the criterion's state).
+
+    Options: ``memory_size`` (100: the images kept), ``memory_seed`` (0: seed of the choice).
+    """
+
+    name = "replay"
+    options: ClassVar[Mapping[str, Any]] = {"memory_size": 100, "memory_seed": 0}
+
+    def __init__(self, config: Any, model: Any, scenario: Any) -> None:
+        super().__init__(config, model, scenario)
+        opts = config.options
+        self.memory = ReplayMemory(int(opts["memory_size"]), seed=int(opts["memory_seed"]))
+        self._state = ReplayState(self.memory)
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        out = super().check_options(options)
+        for key in ("memory_size", "memory_seed"):
+            check_int(out[key], key, minimum=0)
+        return out
+
+    @classmethod
+    def uses_teacher(cls, config: Any) -> bool:
+        return False
+
+    def build_criterion(self, model: Any) -> nn.Module:
+        return self._state
+
+    def train_set(self, step: int, dataset: Any) -> Any:
+        if step == 0 or len(self.memory) == 0:
+            return dataset
+        if not isinstance(dataset, IncrementalSegmentation):
+            raise TypeError(f"replay needs IncrementalSegmentation training sets, got {dataset!r}")
+        return ConcatDataset([dataset, self.memory.dataset(dataset)])
+
+    def extra_train_images(self, step: int) -> int:
+        return self.memory.budget if step > 0 else 0
+
+    def observe_train_set(self, step: int, dataset: Any) -> None:
+        if not isinstance(dataset, IncrementalSegmentation):
+            raise TypeError(f"replay needs IncrementalSegmentation training sets, got {dataset!r}")
+        self.memory.update(dataset)
