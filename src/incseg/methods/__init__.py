@@ -8,7 +8,7 @@ This package owns the contract between the learner and the methods; :mod:`incseg
   as named terms of a :class:`Batch`, ``on_end_step``, its test-time prediction); :func:`register_method`
   makes a family known.
 - Families: :class:`CAFMethod` (``ft``, ``lwf``, ``mib``, ``caf``, ``caf-release``, the paper's ablations),
-  :class:`PLOPMethod` (``plop``).
+  :class:`PLOPMethod` (``plop``), :class:`DKDMethod` (``dkd``).
 - :class:`ReplayMemory`: a class-balanced exemplar memory usable with any method.
 """
 
@@ -21,12 +21,14 @@ from incseg.methods.registry import get_family, register_method, register_preset
 # The built-in families register themselves and their presets on import.
 from incseg.methods.caf import CAFMethod  # isort: skip
 from incseg.methods.plop import PLOPMethod  # isort: skip
+from incseg.methods.dkd import DKDMethod  # isort: skip
 from incseg.methods.replay import ReplayMemory  # isort: skip
 
 __all__ = [
     "METHODS",
     "Batch",
     "CAFMethod",
+    "DKDMethod",
     "LearnerView",
     "Method",
     "MethodConfig",
