@@ -28,7 +28,7 @@ class DKDLoss(nn.Module):
     r"""DKD's training objective (docs/concepts.md, "DKD"):
 
     .. math::
-        L = w_{mbce} L_{mbce} + w_{kd} L_{kd} + w_{dkd}^+ L_{dkd}^+ + w_{dkd}^- L_{dkd}^- + w_{ac} L_{ac}
+        L = s (w_{mbce} L_{mbce} + w_{kd} L_{kd} + w_{dkd}^+ L_{dkd}^+ + w_{dkd}^- L_{dkd}^- + w_{ac} L_{ac})
 
     - ``L_mbce`` (:func:`~incseg.functional.multilabel_bce_loss`): the classes of the current step against
       their labels (old classes and background are negatives), positive weight ``base_pos_weight`` at step 0
@@ -51,6 +51,8 @@ class DKDLoss(nn.Module):
         ac_weight: weight of ``L_ac`` (release: 1).
         pos_weight: positive weight of ``L_mbce`` at steps > 0 (release: 1).
         base_pos_weight: positive weight of ``L_mbce`` at step 0 (release scripts: 2).
+        scale: factor of the whole loss (1: the release's loss; for SGD, scaling the loss scales the learning
+            rate, see :class:`~incseg.methods.DKDMethod`'s ``loss_scale``).
         ignore_index: label left out of ``L_mbce`` (``None``: the release, every pixel counts).
 
     Raises:
@@ -76,6 +78,7 @@ class DKDLoss(nn.Module):
         ac_weight: float = 1.0,
         pos_weight: float = 1.0,
         base_pos_weight: float = 2.0,
+        scale: float = 1.0,
         ignore_index: int | None = None,
     ) -> None:
         super().__init__()
@@ -86,6 +89,7 @@ class DKDLoss(nn.Module):
         self.ac_weight = _weight(ac_weight, "ac_weight")
         self.pos_weight = _weight(pos_weight, "pos_weight", positive=True)
         self.base_pos_weight = _weight(base_pos_weight, "base_pos_weight", positive=True)
+        self.scale = _weight(scale, "scale", positive=True)
         if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
             raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
         self.ignore_index = ignore_index
@@ -118,7 +122,7 @@ class DKDLoss(nn.Module):
 
         Returns:
             The total and the weighted terms ``"mbce"``, ``"ac"`` and at steps > 0 ``"kd"``, ``"dkd_pos"``,
-            ``"dkd_neg"`` (each times its weight), and ``"total"``.
+            ``"dkd_neg"`` (each times its weight and ``scale``), and ``"total"``.
 
         Raises:
             ValueError: bad shapes, ``num_old_classes`` outside ``[0, K)``, or missing old-model outputs at
@@ -149,6 +153,7 @@ class DKDLoss(nn.Module):
             terms["kd"] = self.kd_weight * kd
             terms["dkd_pos"] = self.dkd_pos_weight * sigmoid_kd_loss(pos_logits[:, 1:n_old], old_pos_logits[:, 1:])
             terms["dkd_neg"] = self.dkd_neg_weight * sigmoid_kd_loss(neg_logits[:, 1:n_old], old_neg_logits[:, 1:])
+        terms = {k: self.scale * v for k, v in terms.items()} if self.scale != 1.0 else terms
         total = torch.stack(list(terms.values())).sum()
         out = {k: v.detach() for k, v in terms.items()}
         out["total"] = total.detach()
@@ -158,5 +163,5 @@ class DKDLoss(nn.Module):
         return (
             f"mbce_weight={self.mbce_weight}, kd_weight={self.kd_weight}, dkd_pos_weight={self.dkd_pos_weight}, "
             f"dkd_neg_weight={self.dkd_neg_weight}, ac_weight={self.ac_weight}, pos_weight={self.pos_weight}, "
-            f"base_pos_weight={self.base_pos_weight}"
+            f"base_pos_weight={self.base_pos_weight}, scale={self.scale}"
         )
