@@ -12,6 +12,7 @@ from __future__ import annotations
 from incseg.functional.attention import attentive_distillation_loss, pixel_weights, spatial_attention
 from incseg.functional.background import gamma_balance, new_background_log_probs, old_background_log_probs
 from incseg.functional.cross_entropy import unbiased_cross_entropy
+from incseg.functional.distillation import balanced_kd_loss, kd_loss, unbiased_kd_loss
 from incseg.functional.dkd import (
     auxiliary_bce_loss,
     decompose_logits,
@@ -19,7 +20,6 @@ from incseg.functional.dkd import (
     sigmoid_kd_loss,
     threshold_background,
 )
-from incseg.functional.distillation import balanced_kd_loss, kd_loss, unbiased_kd_loss
 from incseg.functional.pod import (
     collapse_new_classes,
     entropy_pseudo_labels,

@@ -120,8 +120,16 @@ class DKDMethod(Method):
 
     def build_criterion(self, model: IncrementalSegmenter) -> DKDLoss:
         opts = self.config.options
-        weights = {k: float(v) for k, v in opts.items() if k not in ("threshold", "loss_scale")}
-        return DKDLoss(**weights, scale=float(opts["loss_scale"]))
+        return DKDLoss(
+            mbce_weight=float(opts["mbce_weight"]),
+            kd_weight=float(opts["kd_weight"]),
+            dkd_pos_weight=float(opts["dkd_pos_weight"]),
+            dkd_neg_weight=float(opts["dkd_neg_weight"]),
+            ac_weight=float(opts["ac_weight"]),
+            pos_weight=float(opts["pos_weight"]),
+            base_pos_weight=float(opts["base_pos_weight"]),
+            scale=float(opts["loss_scale"]),
+        )
 
     def teacher_forward(self, teacher: IncrementalSegmenter, images: Tensor) -> dict[str, Any]:
         """The teacher's ``forward_features`` plus its decomposed logits (:func:`dkd_outputs`)."""
