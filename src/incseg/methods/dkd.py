@@ -74,10 +74,9 @@ class DKDMethod(Method):
 
     Options (release defaults): ``mbce_weight`` (1.0), ``kd_weight`` (5.0), ``dkd_pos_weight`` (5.0),
     ``dkd_neg_weight`` (5.0), ``ac_weight`` (1.0), ``pos_weight`` (1.0, steps > 0), ``base_pos_weight`` (2.0,
-    step 0), ``threshold`` (0.5, the test-time probability a class must exceed), ``loss_scale`` (0.1, a factor
-    of the whole loss: the release trains DKD at a learning rate ten times below MiB's, 1e-3 / 1e-4 against
-    1e-2 / 1e-3 on VOC, and incseg's presets share one learning rate; for SGD the factor is that ratio. 1.0 is
-    the release's loss, to use with the release's learning rates).
+    step 0), ``threshold`` (0.5, the test-time probability a class must exceed), ``loss_scale`` (1.0, a factor
+    of the whole loss: the release trains DKD at learning rates ten times below MiB's, 1e-3 / 1e-4 against
+    1e-2 / 1e-3 on VOC; for SGD, 0.1 at MiB's learning rate is the release's ratio, see docs/protocol.md).
     """
 
     family = "dkd"
@@ -90,7 +89,7 @@ class DKDMethod(Method):
         "pos_weight": 1.0,
         "base_pos_weight": 2.0,
         "threshold": 0.5,
-        "loss_scale": 0.1,
+        "loss_scale": 1.0,
     }
 
     def __init__(self, config: MethodConfig, model: IncrementalSegmenter, scenario: Scenario) -> None:
