@@ -44,11 +44,14 @@ METHOD_DESCRIPTIONS: Mapping[str, str] = MappingProxyType(
         "baseline+ad_sp": "baseline + attentive distillation with the spatial attention only (Table VI)",
         "baseline+ad_ch": "baseline + attentive distillation with the channel attention only (Table VI)",
         "plop": "PLOP: Local POD distillation + entropy pseudo-labels of old classes (Douillard et al., CVPR 2021)",
+        "dkd": "DKD: sigmoid classifiers + decomposed knowledge distillation (Baek et al., NeurIPS 2022)",
         "mib+ewf": "MiB + endpoints weight fusion of old and new weights after each step (Xiao et al., CVPR 2023)",
         "mib-m": "MiB + class-balanced replay of 100 training images (memory_size)",
         "plop+ewf": "PLOP + endpoints weight fusion after each step",
         "plop-m": "PLOP + class-balanced replay of 100 training images (memory_size)",
         "plop+caf": "PLOP + CAF's fusion module and attentive distillation (the caf recipe's settings)",
+        "dkd+caf": "DKD + CAF's fusion module and attentive distillation (the caf recipe's settings)",
+        "dkd-m": "DKD-M: DKD + class-balanced replay of 100 training images (memory_size)",
     }
 )
 """One line per named method of :data:`incseg.learner.METHODS`, shown by ``incseg --help``."""

@@ -8,7 +8,7 @@ This package owns the contract between the learner and the methods; :mod:`incseg
   as named terms of a :class:`Batch`, ``on_end_step``, its test-time prediction); :func:`register_method`
   makes a family known.
 - Families: :class:`CAFMethod` (``ft``, ``lwf``, ``mib``, ``caf``, ``caf-release``, the paper's ablations),
-  :class:`PLOPMethod` (``plop``).
+  :class:`PLOPMethod` (``plop``), :class:`DKDMethod` (``dkd``).
 - :class:`Component`: a part that composes with any family (``MethodConfig.components``):
   ``caf-fusion`` (:class:`FusionComponent`), ``attentive-distillation`` (:class:`AttentiveDistillationComponent`),
   ``replay`` (:class:`ReplayComponent`, over a :class:`ReplayMemory`), ``ewf`` (:class:`WeightFusionComponent`);
@@ -40,6 +40,7 @@ from incseg.methods.registry import (
 # The built-in families register themselves and their presets on import.
 from incseg.methods.caf import CAFMethod  # isort: skip
 from incseg.methods.plop import PLOPMethod  # isort: skip
+from incseg.methods.dkd import DKDMethod  # isort: skip
 from incseg.methods.replay import ReplayComponent, ReplayMemory  # isort: skip
 from incseg.methods import compositions  # isort: skip  # noqa: F401  (presets of compositions)
 
@@ -50,6 +51,7 @@ __all__ = [
     "CAFMethod",
     "Component",
     "ComposedMethod",
+    "DKDMethod",
     "FusionComponent",
     "LearnerView",
     "Method",

@@ -1,8 +1,10 @@
 """Presets that compose a family with components (:attr:`MethodConfig.components`).
 
-- ``plop+caf``: PLOP with CAF's fusion module and attentive distillation (the ``caf`` recipe's settings);
+- ``plop+caf`` / ``dkd+caf``: PLOP / DKD with CAF's fusion module and attentive distillation (the ``caf``
+  recipe's settings);
 - ``mib+ewf`` / ``plop+ewf``: MiB / PLOP with endpoints weight fusion after every step;
-- ``mib-m`` / ``plop-m``: MiB / PLOP with class-balanced replay of 100 images (the "-M" protocol of SSUL-M).
+- ``mib-m`` / ``plop-m`` / ``dkd-m``: MiB / PLOP / DKD with class-balanced replay of 100 images (the "-M"
+  protocol of SSUL-M and DKD-M).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from incseg.methods.registry import get_component, register_preset
 CAF_BLOCKS = ("caf-fusion", "attentive-distillation")
 """The components that put CAF (its fusion module and attentive distillation) on another family."""
 
-for _base in ("mib", "plop"):
+for _base in ("mib", "plop"):  # EWF's release applies it to MiB and PLOP
     register_preset(METHODS[_base].replace(name=f"{_base}+ewf", components=("ewf",)))
     register_preset(METHODS[_base].replace(name=f"{_base}-m", components=("replay",)))
 
@@ -29,3 +31,5 @@ def caf_blocks_settings() -> dict[str, Any]:
 
 
 register_preset(METHODS["plop"].replace(name="plop+caf", **caf_blocks_settings()))
+register_preset(METHODS["dkd"].replace(name="dkd+caf", **caf_blocks_settings()))
+register_preset(METHODS["dkd"].replace(name="dkd-m", components=("replay",)))  # DKD-M: 100 images on VOC

@@ -139,17 +139,19 @@ class IncrementalClassifier(nn.Module):
             )
         return logits
 
-    def add_classes(self, n: int, *, init: Literal["mib", "random"] = "mib") -> list[nn.Parameter]:
+    def add_classes(self, n: int, *, init: Literal["mib", "random", "aux"] = "mib") -> list[nn.Parameter]:
         """Append a head for ``n`` new classes (a new learning step).
 
         With ``init="mib"`` (default) the new weights copy the background row ``w_bg`` and the new biases and
         the background bias are set to ``b_bg - log(n + 1)`` (MiB initialisation, PROTOCOL.md); with
+        ``init="aux"`` every new row copies the background row's weight and bias unchanged (DKD's
+        initialisation from its auxiliary classifier, the background row of sigmoid classifiers); with
         ``init="random"`` the head keeps PyTorch's default convolution initialisation. The new head is
         created on the device and dtype of the existing heads.
 
         Args:
             n: number of new classes ``|U_l|``.
-            init: ``"mib"`` or ``"random"``.
+            init: ``"mib"``, ``"aux"`` or ``"random"``.
 
         Returns:
             The new parameters (weight, bias), to be given to the optimizer. The optimizer must be rebuilt
@@ -160,8 +162,8 @@ class IncrementalClassifier(nn.Module):
             ValueError: ``n < 1`` or unknown ``init``.
         """
         n = check_int(n, "n")
-        if init not in ("mib", "random"):
-            raise ValueError(f"init must be 'mib' or 'random', got {init!r}")
+        if init not in ("mib", "random", "aux"):
+            raise ValueError(f"init must be 'mib', 'aux' or 'random', got {init!r}")
         bg = self.head(0)
         head = self._new_head(n).to(device=bg.weight.device, dtype=bg.weight.dtype)
         if init == "mib":
@@ -171,6 +173,11 @@ class IncrementalClassifier(nn.Module):
                 head.weight.copy_(bg.weight[0:1].expand_as(head.weight))
                 head.bias.copy_(new_bias.expand_as(head.bias))
                 bg.bias[0] = new_bias
+        elif init == "aux":
+            assert bg.bias is not None and head.bias is not None
+            with torch.no_grad():
+                head.weight.copy_(bg.weight[0:1].expand_as(head.weight))
+                head.bias.copy_(bg.bias[0:1].expand_as(head.bias))
         self.heads.append(head)
         return list(head.parameters())
 
