@@ -56,8 +56,7 @@ def multilabel_bce_loss(
 ) -> Tensor:
     r"""DKD's ``L_mbce``: binary cross-entropy of each class ``c >= first_class`` against ``[y = c]``.
 
-    .. math::
-        \ell(i) = -\sum_{c \ge c_0} p\,[y_i = c] \log \sigma(x_{c,i}) + [y_i \ne c] \log(1 - \sigma(x_{c,i}))
+    ``ℓ(i) = -sum_{c >= c_0} p [y_i = c] log σ(x_{c,i}) + [y_i != c] log(1 - σ(x_{c,i}))``
 
     with ``p = pos_weight``. Classes below ``first_class`` (the background and the old classes) get no term:
     their pixels are negatives of every scored class. The logits are bilinearly resized to the labels' size.
@@ -108,9 +107,7 @@ def sigmoid_kd_loss(logits: Tensor, old_logits: Tensor, *, reduction: Reduction 
     r"""Binary cross-entropy of the student's logits against the old model's probabilities (DKD's ``L_kd``
     on the outputs and ``L_dkd`` on the decomposed logits).
 
-    .. math::
-        \ell(i) = -\sum_c \sigma(x^{old}_{c,i}) \log \sigma(x_{c,i}) + (1 - \sigma(x^{old}_{c,i}))
-        \log(1 - \sigma(x_{c,i}))
+    ``ℓ(i) = -sum_c σ(x^old_{c,i}) log σ(x_{c,i}) + (1 - σ(x^old_{c,i})) log(1 - σ(x_{c,i}))``
 
     Args:
         logits: the student's logits ``(B, C, H, W)`` of the distilled classes.

@@ -27,8 +27,7 @@ def _weight(value: Any, name: str, *, positive: bool = False) -> float:
 class DKDLoss(nn.Module):
     r"""DKD's training objective (docs/concepts.md, "DKD"):
 
-    .. math::
-        L = s (w_{mbce} L_{mbce} + w_{kd} L_{kd} + w_{dkd}^+ L_{dkd}^+ + w_{dkd}^- L_{dkd}^- + w_{ac} L_{ac})
+    ``L = s (w_mbce L_mbce + w_kd L_kd + w_dkd+ L_dkd+ + w_dkd- L_dkd- + w_ac L_ac)``
 
     - ``L_mbce`` (:func:`~incseg.functional.multilabel_bce_loss`): the classes of the current step against
       their labels (old classes and background are negatives), positive weight ``base_pos_weight`` at step 0
