@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any, Literal, overload
 
@@ -148,16 +150,49 @@ def _all_finite(x: Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
+_last_finite = threading.local()
+
+
+def _version(x: Tensor) -> int | None:
+    """``x``'s version counter (bumped by every in-place change), or ``None`` where it has none."""
+    try:
+        return int(x._version)
+    except (RuntimeError, AttributeError):  # inference tensors track no version
+        return None
+
+
+def _known_finite(x: Tensor) -> bool:
+    """Whether ``x`` is the tensor this thread last found finite, unchanged since (same object, same version):
+    the separate loss modules of one step check the same logits once, as ``CAFLoss`` does."""
+    last = getattr(_last_finite, "entry", None)
+    if last is None or last[0]() is not x:
+        return False
+    version = _version(x)
+    return version is not None and version == last[1]
+
+
+def _remember_finite(x: Tensor) -> None:
+    version = _version(x)
+    _last_finite.entry = None if version is None else (weakref.ref(x), version)
+
+
 def check_finite(x: Tensor, name: str) -> Tensor:
-    """Raise :class:`NonFiniteError` if ``x`` holds NaN or Inf, when value checks run for ``x``."""
-    if validate_values(x) and x.numel() > 0 and not _all_finite(x):
-        n_nan = int(torch.isnan(x).sum())
-        n_inf = int(torch.isinf(x).sum())
-        raise NonFiniteError(
-            f"{name} contains non-finite values ({n_nan} NaN, {n_inf} Inf of {x.numel()} entries, shape "
-            f"{tuple(x.shape)}): the network diverged or its input is broken"
-        )
-    return x
+    """Raise :class:`NonFiniteError` if ``x`` holds NaN or Inf, when value checks run for ``x``.
+
+    The last tensor found finite is remembered (per thread, by identity and version counter), so checking the
+    same unchanged tensor again costs nothing (a change through ``.data`` or a NumPy view, which bumps no
+    version counter, is not seen until another tensor is checked)."""
+    if not validate_values(x) or x.numel() == 0 or _known_finite(x):
+        return x
+    if _all_finite(x):
+        _remember_finite(x)
+        return x
+    n_nan = int(torch.isnan(x).sum())
+    n_inf = int(torch.isinf(x).sum())
+    raise NonFiniteError(
+        f"{name} contains non-finite values ({n_nan} NaN, {n_inf} Inf of {x.numel()} entries, shape "
+        f"{tuple(x.shape)}): the network diverged or its input is broken"
+    )
 
 
 def check_logits(x: object, name: str = "logits", *, min_classes: int = 1) -> Tensor:
