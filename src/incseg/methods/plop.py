@@ -61,8 +61,12 @@ _RESIDUAL_BLOCKS = (BasicBlock, Bottleneck)
 _STRIDED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool2d, nn.AvgPool2d, nn.LPPool2d)
 
 
+_NOT_ACTIVATIONS = (nn.MultiheadAttention, nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d)
+
+
 def _is_activation(module: nn.Module) -> bool:
-    return type(module).__module__ == nn.ReLU.__module__  # torch.nn.modules.activation (ReLU, GELU, ...)
+    """An element-wise activation of ``torch.nn`` (ReLU, LeakyReLU, GELU, SiLU, ...)."""
+    return type(module).__module__ == nn.ReLU.__module__ and not isinstance(module, _NOT_ACTIVATIONS)
 
 
 def _final_activation(module: nn.Module) -> nn.Module | None:
@@ -86,8 +90,8 @@ def _strided(module: nn.Module) -> bool:
     """Whether ``module`` holds a convolution or pooling with a stride > 1 (it lowers the resolution)."""
     for m in module.modules():
         if isinstance(m, _STRIDED):
-            stride = m.stride if isinstance(m.stride, tuple) else (m.stride,)
-            if any(int(st) > 1 for st in stride):
+            stride = m.stride if m.stride is not None else m.kernel_size  # LPPool2d's default stride
+            if any(int(st) > 1 for st in (stride if isinstance(stride, tuple) else (stride,))):
                 return True
     return False
 
