@@ -113,10 +113,11 @@ def run(args: argparse.Namespace, text: str, seed: int, perturb_seed: int | None
     t0 = time.monotonic()
     stats: dict[str, list[float]] = {}
     for step in range(scenario.num_steps):
-        learner.begin_step(step)
+        x, y = step_data(train_x, train_y, scenario, step, train=True)
+        batches = [(x[b : b + args.batch_size], y[b : b + args.batch_size]) for b in range(0, len(x), args.batch_size)]
+        learner.begin_step(step, data=batches)  # PLOP calibrates its pseudo-label thresholds on them
         lr = args.lr0 if step == 0 else args.lr_next
         optimizer = torch.optim.SGD(learner.param_groups(lr), lr=lr, momentum=0.9)
-        x, y = step_data(train_x, train_y, scenario, step, train=True)
         g = torch.Generator().manual_seed(1000 * seed + step)
         for _ in range(args.epochs0 if step == 0 else args.epochs_next):
             order = torch.randperm(len(x), generator=g)

@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import Tensor
+from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.resnet import Bottleneck, ResNet
+from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
 
 from incseg.functional.pod import (
     collapse_new_classes,
@@ -23,8 +26,16 @@ from incseg.functional.pod import (
     normalized_entropy,
 )
 from incseg.learner import METHODS, IncrementalLearner, MethodConfig
-from incseg.methods.plop import PLOPLoss, median_from_histogram
-from incseg.models import small_segmenter
+from incseg.methods.base import Batch
+from incseg.methods.plop import PLOPLoss, PLOPMethod, median_from_histogram, pod_stage_modules
+from incseg.models import (
+    IncrementalClassifier,
+    IncrementalSegmenter,
+    deeplabv3_resnet50,
+    from_named_submodules,
+    from_torchvision_deeplabv3,
+    small_segmenter,
+)
 from incseg.scenarios import Scenario
 
 
@@ -233,7 +244,7 @@ def test_plop_trains_through_the_learner_and_checkpoints(tmp_path: Path) -> None
 
 def test_plop_loss_matches_a_float64_reference() -> None:
     """The whole step-1 loss on a float64 network: CE on pseudo-labels times the factor, POD on the encoder's
-    stages, h and the collapsed logits, weights 0.01 / 0.0005, schedule sqrt(K/|C_t|)."""
+    stage outputs before their ReLU, h and the collapsed logits, weights 0.01 / 0.0005, schedule sqrt(K/|C_t|)."""
     torch.manual_seed(0)
     scenario = Scenario([[1, 2], [3, 4]])
     model = small_segmenter(3, width=4).double()
@@ -250,10 +261,13 @@ def test_plop_loss_matches_a_float64_reference() -> None:
     assert teacher is not None
 
     def stages(net: torch.nn.Module) -> list[Tensor]:
+        """The outputs of stage1-3 (the stem is followed by a stage at its resolution) before their ReLU."""
         feats, x = [], images
-        for stage in net.encoder:  # type: ignore[attr-defined]
-            x = stage(x)
-            feats.append(x)
+        for name, (conv, bn, _relu) in net.encoder.named_children():  # type: ignore[attr-defined]
+            pre = bn(conv(x))
+            x = F.relu(pre)
+            if name != "stem":
+                feats.append(pre)
         return feats
 
     with torch.no_grad():
@@ -308,3 +322,198 @@ def test_plop_configuration() -> None:
     with pytest.raises(ValueError, match="unknown method configuration fields"):
         MethodConfig.preset("mib", pod_factor=1.0)  # an option of another family
     assert MethodConfig.preset("plop").uses_teacher and not MethodConfig.preset("ft").uses_teacher
+
+
+# ---------------------------------------------------------------- which maps POD distils
+
+
+def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def _sequential_net(strides: list[int], width: int = 4) -> IncrementalSegmenter:
+    net = nn.Module()
+    net.encoder = nn.Sequential(*[_block(3 if i == 0 else width, width, s) for i, s in enumerate(strides)])
+    net.refiner = _block(width, width)
+    net.classifier = nn.Conv2d(width, 3, 1)
+    return from_named_submodules(net, z_channels=width, h_channels=width)
+
+
+def _plop(model: IncrementalSegmenter, **options: Any) -> PLOPMethod:
+    config = MethodConfig.preset("plop", **options)
+    return PLOPMethod(config, model, Scenario([[1, 2], [3]]))
+
+
+def _tiny_deeplabv3() -> IncrementalSegmenter:
+    """torchvision's DeepLabV3 on a ResNet with one or two bottlenecks per stage and 4 inner channels per group
+    (output stride 8, layer3 and layer4 dilated), adapted with from_torchvision_deeplabv3."""
+    resnet = ResNet(Bottleneck, [1, 2, 1, 1], width_per_group=4, replace_stride_with_dilation=[False, True, True])
+    body = IntermediateLayerGetter(resnet, return_layers={"layer4": "out"})
+    return from_torchvision_deeplabv3(DeepLabV3(body, DeepLabHead(2048, 3, atrous_rates=(2, 4, 6))))
+
+
+def _randomize_norms(model: nn.Module, seed: int) -> None:
+    """Non-trivial batch-norm statistics and affine parameters, so that eval mode is not an identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                assert m.running_mean is not None and m.running_var is not None
+                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.weight.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
+
+
+def _pre_activation(block: Bottleneck, x: Tensor) -> Tensor:
+    """A torchvision bottleneck's output before its final ReLU, computed by hand: bn3(...) + the residual."""
+    out = F.relu(block.bn1(block.conv1(x)))
+    out = F.relu(block.bn2(block.conv2(out)))
+    out = block.bn3(block.conv3(out))
+    identity = x if block.downsample is None else block.downsample(x)
+    return out + identity
+
+
+def test_deeplabv3_maps_are_the_stage_outputs_before_their_activation_as_the_release() -> None:
+    """The release distils the 4 ResNet stage outputs before their final activation, the ASPP output and the
+    logits (6 maps); the capture equals a hand computation in float64, values and gradients."""
+    torch.manual_seed(0)
+    model = _tiny_deeplabv3().double()
+    _randomize_norms(model, 1)
+    method = _plop(model)
+    assert method.pod_modules == tuple(f"encoder.body.layer{i}" for i in range(1, 5))
+    assert pod_stage_modules(model) == method.pod_modules
+    model.eval()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    out = method.forward(model, Batch(images, torch.zeros(2, 32, 32, dtype=torch.long), None, 0))
+    assert len(out["pod"]) == 5 and out["pod"][-1] is out["h"]  # + the logits in the loss: 6 maps
+    assert {"z", "z_bar", "h", "logits"} <= set(out)
+    torch.testing.assert_close(out["logits"], model.forward_features(images)["logits"], rtol=0, atol=0)
+
+    body = model.encoder.body  # type: ignore[union-attr]
+    x = body.maxpool(body.relu(body.bn1(body.conv1(images))))
+    expected = []
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        layer = getattr(body, name)
+        for block in list(layer)[:-1]:
+            x = block(x)
+        pre = _pre_activation(layer[-1], x)
+        expected.append(pre)
+        x = F.relu(pre)
+    for got, want in zip(out["pod"], expected):
+        assert bool((want < 0).any())  # before the ReLU
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    weight = body.layer2[-1].bn3.weight
+    (grad,) = torch.autograd.grad(out["pod"][1].pow(2).sum(), weight)
+    (want_grad,) = torch.autograd.grad(expected[1].pow(2).sum(), weight)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_the_library_deeplabv3_distils_the_same_stages() -> None:
+    assert pod_stage_modules(deeplabv3_resnet50(3)) == tuple(f"encoder.layer{i}" for i in range(1, 5))
+
+
+def test_sequential_encoder_maps_are_the_last_child_at_each_resolution() -> None:
+    torch.manual_seed(0)
+    model = _sequential_net([2, 1, 2, 1, 2, 1]).double()  # the plain network's layout
+    _randomize_norms(model, 2)
+    method = _plop(model)
+    assert method.pod_modules == ("encoder.1", "encoder.3", "encoder.5")
+    model.eval()
+    images = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    out = method.forward(model, Batch(images, torch.zeros(2, 16, 16, dtype=torch.long), None, 0))
+    x, expected = images, []
+    for i, (conv, bn, _relu) in enumerate(model.encoder):  # type: ignore[arg-type]
+        pre = bn(conv(x))
+        x = F.relu(pre)
+        if i in (1, 3, 5):
+            expected.append(pre)
+    assert [tuple(m.shape[-2:]) for m in out["pod"]] == [(8, 8), (4, 4), (2, 2), (2, 2)]
+    for got, want in zip(out["pod"][:-1], expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out["pod"][-1], out["h"])
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.sampled_from([1, 2]), min_size=1, max_size=6))
+def test_sequential_stages_end_where_the_resolution_changes(strides: list[int]) -> None:
+    """A child is a stage output exactly when the next child changes the resolution, or when it is the last."""
+    model = _sequential_net(strides, width=2).eval()
+    sizes, x = [], torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for child in model.encoder:
+            x = child(x)
+            sizes.append(tuple(x.shape[-2:]))
+    want = tuple(f"encoder.{i}" for i in range(len(strides)) if i == len(strides) - 1 or sizes[i + 1] != sizes[i])
+    assert pod_stage_modules(model) == (want if len(strides) > 1 else ())
+
+
+class _ThreeLevels(nn.Module):
+    """An smp-like encoder whose first level is the input image itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fine, self.coarse = _block(3, 4, 2), _block(4, 8, 2)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        fine = self.fine(x)
+        return [x, fine, self.coarse(fine)]
+
+
+class _Decoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(12, 4, 1)
+
+    def forward(self, feats: list[Tensor]) -> Tensor:
+        up = F.interpolate(feats[2], size=feats[1].shape[-2:])
+        return self.conv(torch.cat([feats[1], up], 1))  # type: ignore[no-any-return]
+
+
+def test_multi_scale_encoder_maps_are_its_levels_without_the_input_image() -> None:
+    model = IncrementalSegmenter(
+        _ThreeLevels(), _Decoder(), IncrementalClassifier(4, [3]), z_channels=[3, 4, 8], h_channels=4
+    )
+    method = _plop(model)
+    assert method.pod_modules == ()
+    images = torch.randn(2, 3, 16, 16)
+    out = method.forward(model, Batch(images, torch.zeros(2, 16, 16, dtype=torch.long), None, 0))
+    feats = out["features"]
+    assert len(out["pod"]) == 3
+    assert out["pod"][0] is feats[1] and out["pod"][1] is feats[2] and out["pod"][2] is out["h"]
+    named = _plop(model, pod_maps="encoder.fine")  # names replace the levels
+    out = named.forward(model, Batch(images, torch.zeros(2, 16, 16, dtype=torch.long), None, 0))
+    assert len(out["pod"]) == 2 and bool((out["pod"][0] < 0).any())
+
+
+def test_maps_can_be_named() -> None:
+    torch.manual_seed(0)
+    model = _sequential_net([2, 1, 2, 1])
+    method = _plop(model, pod_maps="encoder.0, encoder.2 refiner")
+    assert method.pod_modules == ("encoder.0", "encoder.2", "refiner")
+    images = torch.randn(2, 3, 16, 16)
+    out = method.forward(model, Batch(images, torch.zeros(2, 16, 16, dtype=torch.long), None, 0))
+    assert [tuple(m.shape[-2:]) for m in out["pod"]] == [(8, 8), (4, 4), (4, 4), (4, 4)]
+    conv, bn, _ = model.encoder[0]  # type: ignore[index,misc]
+    torch.testing.assert_close(out["pod"][0], bn(conv(images)))  # before the block's ReLU, as the auto rule
+    learner = IncrementalLearner(_sequential_net([2, 1]), Scenario([[1, 2], [3]]), "plop", pod_maps="encoder.1")
+    assert learner.config.options["pod_maps"] == "encoder.1"
+    assert MethodConfig.from_dict(learner.config.to_dict()) == learner.config
+    with pytest.raises(ValueError, match=r"'encoder\.9', which is not a submodule.*encoder\.0"):
+        _plop(model, pod_maps="encoder.9")
+    with pytest.raises(ValueError, match='pod_maps must be "auto" or names'):
+        MethodConfig.preset("plop", pod_maps=" , ")
+    model.spare = nn.Identity()  # a submodule the forward pass never runs
+    unused = _plop(model, pod_maps="encoder.0.2 spare")
+    with pytest.raises(ValueError, match=r"\['spare'\] were not computed"):
+        unused.forward(model, Batch(images, torch.zeros(2, 16, 16, dtype=torch.long), None, 0))
+
+
+def test_a_network_without_stages_distils_z() -> None:
+    model = small_segmenter(3, width=4)
+    model.encoder = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1))  # one child: no stages
+    method = _plop(model)
+    assert method.pod_modules == ()
+    images = torch.randn(1, 3, 16, 16)
+    out = method.forward(model, Batch(images, torch.zeros(1, 16, 16, dtype=torch.long), None, 0))
+    assert len(out["pod"]) == 2 and out["pod"][0] is out["z"]
