@@ -1,5 +1,5 @@
 """Pure tensor functions of CAF: background aggregation (eq. 10, 15), γ (eq. 11), attention maps and losses;
-PLOP's Local POD and entropy pseudo-labels.
+PLOP's Local POD and entropy pseudo-labels; STAR's prototype replay and losses.
 
 Every function takes logits or features and returns tensors; the :mod:`incseg.losses` modules are thin
 ``nn.Module`` twins of the loss functionals. The losses upcast half/bfloat16 inputs to float32, work in log
@@ -20,21 +20,41 @@ from incseg.functional.pod import (
     local_pod_distance,
     normalized_entropy,
 )
+from incseg.functional.star import (
+    class_feature_statistics,
+    negative_bce,
+    ocfm_loss,
+    prototypes_from_statistics,
+    replay_features,
+    sad_loss,
+    sample_labels,
+    sigmoid_predictions,
+    star_classification_loss,
+)
 
 __all__ = [
     "attentive_distillation_loss",
     "balanced_kd_loss",
+    "class_feature_statistics",
     "collapse_new_classes",
     "entropy_pseudo_labels",
     "gamma_balance",
     "kd_loss",
     "local_pod",
     "local_pod_distance",
+    "negative_bce",
     "new_background_log_probs",
     "normalized_entropy",
+    "ocfm_loss",
     "old_background_log_probs",
     "pixel_weights",
+    "prototypes_from_statistics",
+    "replay_features",
+    "sad_loss",
+    "sample_labels",
+    "sigmoid_predictions",
     "spatial_attention",
+    "star_classification_loss",
     "unbiased_cross_entropy",
     "unbiased_kd_loss",
 ]

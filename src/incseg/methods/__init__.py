@@ -8,7 +8,7 @@ This package owns the contract between the learner and the methods; :mod:`incseg
   as named terms of a :class:`Batch`, ``on_end_step``, its test-time prediction); :func:`register_method`
   makes a family known.
 - Families: :class:`CAFMethod` (``ft``, ``lwf``, ``mib``, ``caf``, ``caf-release``, the paper's ablations),
-  :class:`PLOPMethod` (``plop``).
+  :class:`PLOPMethod` (``plop``), :class:`STARMethod` (``star``).
 - :class:`ReplayMemory`: a class-balanced exemplar memory usable with any method.
 """
 
@@ -22,6 +22,7 @@ from incseg.methods.registry import get_family, register_method, register_preset
 from incseg.methods.caf import CAFMethod  # isort: skip
 from incseg.methods.plop import PLOPMethod  # isort: skip
 from incseg.methods.replay import ReplayMemory  # isort: skip
+from incseg.methods.star import STARMethod  # isort: skip
 
 __all__ = [
     "METHODS",
@@ -32,6 +33,7 @@ __all__ = [
     "MethodConfig",
     "PLOPMethod",
     "ReplayMemory",
+    "STARMethod",
     "get_family",
     "register_method",
     "register_preset",
