@@ -186,7 +186,7 @@ def star_classification_loss(
     per_pixel = float(pos_weight) * target * F.softplus(-x) + (1 - target) * F.softplus(x)
     current = per_pixel.mean(dim=(0, 2, 3))
     total = current
-    weights = 1.0
+    weights: float | Tensor = 1.0
     for extra, weight, name in (
         (replay_logits, replay_weight, "replay_logits"),
         (background_logits, background_weight, "background_logits"),
@@ -351,14 +351,14 @@ class FeatureStatistics(NamedTuple):
     """Per-class sums over pixels of features ``h`` (see :func:`class_feature_statistics`), all float64.
 
     Attributes:
-        count: ``(K,)`` number of pixels.
+        pixels: ``(K,)`` number of pixels.
         unit_sum: ``(K, C)`` sum of the normalised features ``N(h)``.
         unit_square_sum: ``(K, C)`` sum of ``N(h)^2`` (element-wise).
         norm_sum: ``(K,)`` sum of ``||h||``.
         norm_square_sum: ``(K,)`` sum of ``||h||^2``.
     """
 
-    count: Tensor
+    pixels: Tensor
     unit_sum: Tensor
     unit_square_sum: Tensor
     norm_sum: Tensor
@@ -386,7 +386,7 @@ def class_feature_statistics(features: Tensor, labels: Tensor, num_classes: int)
 
     Example:
         >>> stats = class_feature_statistics(torch.ones(1, 2, 1, 1), torch.ones(1, 1, 1, dtype=torch.long), 2)
-        >>> stats.count.tolist(), stats.norm_sum.tolist()
+        >>> stats.pixels.tolist(), stats.norm_sum.tolist()
         ([0.0, 1.0], [0.0, 1.4142135623730951])
     """
     features = check_feature_map(features, "features")
@@ -422,7 +422,7 @@ def prototypes_from_statistics(stats: FeatureStatistics) -> tuple[Tensor, Tensor
         >>> [t[1].tolist() for t in prototypes_from_statistics(stats)]
         [[0.6, 0.8], [0.0, 0.0], 5.0, 0.0]
     """
-    n = stats.count
+    n = stats.pixels
     safe = n.clamp_min(1)
     proto = F.normalize(stats.unit_sum, p=2, dim=1)
     mean_u = stats.unit_sum / safe[:, None]

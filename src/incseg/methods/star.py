@@ -2,8 +2,9 @@
 
 Equations and choices: docs/concepts.md ("STAR"); where incseg follows the authors' release
 (github.com/jinpeng0528/STAR) rather than the paper: docs/protocol.md ("STAR"). The release's weights: positive
-weight 4 of the binary cross-entropy, OCFM 5, SAD 0.05; random initialisation of new classes, batch norm
-frozen (statistics and affine weights) and dropout off at steps > 0, the old classifier unchanged.
+weight 4 of the binary cross-entropy, OCFM 5, SAD 0.05; random initialisation of new classes, batch norm's affine
+weights frozen and dropout off at steps > 0, the old classifier unchanged. Unlike the release, batch norm keeps
+normalising with batch statistics at steps > 0 (the preset's ``bn="train"``; see docs/protocol.md).
 
 The per-class state (prototypes, spreads, norm statistics, pixel counts) lives in the buffers of
 :class:`STARLoss`, the method's criterion, so that checkpoints keep it. It is computed by
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from incseg._checks import check_labels, check_logits
-from incseg.functional._common import resize_to
+from incseg.functional._common import resize_to, upcast
 from incseg.functional.star import (
     FeatureStatistics,
     class_feature_statistics,
@@ -204,7 +205,7 @@ class STARMethod(Method):
             images, labels = batch[0], batch[1]
             teacher_out = learner.teacher_forward(images)
             assert teacher_out is not None
-            logits = teacher_out["logits"].float()
+            logits = upcast(teacher_out["logits"])
             labels = labels.to(logits.device)
             predicted = sigmoid_predictions(resize_to(logits, labels.shape[-2:]), threshold=threshold)
             grid = teacher_out["h"].shape[-2:]
@@ -276,9 +277,9 @@ class STARMethod(Method):
         criterion.norm_mean[new] = mean[new].to(criterion.norm_mean)
         criterion.norm_std[new] = std[new].to(criterion.norm_std)
         counts = criterion.counts
-        counts[new] = stats.count[new].round().long().to(counts.device)
+        counts[new] = stats.pixels[new].round().long().to(counts.device)
         if n_old == 0:
-            counts[0] = int(stats.count[0])
+            counts[0] = int(stats.pixels[0])
         else:
             n_new = k - n_old
             prev_bg = float(counts[0])
@@ -320,7 +321,7 @@ class STARMethod(Method):
             )
         h, h_old = out["h"], teacher_out["h"]
         classifier: IncrementalClassifier = out["classifier"]
-        old_logits = teacher_out["logits"].float()
+        old_logits = upcast(teacher_out["logits"])
         predicted = sigmoid_predictions(
             resize_to(old_logits, labels.shape[-2:]), threshold=float(opts["pseudo_threshold"])
         )
@@ -346,7 +347,7 @@ class STARMethod(Method):
             region = sample_labels(background & (predicted == 0), h.shape[-2:])
             small = logits if logits.shape[-2:] == h.shape[-2:] else head_logits(classifier, h)
             background_logits = small.permute(0, 2, 3, 1)[region]
-            background_weight = criterion.background_ratio.float() * region.sum() / cells
+            background_weight = upcast(criterion.background_ratio) * region.sum() / cells
         bce = float(opts["bce_factor"]) * star_classification_loss(
             logits,
             labels,
@@ -390,5 +391,7 @@ class STARMethod(Method):
         return {"ocfm": f"lower ocfm_factor (now {self.config.options['ocfm_factor']:g}) or the learning rate"}
 
 
-# The release: random init of new classes, --freeze_bn (batch norm in evaluation mode) and dropout off at steps > 0.
-register_preset(MethodConfig(name="star", family="star", init="random", bn="frozen", dropout="frozen"))
+# The release: random init of new classes, dropout off and batch norm frozen at steps > 0 (``--freeze_bn``). Its
+# running statistics stay those of the batches here (bn="train", the affine weights frozen by freeze_bn_affine):
+# with statistics frozen, OCFM diverges at the learning rates of incseg's checks (docs/protocol.md, "STAR").
+register_preset(MethodConfig(name="star", family="star", init="random", bn="train", dropout="frozen"))
