@@ -44,6 +44,7 @@ METHOD_DESCRIPTIONS: Mapping[str, str] = MappingProxyType(
         "baseline+ad_sp": "baseline + attentive distillation with the spatial attention only (Table VI)",
         "baseline+ad_ch": "baseline + attentive distillation with the channel attention only (Table VI)",
         "plop": "PLOP: Local POD distillation + entropy pseudo-labels of old classes (Douillard et al., CVPR 2021)",
+        "star": "STAR: sigmoid classifier, old-class prototype replay, OCFM and SAD (Chen et al., NeurIPS 2023)",
     }
 )
 """One line per named method of :data:`incseg.learner.METHODS`, shown by ``incseg --help``."""
