@@ -437,7 +437,9 @@ class IncrementalLearner:
         rate ``head_lr``), the fusion module under the method's :attr:`~incseg.methods.Method.fusion_group`
         (``"caf"`` for CAF's: all its parameters are trained, PROTOCOL.md) and ``"criterion"`` (e.g. the SE
         blocks of attentive distillation, eq. 5, from step 1 on). Parameters with
-        ``requires_grad=False`` are left out. Call it after every :meth:`begin_step`.
+        ``requires_grad=False`` are left out. A method may scale a group's rate
+        (:meth:`~incseg.methods.Method.lr_scales`: ``star`` trains its new head at 10x). Call it after every
+        :meth:`begin_step`.
 
         Args:
             lr: learning rate of all groups but the head.
@@ -473,8 +475,14 @@ class IncrementalLearner:
                 groups["criterion"].append(param)
             else:
                 groups["backbone"].append(param)
+        scales = self._method.lr_scales(self._step)  # the method's own ratios (STAR's new head), default none
         return [
-            {"name": name, "params": params, "lr": head if name == "head" else lr, "weight_decay": weight_decay}
+            {
+                "name": name,
+                "params": params,
+                "lr": (head if name == "head" else lr) * float(scales.get(name, 1.0)),
+                "weight_decay": weight_decay,
+            }
             for name, params in groups.items()
             if params
         ]

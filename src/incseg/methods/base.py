@@ -184,6 +184,11 @@ class Method:
         """Optional pass over ``(images, labels)`` batches of the step's training data after training (the mirror
         of :meth:`calibrate`; STAR computes its class prototypes here)."""
 
+    def lr_scales(self, step: int) -> Mapping[str, float]:
+        """Factors on the learning rates of :meth:`~incseg.learner.IncrementalLearner.param_groups`' groups
+        (``"backbone"``, ``"head"``, :attr:`fusion_group`, ``"criterion"``) at ``step`` (default: none)."""
+        return {}
+
     # ------------------------------------------------------------------ training
     def teacher_forward(self, teacher: IncrementalSegmenter, images: Tensor) -> dict[str, Any]:
         """What the loss needs from the teacher (run under ``no_grad``): by default its ``forward_features``."""

@@ -132,7 +132,8 @@ class STARMethod(Method):
 
     Options: ``pos_weight`` (4.0), ``bce_factor`` (1.0), ``ocfm_factor`` (5.0), ``sad_factor`` (0.05),
     ``replay`` (True), ``background_reweight`` (True), ``pseudo_threshold`` (0.5, a logit), ``freeze_bn_affine``
-    (True: the affine weights of batch norm do not train at steps > 0, as the release's ``--freeze_bn``).
+    (True: the affine weights of batch norm do not train at steps > 0, as the release's ``--freeze_bn``),
+    ``head_lr_scale`` (10.0: the learning rate of the new head at steps > 0, times that of the other groups).
     """
 
     family = "star"
@@ -145,6 +146,7 @@ class STARMethod(Method):
         "background_reweight": True,
         "pseudo_threshold": 0.5,
         "freeze_bn_affine": True,
+        "head_lr_scale": 10.0,
     }
 
     @classmethod
@@ -153,7 +155,14 @@ class STARMethod(Method):
         for key in ("pos_weight", "bce_factor", "ocfm_factor", "sad_factor"):
             if out[key] < 0:
                 raise ValueError(f"{key} must be >= 0, got {out[key]}")
+        if out["head_lr_scale"] <= 0:
+            raise ValueError(f"head_lr_scale must be > 0, got {out['head_lr_scale']}")
         return out
+
+    def lr_scales(self, step: int) -> Mapping[str, float]:
+        """The new head trains at ``head_lr_scale`` times the rate at steps > 0 (the release: the new classifier
+        at 10x the ASPP's and the old heads' rate, 100x the backbone's, ``train_voc.py:123-134``)."""
+        return {"head": float(self.config.options["head_lr_scale"])} if step > 0 else {}
 
     def build_criterion(self, model: IncrementalSegmenter) -> STARLoss:
         return STARLoss(self.scenario.num_classes_at(self.scenario.num_steps - 1), model.h_channels)
