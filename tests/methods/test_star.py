@@ -63,7 +63,7 @@ def _learner(scenario: Scenario, **kw: Any) -> IncrementalLearner:
 
 def test_preset_follows_the_release() -> None:
     cfg = METHODS["star"]
-    assert (cfg.family, cfg.init, cfg.bn, cfg.dropout) == ("star", "random", "train", "frozen")
+    assert (cfg.family, cfg.init, cfg.bn, cfg.dropout) == ("star", "random", "frozen", "frozen")
     assert cfg.options == dict(STARMethod.options)
     assert STARMethod.options["pos_weight"] == 4.0 and STARMethod.options["ocfm_factor"] == 5.0
     assert STARMethod.options["sad_factor"] == 0.05
@@ -329,14 +329,14 @@ def test_three_steps_through_the_engine() -> None:
     assert int(crit.consolidated_for) == 21 and int(crit.calibrated_for) == 17
 
 
-def test_new_head_trains_at_head_lr_scale_times_the_rate() -> None:
+def test_learning_rates_follow_the_release_ratios() -> None:
     scenario = _scenario()
     learner = _learner(scenario)
-    assert {g["name"]: g["lr"] for g in learner.param_groups(0.01)} == {"backbone": 0.01, "head": 0.01}
+    assert {g["name"]: g["lr"] for g in learner.param_groups(0.01)} == pytest.approx({"backbone": 0.001, "head": 0.01})
     _run(learner, scenario, 1)
     learner.begin_step(1, data=_data(scenario, 1, 1))
     groups = {g["name"]: g for g in learner.param_groups(0.01, head_lr=0.02)}
-    assert groups["head"]["lr"] == pytest.approx(0.2) and groups["backbone"]["lr"] == 0.01
+    assert groups["head"]["lr"] == pytest.approx(0.2) and groups["backbone"]["lr"] == pytest.approx(0.001)
     assert {id(p) for p in groups["head"]["params"]} == {id(p) for p in learner.model.classifier.heads[1].parameters()}
     with pytest.raises(ValueError, match="head_lr_scale must be > 0"):
         MethodConfig.preset("star", head_lr_scale=0.0)

@@ -438,7 +438,7 @@ class IncrementalLearner:
         (``"caf"`` for CAF's: all its parameters are trained, PROTOCOL.md) and ``"criterion"`` (e.g. the SE
         blocks of attentive distillation, eq. 5, from step 1 on). Parameters with
         ``requires_grad=False`` are left out. A method may scale a group's rate
-        (:meth:`~incseg.methods.Method.lr_scales`: ``star`` trains its new head at 10x). Call it after every
+        (:meth:`~incseg.methods.Method.lr_scales`: ``star``'s release ratios). Call it after every
         :meth:`begin_step`.
 
         Args:

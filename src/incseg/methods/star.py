@@ -2,9 +2,9 @@
 
 Equations and choices: docs/concepts.md ("STAR"); where incseg follows the authors' release
 (github.com/jinpeng0528/STAR) rather than the paper: docs/protocol.md ("STAR"). The release's weights: positive
-weight 4 of the binary cross-entropy, OCFM 5, SAD 0.05; random initialisation of new classes, batch norm's affine
-weights frozen and dropout off at steps > 0, the old classifier unchanged. Unlike the release, batch norm keeps
-normalising with batch statistics at steps > 0 (the preset's ``bn="train"``; see docs/protocol.md).
+weight 4 of the binary cross-entropy, OCFM 5, SAD 0.05; random initialisation of new classes, batch norm frozen
+(statistics and affine weights) and dropout off at steps > 0, the old classifier unchanged, and the release's
+learning-rate ratios (:meth:`STARMethod.lr_scales`).
 
 The per-class state (prototypes, spreads, norm statistics, pixel counts) lives in the buffers of
 :class:`STARLoss`, the method's criterion, so that checkpoints keep it. It is computed by
@@ -133,7 +133,8 @@ class STARMethod(Method):
     Options: ``pos_weight`` (4.0), ``bce_factor`` (1.0), ``ocfm_factor`` (5.0), ``sad_factor`` (0.05),
     ``replay`` (True), ``background_reweight`` (True), ``pseudo_threshold`` (0.5, a logit), ``freeze_bn_affine``
     (True: the affine weights of batch norm do not train at steps > 0, as the release's ``--freeze_bn``),
-    ``head_lr_scale`` (10.0: the learning rate of the new head at steps > 0, times that of the other groups).
+    ``backbone_lr_scale`` (0.1) and ``head_lr_scale`` (10.0, steps > 0 only): factors on the learning rates of
+    the encoder and refiner and of the new head (:meth:`lr_scales`).
     """
 
     family = "star"
@@ -146,6 +147,7 @@ class STARMethod(Method):
         "background_reweight": True,
         "pseudo_threshold": 0.5,
         "freeze_bn_affine": True,
+        "backbone_lr_scale": 0.1,
         "head_lr_scale": 10.0,
     }
 
@@ -155,14 +157,21 @@ class STARMethod(Method):
         for key in ("pos_weight", "bce_factor", "ocfm_factor", "sad_factor"):
             if out[key] < 0:
                 raise ValueError(f"{key} must be >= 0, got {out[key]}")
-        if out["head_lr_scale"] <= 0:
-            raise ValueError(f"head_lr_scale must be > 0, got {out['head_lr_scale']}")
+        for key in ("backbone_lr_scale", "head_lr_scale"):
+            if out[key] <= 0:
+                raise ValueError(f"{key} must be > 0, got {out[key]}")
         return out
 
     def lr_scales(self, step: int) -> Mapping[str, float]:
-        """The new head trains at ``head_lr_scale`` times the rate at steps > 0 (the release: the new classifier
-        at 10x the ASPP's and the old heads' rate, 100x the backbone's, ``train_voc.py:123-134``)."""
-        return {"head": float(self.config.options["head_lr_scale"])} if step > 0 else {}
+        """The release's learning rates relative to those of cross-entropy methods (MiB's, incseg's defaults):
+        its backbone trains at a tenth of them at every step (``--lr`` 1e-3 then 1e-4 against MiB's 1e-2 and
+        1e-3) while its classifier keeps them at step 0 and its new classifier trains at 10x at steps > 0
+        (``train_voc.py:123-142``, ``scripts/voc/*``): ``backbone_lr_scale`` on the encoder and refiner,
+        ``head_lr_scale`` on the new head at steps > 0."""
+        scales = {"backbone": float(self.config.options["backbone_lr_scale"])}
+        if step > 0:
+            scales["head"] = float(self.config.options["head_lr_scale"])
+        return scales
 
     def build_criterion(self, model: IncrementalSegmenter) -> STARLoss:
         return STARLoss(self.scenario.num_classes_at(self.scenario.num_steps - 1), model.h_channels)
@@ -400,7 +409,5 @@ class STARMethod(Method):
         return {"ocfm": f"lower ocfm_factor (now {self.config.options['ocfm_factor']:g}) or the learning rate"}
 
 
-# The release: random init of new classes, dropout off and batch norm frozen at steps > 0 (``--freeze_bn``). Its
-# running statistics stay those of the batches here (bn="train", the affine weights frozen by freeze_bn_affine):
-# with statistics frozen, OCFM diverges at the learning rates of incseg's checks (docs/protocol.md, "STAR").
-register_preset(MethodConfig(name="star", family="star", init="random", bn="train", dropout="frozen"))
+# The release: random init of new classes, dropout off and batch norm frozen (--freeze_bn) at steps > 0.
+register_preset(MethodConfig(name="star", family="star", init="random", bn="frozen", dropout="frozen"))
