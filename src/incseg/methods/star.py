@@ -97,7 +97,7 @@ class STARLoss(nn.Module):
         self.register_buffer("consolidated_for", torch.tensor(0, dtype=torch.int64))
 
 
-def head_logits(classifier: IncrementalClassifier, features: Tensor) -> Tensor:
+def _head_logits(classifier: IncrementalClassifier, features: Tensor) -> Tensor:
     """The classifier's heads on ``features`` ``(B, C, h, w)`` at their own resolution (no upsampling), or on
     feature vectors ``(N, C)`` (as ``1 x 1`` maps; the centre tap of a ``k x k`` head), giving ``(N, K)``."""
     vectors = features.ndim == 2
@@ -358,12 +358,12 @@ class STARMethod(Method):
                     criterion.replay_counts[:n_old],
                     total=total,
                 )
-                replay_logits = head_logits(classifier, feats)
+                replay_logits = _head_logits(classifier, feats)
                 replay_weight = total / cells
         background_logits, background_weight = None, h.new_zeros((), dtype=torch.float32)
         if opts["background_reweight"]:
             region = sample_labels(background & (predicted == 0), h.shape[-2:])
-            small = logits if logits.shape[-2:] == h.shape[-2:] else head_logits(classifier, h)
+            small = logits if logits.shape[-2:] == h.shape[-2:] else _head_logits(classifier, h)
             background_logits = small.permute(0, 2, 3, 1)[region]
             background_weight = upcast(criterion.background_ratio) * region.sum() / cells
         bce = float(opts["bce_factor"]) * star_classification_loss(
