@@ -5,10 +5,10 @@ Nothing here comes from the library but the API a user calls: the network is by 
 stride 8, a 2-block refiner, a 1x1 classifier, no skip connections) adapted with ``from_named_submodules``
 (``--network`` picks another network of that file); the scenes come from a generator of this file (ellipses and
 rectangles of a class colour with class-dependent stripes, unlike the built-in synthetic benchmark); the loop
-calls ``begin_step``, ``param_groups``, ``training_step``, an SGD step, ``end_step`` and ``predict``. Step 0 is
-trained with the method itself (at step 0 every CAF-family method is cross-entropy), so every run of a seed
-starts step 1 from the same weights. Each run prints and appends to ``--out`` the mIoU (%) after the last step:
-old = classes of step 0, new = the later ones, background excluded.
+calls ``begin_step`` and ``end_step`` with the step's batches, ``param_groups``, ``training_step``, an SGD step
+and ``predict``. Step 0 is trained with the method itself (at step 0 every CAF-family method is cross-entropy),
+so every run of a seed starts step 1 from the same weights. Each run prints and appends to ``--out`` the mIoU (%)
+after the last step: old = classes of step 0, new = the later ones, background excluded.
 
     python benchmarks/plain_check.py --methods mib caf --seeds 0 1                 # 15-5 disjoint
     python benchmarks/plain_check.py --methods caf:ad_on_new=False,ad_balance=0.1 --task 15-1
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace, text: str, seed: int, perturb_seed: int | None
     for step in range(scenario.num_steps):
         x, y = step_data(train_x, train_y, scenario, step, train=True)
         batches = [(x[b : b + args.batch_size], y[b : b + args.batch_size]) for b in range(0, len(x), args.batch_size)]
-        learner.begin_step(step, data=batches)  # PLOP calibrates its pseudo-label thresholds on them
+        learner.begin_step(step, data=batches)  # methods that calibrate on the step's data (PLOP) get it
         lr = args.lr0 if step == 0 else args.lr_next
         optimizer = torch.optim.SGD(learner.param_groups(lr), lr=lr, momentum=0.9)
         g = torch.Generator().manual_seed(1000 * seed + step)
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace, text: str, seed: int, perturb_seed: int | None
                 optimizer.zero_grad()
                 out.loss.backward()
                 optimizer.step()
-        learner.end_step()
+        learner.end_step(data=batches)  # methods that consolidate on the step's data (STAR's prototypes) get it
     last = scenario.num_steps - 1
     x, y = step_data(test_x, test_y, scenario, last, train=False)
     row: dict[str, Any] = {"network": args.network, "method": text, "task": args.task, "mode": args.mode, "seed": seed}

@@ -50,7 +50,7 @@ def main() -> None:
                 out.loss.backward()
                 optimizer.step()
             print(f"step {step} epoch {epoch}: " + ", ".join(f"{k}={float(v):.3f}" for k, v in out.terms.items()))
-        learner.end_step()
+        learner.end_step(data=DataLoader(train_set, batch_size=32))  # STAR computes its prototypes on the step's data
 
         metric = MeanIoU(scenario.num_classes_at(step), num_old_classes=scenario.num_old_classes(step))
         test_set = IncrementalSegmentation(val_src, scenario, step, train=False, transform=TestTransform(size=None))

@@ -45,6 +45,7 @@ METHOD_DESCRIPTIONS: Mapping[str, str] = MappingProxyType(
         "baseline+ad_ch": "baseline + attentive distillation with the channel attention only (Table VI)",
         "plop": "PLOP: Local POD distillation + entropy pseudo-labels of old classes (Douillard et al., CVPR 2021)",
         "dkd": "DKD: sigmoid classifiers + decomposed knowledge distillation (Baek et al., NeurIPS 2022)",
+        "star": "STAR: sigmoid classifier, old-class prototype replay, OCFM and SAD (Chen et al., NeurIPS 2023)",
         "mib+ewf": "MiB + endpoints weight fusion of old and new weights after each step (Xiao et al., CVPR 2023)",
         "mib-m": "MiB + class-balanced replay of 100 training images (memory_size)",
         "plop+ewf": "PLOP + endpoints weight fusion after each step",

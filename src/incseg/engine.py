@@ -784,7 +784,12 @@ def train_scenario(
                     scheduler=scheduler,
                     memory=memory,
                 )
-        learner.end_step()
+        consolidation = None
+        if learner.needs_consolidation:  # e.g. STAR's class prototypes: the trained model on this step's data
+            loader = DataLoader(train_set, batch_size=config.batch_size, num_workers=config.num_workers)
+            consolidation = ((images.to(device), labels.to(device)) for images, labels in loader)
+            say(f"step {step}: consolidating the method on {len(train_set)} training images")  # type: ignore[arg-type]
+        learner.end_step(data=consolidation)
         say(f"step {step} trained in {time.monotonic() - t0:.1f}s")
         if stat_count:
             note = _opposition_note({k: float(v) / stat_count for k, v in stat_sums.items()})

@@ -260,14 +260,27 @@ class IncrementalLearner:
         if data is not None and self.needs_calibration:
             self.calibrate(data)
 
-    def end_step(self) -> None:
+    def end_step(self, *, data: Iterable[Any] | None = None) -> None:
         """Mark the current step as finished (saved in checkpoints; :meth:`begin_step` of the next needs it).
 
+        Args:
+            data: the step's training batches ``(images, labels, ...)``, e.g. a ``DataLoader``: the method
+                consolidates on them when it needs to (:attr:`needs_consolidation`, STAR's class prototypes),
+                else they are not read. Without it, call :meth:`consolidate` before ending such a method's step.
+
         Raises:
-            RuntimeError: no step in progress.
+            RuntimeError: no step in progress, or the method needs consolidation and got no data.
         """
         if self._step < 0 or self._step_finished:
             raise RuntimeError("end_step() needs a step in progress: call begin_step() first")
+        if self.needs_consolidation:
+            if data is None:
+                raise RuntimeError(
+                    f"method {self._config.name!r} needs a pass over the step's training data after training: "
+                    "pass the step's training batches to learner.end_step(data=loader) (or call "
+                    "learner.consolidate(batches) before end_step())"
+                )
+            self.consolidate(data)
         self._method.on_end_step(self)
         self._step_finished = True
 
@@ -303,6 +316,29 @@ class IncrementalLearner:
         found = device_of(self.model)
         device = found[0] if found is not None else None
         self._method.calibrate(self, ((batch[0].to(device), batch[1].to(device)) for batch in batches))
+
+    @property
+    def needs_consolidation(self) -> bool:
+        """Whether the method wants :meth:`consolidate` on the current step's training data after training
+        (STAR's class prototypes; never for the CAF and PLOP families)."""
+        return self._step >= 0 and not self._step_finished and self._method.needs_consolidation(self)
+
+    def consolidate(self, batches: Iterable[Any]) -> None:
+        """Let the method look at the current step's training data after training (a no-op for methods
+        without :attr:`needs_consolidation`); :meth:`end_step` calls it when given ``data``.
+
+        Args:
+            batches: ``(images, labels, ...)`` batches of the step's training set, e.g. a ``DataLoader``
+                (only the first two entries of each are used; they are moved to the model's device).
+
+        Raises:
+            RuntimeError: no step in progress.
+        """
+        if self._step < 0 or self._step_finished:
+            raise RuntimeError("call begin_step() before consolidate() (and consolidate before end_step())")
+        found = device_of(self.model)
+        device = found[0] if found is not None else None
+        self._method.consolidate(self, ((batch[0].to(device), batch[1].to(device)) for batch in batches))
 
     def teacher_forward(self, images: Tensor) -> dict[str, Tensor] | None:
         """What the method needs from the frozen teacher for ``images`` ``(B, C, H, W)``, under ``no_grad``
@@ -401,7 +437,9 @@ class IncrementalLearner:
         rate ``head_lr``), the fusion module under the method's :attr:`~incseg.methods.Method.fusion_group`
         (``"caf"`` for CAF's: all its parameters are trained, PROTOCOL.md) and ``"criterion"`` (e.g. the SE
         blocks of attentive distillation, eq. 5, from step 1 on). Parameters with
-        ``requires_grad=False`` are left out. Call it after every :meth:`begin_step`.
+        ``requires_grad=False`` are left out. A method may scale a group's rate
+        (:meth:`~incseg.methods.Method.lr_scales`: ``star``'s release ratios). Call it after every
+        :meth:`begin_step`.
 
         Args:
             lr: learning rate of all groups but the head.
@@ -437,8 +475,14 @@ class IncrementalLearner:
                 groups["criterion"].append(param)
             else:
                 groups["backbone"].append(param)
+        scales = self._method.lr_scales(self._step)  # the method's own ratios (STAR's new head), default none
         return [
-            {"name": name, "params": params, "lr": head if name == "head" else lr, "weight_decay": weight_decay}
+            {
+                "name": name,
+                "params": params,
+                "lr": (head if name == "head" else lr) * float(scales.get(name, 1.0)),
+                "weight_decay": weight_decay,
+            }
             for name, params in groups.items()
             if params
         ]

@@ -8,7 +8,7 @@ This package owns the contract between the learner and the methods; :mod:`incseg
   as named terms of a :class:`Batch`, ``on_end_step``, its test-time prediction); :func:`register_method`
   makes a family known.
 - Families: :class:`CAFMethod` (``ft``, ``lwf``, ``mib``, ``caf``, ``caf-release``, the paper's ablations),
-  :class:`PLOPMethod` (``plop``), :class:`DKDMethod` (``dkd``).
+  :class:`PLOPMethod` (``plop``), :class:`DKDMethod` (``dkd``), :class:`STARMethod` (``star``).
 - :class:`Component`: a part that composes with any family (``MethodConfig.components``):
   ``caf-fusion`` (:class:`FusionComponent`), ``attentive-distillation`` (:class:`AttentiveDistillationComponent`),
   ``replay`` (:class:`ReplayComponent`, over a :class:`ReplayMemory`), ``ewf`` (:class:`WeightFusionComponent`);
@@ -41,6 +41,7 @@ from incseg.methods.registry import (
 from incseg.methods.caf import CAFMethod  # isort: skip
 from incseg.methods.plop import PLOPMethod  # isort: skip
 from incseg.methods.dkd import DKDMethod  # isort: skip
+from incseg.methods.star import STARMethod  # isort: skip
 from incseg.methods.replay import ReplayComponent, ReplayMemory  # isort: skip
 from incseg.methods import compositions  # isort: skip  # noqa: F401  (presets of compositions)
 
@@ -59,6 +60,7 @@ __all__ = [
     "PLOPMethod",
     "ReplayComponent",
     "ReplayMemory",
+    "STARMethod",
     "WeightFusionComponent",
     "build_method",
     "fuse_weights",

@@ -105,6 +105,8 @@ class Method:
       it, as named terms (a :class:`~incseg.losses.LossOutput` whose ``terms`` add up to ``"total"``);
       :meth:`training_loss` runs both (components of a composition read the forward pass in between);
     - :meth:`calibrate`: an optional pass over the step's training data before training (PLOP's thresholds);
+    - :meth:`consolidate`: an optional pass over the step's training data after training, before
+      :meth:`on_end_step` (STAR's class prototypes);
     - :meth:`predict_logits`: the model's logits at test time (CAF's test strategies).
 
     Method-specific settings live in :attr:`options` (name -> default): they become keyword overrides
@@ -195,6 +197,20 @@ class Method:
     def extra_train_images(self, step: int) -> int:
         """At most how many images :meth:`train_set` adds at ``step`` (for time estimates; default 0)."""
         return 0
+
+    def needs_consolidation(self, learner: LearnerView) -> bool:
+        """Whether :meth:`consolidate` must run (on the current step's data) after training, before
+        :meth:`~incseg.learner.IncrementalLearner.end_step` completes (default: never)."""
+        return False
+
+    def consolidate(self, learner: LearnerView, batches: Any) -> None:
+        """Optional pass over ``(images, labels)`` batches of the step's training data after training (the mirror
+        of :meth:`calibrate`; STAR computes its class prototypes here)."""
+
+    def lr_scales(self, step: int) -> Mapping[str, float]:
+        """Factors on the learning rates of :meth:`~incseg.learner.IncrementalLearner.param_groups`' groups
+        (``"backbone"``, ``"head"``, :attr:`fusion_group`, ``"criterion"``) at ``step`` (default: none)."""
+        return {}
 
     # ------------------------------------------------------------------ training
     def teacher_forward(self, teacher: IncrementalSegmenter, images: Tensor) -> dict[str, Any]:

@@ -226,6 +226,15 @@ class ComposedMethod(Method):
     def calibrate(self, learner: LearnerView, batches: Any) -> None:
         self.base.calibrate(_FamilyView(learner), batches)
 
+    def needs_consolidation(self, learner: LearnerView) -> bool:
+        return self.base.needs_consolidation(_FamilyView(learner))
+
+    def consolidate(self, learner: LearnerView, batches: Any) -> None:
+        self.base.consolidate(_FamilyView(learner), batches)
+
+    def lr_scales(self, step: int) -> Mapping[str, float]:
+        return self.base.lr_scales(step)
+
     def train_set(self, step: int, dataset: Any) -> Any:
         for part in self.parts:
             dataset = part.train_set(step, dataset)
