@@ -248,7 +248,7 @@ def test_plop_loss_matches_a_float64_reference() -> None:
     torch.manual_seed(0)
     scenario = Scenario([[1, 2], [3, 4]])
     model = small_segmenter(3, width=4).double()
-    learner = IncrementalLearner(model, scenario, "plop")
+    learner = IncrementalLearner(model, scenario, "plop-release")
     learner.begin_step(0)
     learner.end_step()
     learner.begin_step(1)
@@ -318,7 +318,10 @@ def test_plop_configuration() -> None:
             MethodConfig.preset("plop", **foreign)
     with pytest.raises(ValueError, match=r"lambda_ad=5\.0 is not a setting of method family 'plop'"):
         MethodConfig.from_dict({**cfg.to_dict(), "lambda_ad": 5.0})
-    assert MethodConfig(name="p", family="plop").to_dict() == {**cfg.to_dict(), "name": "p", "dropout": "frozen"}
+    release = METHODS["plop-release"]  # the family's option defaults are the release's; `plop` normalises POD
+    assert MethodConfig(name="p", family="plop").to_dict() == {**release.to_dict(), "name": "p", "dropout": "frozen"}
+    assert cfg.options["pod_normalize"] and not release.options["pod_normalize"]
+    assert cfg.replace(name="plop-release", pod_normalize=False) == release
     with pytest.raises(ValueError, match="unknown method configuration fields"):
         MethodConfig.preset("mib", pod_factor=1.0)  # an option of another family
     assert MethodConfig.preset("plop").uses_teacher and not MethodConfig.preset("ft").uses_teacher

@@ -446,4 +446,9 @@ def median_from_histogram(hist: Tensor) -> Tensor:
 
 
 # CAF's fields take their "off" values (incseg.methods.config.CAF_FIELDS): PLOP does not read them.
-register_preset(MethodConfig(name="plop", family="plop", init="mib", bn="train", dropout="train"))
+# `plop-release` is the authors' code; `plop` normalises POD's embeddings (PODNet's variant), which keeps POD's
+# scale independent of the network's activations: the release's unnormalised terms collapse the old classes on
+# both networks of the independent check (docs/protocol.md, "PLOP").
+_RELEASE = MethodConfig(name="plop-release", family="plop", init="mib", bn="train", dropout="train")
+register_preset(_RELEASE.replace(name="plop", pod_normalize=True))
+register_preset(_RELEASE)
