@@ -649,185 +649,252 @@ def train_scenario(
     if history is None:
         history = StepHistory(class_names=list(scenario.class_names_at(scenario.num_steps - 1)))
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    last_path = ckpt_dir / "last.pt" if ckpt_dir is not None else None
-
-    start_step, start_epoch, resume_state = steps.start, 0, None
+    run = _Run(
+        learner=learner,
+        config=config,
+        device=device,
+        say=say,
+        history=history,
+        scaler=torch.amp.GradScaler(device.type, enabled=config.amp == "fp16"),
+        ckpt_dir=ckpt_dir,
+        on_iteration=on_iteration if main else None,
+        memory=memory,
+    )
     if ckpt_dir is not None and main and ckpt_dir.is_dir():
         for stale in remove_stale_temporaries(ckpt_dir):  # left by a save that was killed before its rename
             say(f"removed {stale.name}, the temporary file of an interrupted checkpoint save")
-    config_changed = False
-    if resume and last_path is not None and last_path.exists():
-        saved = read_checkpoint(last_path, map_location=device)
-        config_changed = _check_resume(last_path, saved, config, allow_config_change, say)
-        saved_history = _history_from(last_path, saved)
-        extra = learner.load_state_dict(saved)
-        history = saved_history
-        if memory is not None and isinstance(extra.get("memory"), dict):
-            memory.load_state_dict(extra["memory"])
-        if extra.get("step_finished", False):
-            start_step, start_epoch = learner.step + 1, 0
-        else:
-            start_step, start_epoch = learner.step, int(extra["epoch"])
-            resume_state = saved
-        say(f"resumed from {last_path}: step {start_step}, epoch {start_epoch}")
-
-    if config.progress and main:
-        plan = planned_iterations(datasets, config, steps, memory=memory, method=learner.method)
-        if eta is None:
-            eta = Eta(sum(plan.values()))
-        done_before = sum(n for s, n in plan.items() if s < start_step)
-        if start_step in plan:  # the epochs of the resumed step that are not repeated
-            done_before += plan[start_step] // config.epochs_at(start_step) * start_epoch
-        eta.skip(done_before)
-    else:
-        eta = None
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    start = _ResumePoint(steps.start)
+    if resume and run.last_path is not None and run.last_path.exists():
+        start = _resume(run, allow_config_change)
+    run.eta = _time_estimate(run, datasets, steps, start, eta) if config.progress and main else None
     for step in steps:
-        if step < start_step:
+        if step < start.step:
             continue
         train_set, test_set = datasets(step)
-        if len(train_set) == 0:  # type: ignore[arg-type]
-            raise ValueError(f"step {step} has no training images: check the dataset and the scenario's rules")
-        step_set = train_set
-        train_set = learner.method.train_set(step, step_set)  # data hooks: a replay component adds its memory
-        if train_set is not step_set:
-            say(f"step {step}: training on {len(train_set)} images, {len(step_set)} of the step")  # type: ignore[arg-type]
-        if memory is not None and len(memory) > 0 and step > 0:
-            if not isinstance(step_set, IncrementalSegmentation):
-                raise TypeError(f"a replay memory needs IncrementalSegmentation training sets, got {step_set!r}")
-            train_set = ConcatDataset([train_set, memory.dataset(step_set)])
-            say(f"step {step}: replaying {len(memory)} memory images")
-        first_epoch = start_epoch if step == start_step else 0
-        if resume_state is None or step != start_step:
-            torch.manual_seed(_seed_for(config.seed, step))
-            learner.begin_step(step)
-        learner.model.to(device)
-        learner.module.to(device)
-        lr = config.lr if step == 0 or config.lr_next is None else config.lr_next
-        optimizer = _optimizer(learner, lr, config)
-        if resume_state is not None and step == start_step:
-            if resume_state.get("optimizer") is not None:
-                try:  # optimizer.load_state_dict alone keeps state of any shape and casts dtypes silently
-                    check_optimizer_state(optimizer, resume_state["optimizer"])
-                except CheckpointError as err:
-                    raise CheckpointError(f"cannot resume {last_path}: {err}") from err
-                optimizer.load_state_dict(resume_state["optimizer"])
-            if "scaler" in resume_state.get("extra", {}):
-                scaler.load_state_dict(resume_state["extra"]["scaler"])
-        module: nn.Module = learner.module
-        if D.is_distributed():
-            module = DistributedDataParallel(
-                learner.module, device_ids=[device.index] if device.type == "cuda" else None
-            )
-        iters_per_epoch = len(
-            _loader(train_set, config.batch_size, shuffle=True, seed=0, num_workers=0, drop_last=True)
+        resumed = start if step == start.step and start.state is not None else None
+        _train_step(run, step, train_set, resumed, num_test=len(test_set))  # type: ignore[arg-type]
+        _finish_step(run, step, test_set, on_step_end)
+    return run.history
+
+
+@dataclass
+class _Run:
+    """What the steps of one :func:`train_scenario` call share."""
+
+    learner: IncrementalLearner
+    config: TrainConfig
+    device: torch.device
+    say: Callable[[str], None]
+    history: StepHistory
+    scaler: torch.amp.GradScaler
+    ckpt_dir: Path | None
+    on_iteration: Callable[[dict[str, Any]], None] | None
+    memory: ReplayMemory | None  # deprecated: the replay component's data hooks replace it
+    eta: Eta | None = None
+
+    @property
+    def last_path(self) -> Path | None:
+        return self.ckpt_dir / "last.pt" if self.ckpt_dir is not None else None
+
+    def save(
+        self,
+        path: Path,
+        optimizer: torch.optim.Optimizer | None,
+        *,
+        epoch: int,
+        finished: bool,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ) -> None:
+        _save(
+            self.learner,
+            path,
+            optimizer,
+            self.scaler,
+            self.history,
+            self.config,
+            epoch=epoch,
+            finished=finished,
+            scheduler=scheduler,
+            memory=self.memory,
         )
-        if iters_per_epoch == 0:  # drop_last: no full batch, so every epoch would train nothing
-            raise ValueError(
-                f"step {step} has {len(train_set)} training images, fewer than one batch of {config.batch_size} "  # type: ignore[arg-type]
-                f"({max(1, config.batch_size // D.get_world_size())} per process): nothing would be trained; lower "
-                "the batch size (--batch-size) or check the dataset and the scenario's rules"
-            )
-        if config.max_iters_per_epoch is not None:
-            iters_per_epoch = min(iters_per_epoch, config.max_iters_per_epoch)
-        epochs = config.epochs_at(step)
-        max_it = epochs * iters_per_epoch
-        resuming = resume_state is not None and step == start_step
-        if resume_state is not None and resuming:
-            _check_resume_schedule(last_path, resume_state, epochs, iters_per_epoch, config_changed)
-        scheduler = _poly_scheduler(
-            optimizer, max_it, config.poly_power, resume_state if resuming else None, first_epoch * iters_per_epoch
+
+
+@dataclass
+class _ResumePoint:
+    """Where the run starts: a step, the epochs of it already trained, and the checkpoint to resume it from
+    (``state``: ``None`` when the step starts afresh)."""
+
+    step: int
+    epoch: int = 0
+    state: Mapping[str, Any] | None = None
+    config_changed: bool = False
+
+
+def _resume(run: _Run, allow_config_change: bool) -> _ResumePoint:
+    """Load ``last.pt`` into the learner (checked: written by this loop, with compatible settings) and say where
+    the run goes on."""
+    path = run.last_path
+    assert path is not None
+    saved = read_checkpoint(path, map_location=run.device)
+    config_changed = _check_resume(path, saved, run.config, allow_config_change, run.say)
+    history = _history_from(path, saved)
+    extra = run.learner.load_state_dict(saved)
+    run.history = history
+    if run.memory is not None and isinstance(extra.get("memory"), dict):
+        run.memory.load_state_dict(extra["memory"])
+    if extra.get("step_finished", False):
+        start = _ResumePoint(run.learner.step + 1, config_changed=config_changed)
+    else:
+        start = _ResumePoint(run.learner.step, int(extra["epoch"]), saved, config_changed)
+    run.say(f"resumed from {path}: step {start.step}, epoch {start.epoch}")
+    return start
+
+
+def _time_estimate(run: _Run, datasets: DatasetFactory, steps: range, start: _ResumePoint, eta: Eta | None) -> Eta:
+    """The run's time estimate (or the caller's, for a larger run), past the iterations a resume skips."""
+    config = run.config
+    plan = planned_iterations(datasets, config, steps, memory=run.memory, method=run.learner.method)
+    if eta is None:
+        eta = Eta(sum(plan.values()))
+    done_before = sum(n for s, n in plan.items() if s < start.step)
+    if start.step in plan:  # the epochs of the resumed step that are not repeated
+        done_before += plan[start.step] // config.epochs_at(start.step) * start.epoch
+    eta.skip(done_before)
+    return eta
+
+
+def _train_step(run: _Run, step: int, step_set: Dataset[Any], resume: _ResumePoint | None, *, num_test: int) -> None:
+    """Train one step: the method's data hooks, ``begin_step`` (unless resumed in the middle of the step), the
+    optimizer and learning-rate schedule, calibration, every epoch (``last.pt`` after each), consolidation and
+    ``end_step``."""
+    learner, config, device, say = run.learner, run.config, run.device, run.say
+    scenario = learner.scenario
+    if len(step_set) == 0:  # type: ignore[arg-type]
+        raise ValueError(f"step {step} has no training images: check the dataset and the scenario's rules")
+    train_set = learner.method.train_set(step, step_set)  # data hooks: a replay component adds its memory
+    if train_set is not step_set:
+        say(f"step {step}: training on {len(train_set)} images, {len(step_set)} of the step")  # type: ignore[arg-type]
+    memory = run.memory
+    if memory is not None and len(memory) > 0 and step > 0:
+        if not isinstance(step_set, IncrementalSegmentation):
+            raise TypeError(f"a replay memory needs IncrementalSegmentation training sets, got {step_set!r}")
+        train_set = ConcatDataset([train_set, memory.dataset(step_set)])
+        say(f"step {step}: replaying {len(memory)} memory images")
+    first_epoch = resume.epoch if resume is not None else 0
+    if resume is None:
+        torch.manual_seed(_seed_for(config.seed, step))
+        learner.begin_step(step)
+    learner.model.to(device)
+    learner.module.to(device)
+    lr = config.lr if step == 0 or config.lr_next is None else config.lr_next
+    optimizer = _optimizer(learner, lr, config)
+    if resume is not None and resume.state is not None:
+        state = resume.state
+        if state.get("optimizer") is not None:
+            try:  # optimizer.load_state_dict alone keeps state of any shape and casts dtypes silently
+                check_optimizer_state(optimizer, state["optimizer"])
+            except CheckpointError as err:
+                raise CheckpointError(f"cannot resume {run.last_path}: {err}") from err
+            optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state.get("extra", {}):
+            run.scaler.load_state_dict(state["extra"]["scaler"])
+    module: nn.Module = learner.module
+    if D.is_distributed():
+        module = DistributedDataParallel(learner.module, device_ids=[device.index] if device.type == "cuda" else None)
+    iters_per_epoch = len(_loader(train_set, config.batch_size, shuffle=True, seed=0, num_workers=0, drop_last=True))
+    if iters_per_epoch == 0:  # drop_last: no full batch, so every epoch would train nothing
+        raise ValueError(
+            f"step {step} has {len(train_set)} training images, fewer than one batch of {config.batch_size} "  # type: ignore[arg-type]
+            f"({max(1, config.batch_size // D.get_world_size())} per process): nothing would be trained; lower "
+            "the batch size (--batch-size) or check the dataset and the scenario's rules"
         )
-        say(
-            f"step {step}/{scenario.num_steps - 1}: classes {list(scenario.classes_at(step))}, "
-            f"{len(train_set)} train / {len(test_set)} test images, method {learner.config.name}, lr {lr:g}"  # type: ignore[arg-type]
-        )
-        if learner.needs_calibration:  # e.g. PLOP's pseudo-label thresholds: the teacher on this step's data
-            calibration = DataLoader(train_set, batch_size=config.batch_size, num_workers=config.num_workers)
-            learner.calibrate((images.to(device), labels.to(device)) for images, labels in calibration)
-            say(f"step {step}: calibrated the method on {len(train_set)} training images")  # type: ignore[arg-type]
-        t0 = time.monotonic()
-        guard = learner.guard if learner.guard is not None else DivergenceGuard(check_weights=False)
-        guard.reset()
-        stat_sums: dict[str, torch.Tensor] = {}  # the loss's stats summed over the step (no host sync)
-        stat_count = 0
-        for epoch in range(first_epoch, epochs):
-            stat_count += train_one_epoch(
-                learner,
-                train_set,
-                config,
-                step=step,
-                epoch=epoch,
-                epochs=epochs,
-                iters_per_epoch=iters_per_epoch,
-                device=device,
-                module=module,
-                optimizer=optimizer,
-                scaler=scaler,
-                scheduler=scheduler,
-                guard=guard,
-                log=say,
-                on_iteration=on_iteration if main else None,
-                stats=stat_sums,
-                eta=eta,
-            )
-            if last_path is not None:
-                _save(
-                    learner,
-                    last_path,
-                    optimizer,
-                    scaler,
-                    history,
-                    config,
-                    epoch=epoch + 1,
-                    finished=False,
-                    scheduler=scheduler,
-                    memory=memory,
-                )
-        consolidation = None
-        if learner.needs_consolidation:  # e.g. STAR's class prototypes: the trained model on this step's data
-            loader = DataLoader(train_set, batch_size=config.batch_size, num_workers=config.num_workers)
-            consolidation = ((images.to(device), labels.to(device)) for images, labels in loader)
-            say(f"step {step}: consolidating the method on {len(train_set)} training images")  # type: ignore[arg-type]
-        learner.end_step(data=consolidation)
-        say(f"step {step} trained in {time.monotonic() - t0:.1f}s")
-        if stat_count:
-            note = _opposition_note({k: float(v) / stat_count for k, v in stat_sums.items()})
-            if note:
-                say(f"step {step}: {note}")
-        learner.method.observe_train_set(step, step_set)
-        if memory is not None:
-            if not isinstance(step_set, IncrementalSegmentation):
-                raise TypeError(f"a replay memory needs IncrementalSegmentation training sets, got {step_set!r}")
-            memory.update(step_set)
-        result = evaluate(
+    if config.max_iters_per_epoch is not None:
+        iters_per_epoch = min(iters_per_epoch, config.max_iters_per_epoch)
+    epochs = config.epochs_at(step)
+    if resume is not None and resume.state is not None:
+        _check_resume_schedule(run.last_path, resume.state, epochs, iters_per_epoch, resume.config_changed)
+    scheduler = _poly_scheduler(
+        optimizer,
+        epochs * iters_per_epoch,
+        config.poly_power,
+        resume.state if resume is not None else None,
+        first_epoch * iters_per_epoch,
+    )
+    say(
+        f"step {step}/{scenario.num_steps - 1}: classes {list(scenario.classes_at(step))}, "
+        f"{len(train_set)} train / {num_test} test images, method {learner.config.name}, lr {lr:g}"  # type: ignore[arg-type]
+    )
+    if learner.needs_calibration:  # e.g. PLOP's pseudo-label thresholds: the teacher on this step's data
+        calibration = DataLoader(train_set, batch_size=config.batch_size, num_workers=config.num_workers)
+        learner.calibrate((images.to(device), labels.to(device)) for images, labels in calibration)
+        say(f"step {step}: calibrated the method on {len(train_set)} training images")  # type: ignore[arg-type]
+    t0 = time.monotonic()
+    guard = learner.guard if learner.guard is not None else DivergenceGuard(check_weights=False)
+    guard.reset()
+    stat_sums: dict[str, torch.Tensor] = {}  # the loss's stats summed over the step (no host sync)
+    stat_count = 0
+    for epoch in range(first_epoch, epochs):
+        stat_count += train_one_epoch(
             learner,
-            test_set,
+            train_set,
+            config,
+            step=step,
+            epoch=epoch,
+            epochs=epochs,
+            iters_per_epoch=iters_per_epoch,
             device=device,
-            batch_size=config.eval_batch_size or config.batch_size,
-            amp=config.amp,
-            num_workers=config.num_workers,
-            progress=config.progress,
+            module=module,
+            optimizer=optimizer,
+            scaler=run.scaler,
+            scheduler=scheduler,
+            guard=guard,
+            log=say,
+            on_iteration=run.on_iteration,
+            stats=stat_sums,
+            eta=run.eta,
         )
-        history.add(step, result)
-        say(f"step {step} result: " + _summary(result))
-        if on_step_end is not None:
-            on_step_end(step, result)
-        if ckpt_dir is not None and last_path is not None:
-            _save(
-                learner,
-                ckpt_dir / f"step{step}.pt",
-                None,
-                scaler,
-                history,
-                config,
-                epoch=epochs,
-                finished=True,
-                memory=memory,
-            )
-            _save(learner, last_path, None, scaler, history, config, epoch=epochs, finished=True, memory=memory)
-        resume_state = None
-    return history
+        if run.last_path is not None:
+            run.save(run.last_path, optimizer, epoch=epoch + 1, finished=False, scheduler=scheduler)
+    consolidation = None
+    if learner.needs_consolidation:  # e.g. STAR's class prototypes: the trained model on this step's data
+        loader = DataLoader(train_set, batch_size=config.batch_size, num_workers=config.num_workers)
+        consolidation = ((images.to(device), labels.to(device)) for images, labels in loader)
+        say(f"step {step}: consolidating the method on {len(train_set)} training images")  # type: ignore[arg-type]
+    learner.end_step(data=consolidation)
+    say(f"step {step} trained in {time.monotonic() - t0:.1f}s")
+    if stat_count:
+        note = _opposition_note({k: float(v) / stat_count for k, v in stat_sums.items()})
+        if note:
+            say(f"step {step}: {note}")
+    learner.method.observe_train_set(step, step_set)  # data hooks: a replay component picks its exemplars
+    if memory is not None:
+        if not isinstance(step_set, IncrementalSegmentation):
+            raise TypeError(f"a replay memory needs IncrementalSegmentation training sets, got {step_set!r}")
+        memory.update(step_set)
+
+
+def _finish_step(
+    run: _Run, step: int, test_set: Dataset[Any], on_step_end: Callable[[int, IoUResult], None] | None
+) -> None:
+    """Evaluate the trained step, add it to the history, save ``step{t}.pt`` and ``last.pt``."""
+    config = run.config
+    result = evaluate(
+        run.learner,
+        test_set,
+        device=run.device,
+        batch_size=config.eval_batch_size or config.batch_size,
+        amp=config.amp,
+        num_workers=config.num_workers,
+        progress=config.progress,
+    )
+    run.history.add(step, result)
+    run.say(f"step {step} result: " + _summary(result))
+    if on_step_end is not None:
+        on_step_end(step, result)
+    if run.ckpt_dir is not None and run.last_path is not None:
+        epochs = config.epochs_at(step)
+        run.save(run.ckpt_dir / f"step{step}.pt", None, epoch=epochs, finished=True)
+        run.save(run.last_path, None, epoch=epochs, finished=True)
 
 
 def _check_resume(
