@@ -130,6 +130,8 @@ class Method:
       (saved in checkpoints, in the ``"criterion"`` parameter group); the default has none;
     - :meth:`has_fusion` / :meth:`new_fusion`: a module the learner inserts between encoder and refiner (its
       parameters form the optimizer group :attr:`fusion_group`);
+    - :meth:`param_group_factors`: learning-rate and weight-decay factors of parts of the model (encoder, refiner,
+      old and new classifier, ...) that :meth:`~incseg.learner.IncrementalLearner.param_groups` applies;
     - :meth:`prepare_model`: the state of the student or the frozen teacher that weights do not hold (after
       the teacher snapshot and after loading a checkpoint);
     - :meth:`on_begin_step` (after the teacher snapshot and the classifier growth) and :meth:`on_end_step`;
