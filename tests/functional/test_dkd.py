@@ -83,6 +83,33 @@ def test_sigmoid_kd_matches_the_loop_reference(shape: tuple[int, ...]) -> None:
     assert float(sigmoid_kd_loss(x[:, :0], old[:, :0])) == 0.0  # no distilled class
 
 
+def _reference_weighted_kd(x: Tensor, old: Tensor, weight: Tensor, target_weight: Tensor) -> float:
+    """Each pixel's term times ``weight``, its target ``σ(old)`` times ``target_weight``, over all pixels."""
+    b, c, h, w = x.shape
+    total = 0.0
+    for n in range(b):
+        for i in range(h):
+            for j in range(w):
+                for ch in range(c):
+                    t = float(target_weight[n, i, j]) / (1.0 + math.exp(-float(old[n, ch, i, j])))
+                    s = 1.0 / (1.0 + math.exp(-float(x[n, ch, i, j])))
+                    total -= float(weight[n, i, j]) * (t * math.log(s) + (1.0 - t) * math.log(1.0 - s))
+    return total / (b * h * w)
+
+
+def test_weighted_sigmoid_kd_matches_the_loop_reference() -> None:
+    x = 2 * torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=_gen(6))
+    old = 2 * torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=_gen(7))
+    weight = torch.rand(2, 4, 5, dtype=torch.float64, generator=_gen(8))
+    target_weight = (torch.rand(2, 4, 5, generator=_gen(9)) > 0.5).double()
+    got = sigmoid_kd_loss(x, old, weight=weight, target_weight=target_weight)
+    assert float(got) == pytest.approx(_reference_weighted_kd(x, old, weight, target_weight), rel=1e-12)
+    ones = torch.ones(2, 1, 4, 5, dtype=torch.float64)
+    torch.testing.assert_close(sigmoid_kd_loss(x, old, weight=ones, target_weight=ones), sigmoid_kd_loss(x, old))
+    with pytest.raises(ValueError, match="weight must be"):
+        sigmoid_kd_loss(x, old, weight=weight[:, :2])
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_decompose_logits_matches_the_loop_reference(k: int) -> None:
     h = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=_gen(6))

@@ -66,7 +66,7 @@ def test_unknown_field_lists_valid_ones() -> None:
         ("ce", "focal", r"ce must be one of \['plain', 'unbiased'\]"),
         ("kd", "balance", r"kd must be one of \[None, 'plain', 'unbiased', 'balanced'\]"),
         ("ad", "spatial+channel", r"ad must be one of"),
-        ("init", "zeros", r"init must be one of \['mib', 'random', 'aux'\]"),
+        ("init", "zeros", r"init must be one of \['mib', 'random', 'aux', 'prior'\]"),
         ("class_reduction", "max", r"class_reduction must be one of"),
         ("test_strategy", "pad", r"test_strategy must be one of \['skip', 'zero_pad', 'concat'\]"),
         ("lambda_d", -1.0, r"lambda_d must be a finite number >= 0"),

@@ -389,3 +389,34 @@ def test_c7_an_empty_batch_at_a_later_step_is_a_zero_loss(
     out = learner.training_step(torch.zeros(0, 3, 32, 32), torch.zeros(0, 32, 32, dtype=torch.long))
     assert float(out.loss.detach()) == 0.0 and out.loss.requires_grad
     out.loss.backward()
+
+
+def test_param_group_factors_of_a_method(make_learner: MakeLearner) -> None:
+    """A method's :meth:`~incseg.methods.Method.param_group_factors` give the parts it names groups of their own."""
+    learner = make_learner("mib")
+    learner.begin_step(0)
+    learner.end_step()
+    learner.begin_step(1)
+    method = learner.method
+    factors = {"encoder": (0.5, 0.0), "new_classifier": (2.0, 1.0), "refiner": (1.0, 3.0)}
+    method.param_group_factors = lambda step: factors  # type: ignore[method-assign]
+    groups = {g["name"]: g for g in learner.param_groups(0.1, weight_decay=0.01, head_lr=0.2)}
+    assert {k: (g["lr"], g["weight_decay"]) for k, g in groups.items()} == {
+        "encoder": (0.05, 0.0),
+        "refiner": (0.1, pytest.approx(0.03)),
+        "head": (0.2, 0.01),
+        "new_classifier": (pytest.approx(0.4), 0.01),
+    }
+    assert groups["new_classifier"]["params"] == list(learner.model.classifier.head(1).parameters())
+    assert groups["head"]["params"] == list(learner.model.classifier.head(0).parameters())
+    assert sum(len(g["params"]) for g in groups.values()) == len(_trainable(learner))
+    for bad, error in (
+        ({"decoder": (1.0, 1.0)}, ValueError),
+        ({"encoder": (-1.0, 1.0)}, ValueError),
+        ({"encoder": (1.0,)}, TypeError),
+        ({"encoder": ("1", 1.0)}, TypeError),
+        ([("encoder", (1.0, 1.0))], TypeError),
+    ):
+        method.param_group_factors = lambda step, bad=bad: bad  # type: ignore[method-assign, misc]
+        with pytest.raises(error):
+            learner.param_groups(0.1)

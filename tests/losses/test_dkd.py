@@ -74,3 +74,25 @@ def test_errors() -> None:
         DKDLoss(pos_weight=0.0)
     with pytest.raises(TypeError, match="ac_weight must be a float"):
         DKDLoss(ac_weight="1")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("new_pixels", ["free", "negative"])
+def test_pixels_of_new_classes(new_pixels: str) -> None:
+    """``"free"`` leaves the pixels labelled with a new class out of every distillation term (at the features'
+    resolution, by the share of such pixels); ``"negative"`` makes the old classes negatives there in ``L_kd``."""
+    t = _inputs(2)
+    out = DKDLoss(new_pixels=new_pixels)(num_old_classes=3, **t)
+    keep = (t["labels"] < 3).double()
+    cell = F.adaptive_avg_pool2d(keep[:, None], (4, 4))
+    x, x_old = _up(t["logits"])[:, 1:3], _up(t["old_logits"])[:, 1:]
+    if new_pixels == "free":
+        kd = sigmoid_kd_loss(x, x_old, weight=keep)
+    else:
+        kd = sigmoid_kd_loss(x, x_old, target_weight=keep)
+    torch.testing.assert_close(out.terms["kd"], 5 * kd, rtol=1e-12, atol=1e-12)
+    pos = sigmoid_kd_loss(t["pos_logits"][:, 1:3], t["old_pos_logits"][:, 1:], weight=cell)
+    torch.testing.assert_close(out.terms["dkd_pos"], 5 * pos, rtol=1e-12, atol=1e-12)
+    distil = DKDLoss()(num_old_classes=3, **t)
+    assert float(out.terms["dkd_neg"]) < float(distil.terms["dkd_neg"])
+    with pytest.raises(ValueError, match="new_pixels must be one of"):
+        DKDLoss(new_pixels="mask")

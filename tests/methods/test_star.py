@@ -332,11 +332,14 @@ def test_three_steps_through_the_engine() -> None:
 def test_learning_rates_follow_the_release_ratios() -> None:
     scenario = _scenario()
     learner = _learner(scenario)
-    assert {g["name"]: g["lr"] for g in learner.param_groups(0.01)} == pytest.approx({"backbone": 0.001, "head": 0.01})
+    lrs = {g["name"]: g["lr"] for g in learner.param_groups(0.01)}
+    assert lrs == pytest.approx({"encoder": 0.001, "refiner": 0.001, "head": 0.01})
     _run(learner, scenario, 1)
     learner.begin_step(1, data=_data(scenario, 1, 1))
     groups = {g["name"]: g for g in learner.param_groups(0.01, head_lr=0.02)}
-    assert groups["head"]["lr"] == pytest.approx(0.2) and groups["backbone"]["lr"] == pytest.approx(0.001)
-    assert {id(p) for p in groups["head"]["params"]} == {id(p) for p in learner.model.classifier.heads[1].parameters()}
+    assert groups["new_classifier"]["lr"] == pytest.approx(0.2) and groups["encoder"]["lr"] == pytest.approx(0.001)
+    assert "head" not in groups  # the old heads are frozen: the new one is the only classifier part trained
+    new_head = {id(p) for p in learner.model.classifier.heads[1].parameters()}
+    assert {id(p) for p in groups["new_classifier"]["params"]} == new_head
     with pytest.raises(ValueError, match="head_lr_scale must be > 0"):
         MethodConfig.preset("star", head_lr_scale=0.0)

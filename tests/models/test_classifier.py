@@ -197,3 +197,15 @@ def test_upsampling_of_the_logits() -> None:
         IncrementalClassifier(4, [3], kernel_size=2)
     with pytest.raises(ValueError, match="upsampling"):
         IncrementalClassifier(4, [3], upsampling=0.5)
+
+
+def test_prior_init_starts_every_new_sigmoid_at_the_prior() -> None:
+    clf = IncrementalClassifier(4, [3])
+    clf.add_classes(2, init="prior", prior=0.05)
+    with torch.no_grad():
+        prob = torch.sigmoid(clf(torch.randn(2, 4, 3, 3))[:, 3:])
+    torch.testing.assert_close(prob, torch.full_like(prob, 0.05))
+    assert float(clf.head(1).weight.detach().abs().max()) == 0.0
+    for prior in (0.0, 1.0, True):
+        with pytest.raises(ValueError, match=r"prior must be a probability in \(0, 1\)"):
+            clf.add_classes(1, init="prior", prior=prior)

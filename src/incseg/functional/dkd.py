@@ -103,22 +103,37 @@ def multilabel_bce_loss(
     return reduce_pixels(per_pixel, valid, reduction)
 
 
-def sigmoid_kd_loss(logits: Tensor, old_logits: Tensor, *, reduction: Reduction = "mean") -> Tensor:
+def sigmoid_kd_loss(
+    logits: Tensor,
+    old_logits: Tensor,
+    *,
+    weight: Tensor | None = None,
+    target_weight: Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> Tensor:
     r"""Binary cross-entropy of the student's logits against the old model's probabilities (DKD's ``L_kd``
     on the outputs and ``L_dkd`` on the decomposed logits).
 
     ``ℓ(i) = -sum_c σ(x^old_{c,i}) log σ(x_{c,i}) + (1 - σ(x^old_{c,i})) log(1 - σ(x_{c,i}))``
 
+    With ``weight`` ``w_i`` each pixel's term is multiplied by ``w_i`` (the mean still divides by every pixel);
+    with ``target_weight`` ``m_i`` the target is ``m_i σ(x^{old}_{c,i})`` (``m_i = 0``: every class is a negative
+    at pixel ``i``).
+
     Args:
         logits: the student's logits ``(B, C, H, W)`` of the distilled classes.
         old_logits: the old model's logits of the same shape (no gradient flows to them).
+        weight: optional per-pixel weights ``(B, H, W)`` or ``(B, 1, H, W)`` (no gradient flows to them).
+        target_weight: optional per-pixel factors ``(B, H, W)`` or ``(B, 1, H, W)`` of the targets, in
+            ``[0, 1]``.
         reduction: ``"mean"`` over the pixels, ``"sum"``, or ``"none"`` (``(B, H, W)``).
 
     Returns:
         The loss (float32 for half inputs); 0 when ``C = 0``.
 
     Raises:
-        ValueError: different shapes or an unknown ``reduction``.
+        ValueError: different shapes, a ``weight`` or ``target_weight`` of another batch or size, or an unknown
+            ``reduction``.
 
     Example:
         >>> x = torch.zeros(1, 2, 1, 1)
@@ -131,8 +146,22 @@ def sigmoid_kd_loss(logits: Tensor, old_logits: Tensor, *, reduction: Reduction 
     check_choice(reduction, "reduction", _REDUCTIONS)
     x = upcast(logits)
     target = torch.sigmoid(upcast(old_logits.detach(), x.dtype))
-    per_pixel = _bce_with_logits(x, target).sum(dim=1)
-    return reduce_pixels(per_pixel, None, reduction)
+    if target_weight is not None:
+        target = target * _pixel_map(target_weight, x, "target_weight")
+    per_pixel = _bce_with_logits(x, target)
+    if weight is not None:
+        per_pixel = per_pixel * _pixel_map(weight, x, "weight")
+    return reduce_pixels(per_pixel.sum(dim=1), None, reduction)
+
+
+def _pixel_map(value: Tensor, x: Tensor, name: str) -> Tensor:
+    """``value`` ``(B, H, W)`` or ``(B, 1, H, W)`` of ``x``'s batch and size as ``(B, 1, H, W)`` in ``x``'s dtype."""
+    if not isinstance(value, torch.Tensor) or value.ndim not in (3, 4):
+        raise ValueError(f"{name} must be a tensor (B, H, W) or (B, 1, H, W)")
+    value = value if value.ndim == 4 else value[:, None]
+    if value.shape[1] != 1 or value.shape[0] != x.shape[0] or value.shape[-2:] != x.shape[-2:]:
+        raise ValueError(f"{name} must be (B, 1, H, W) = {(x.shape[0], 1, *x.shape[-2:])}, got {tuple(value.shape)}")
+    return value.detach().to(x.dtype)
 
 
 def decompose_logits(h: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:

@@ -28,6 +28,7 @@ from incseg.learner.guard import DivergenceGuard
 from incseg.learner.module import TrainingModule
 from incseg.losses import LossOutput
 from incseg.methods import Method, MethodConfig, build_method
+from incseg.methods.base import check_param_group_factors
 from incseg.models import IncrementalSegmenter
 from incseg.scenarios import Scenario
 
@@ -437,9 +438,9 @@ class IncrementalLearner:
         rate ``head_lr``), the fusion module under the method's :attr:`~incseg.methods.Method.fusion_group`
         (``"caf"`` for CAF's: all its parameters are trained, PROTOCOL.md) and ``"criterion"`` (e.g. the SE
         blocks of attentive distillation, eq. 5, from step 1 on). Parameters with
-        ``requires_grad=False`` are left out. A method may scale a group's rate
-        (:meth:`~incseg.methods.Method.lr_scales`: ``star``'s release ratios). Call it after every
-        :meth:`begin_step`.
+        ``requires_grad=False`` are left out. A method may give parts of the model groups of their own with scaled
+        rates and weight decay (:meth:`~incseg.methods.Method.param_group_factors`: the release ratios of ``star``
+        and ``dkd``). Call it after every :meth:`begin_step`.
 
         Args:
             lr: learning rate of all groups but the head.
@@ -463,29 +464,40 @@ class IncrementalLearner:
         weight_decay = check_number(weight_decay, "weight_decay", allow_zero=True)
         head = lr if head_lr is None else check_number(head_lr, "head_lr")
         fusion = self._method.fusion_group
+        factors = check_param_group_factors(self._method.param_group_factors(max(self._step, 0)))
         groups: dict[str, list[nn.Parameter]] = {name: [] for name in ("backbone", "head", fusion, "criterion")}
+        base_lr = {"head": head}
         for name, param in self._module.named_parameters():  # named_parameters yields shared ones once
             if not param.requires_grad:
                 continue
             if name.startswith("model.classifier."):
-                groups["head"].append(param)
+                group, part = "head", self._classifier_part(name)
             elif name.startswith("model.fusion."):
-                groups[fusion].append(param)
+                group, part = fusion, "fusion"
             elif name.startswith("criterion."):
-                groups["criterion"].append(param)
+                group, part = "criterion", "criterion"
             else:
-                groups["backbone"].append(param)
-        scales = self._method.lr_scales(self._step)  # the method's own ratios (STAR's new head), default none
-        return [
-            {
-                "name": name,
-                "params": params,
-                "lr": (head if name == "head" else lr) * float(scales.get(name, 1.0)),
-                "weight_decay": weight_decay,
-            }
-            for name, params in groups.items()
-            if params
-        ]
+                group = "backbone"
+                part = next((p for p in ("encoder", "refiner") if name.startswith(f"model.{p}.")), "backbone")
+            if part in factors:
+                base_lr.setdefault(part, base_lr.get(group, lr))
+                group = part
+            groups.setdefault(group, []).append(param)
+        out = []
+        for name, params in groups.items():
+            if not params:
+                continue
+            lr_factor, wd_factor = factors.get(name, (1.0, 1.0))
+            group_lr = base_lr.get(name, lr) * lr_factor
+            out.append({"name": name, "params": params, "lr": group_lr, "weight_decay": weight_decay * wd_factor})
+        return out
+
+    def _classifier_part(self, name: str) -> str:
+        """``"new_classifier"`` for a parameter of the current step's head, else ``"old_classifier"``."""
+        parts = name.split(".")
+        if len(parts) > 3 and parts[2] == "heads" and parts[3].isdigit():
+            return "new_classifier" if int(parts[3]) == max(self._step, 0) else "old_classifier"
+        return "old_classifier"
 
     # ------------------------------------------------------------------ inference
     def predict(self, images: Tensor, *, strategy: str | None = None) -> Tensor:

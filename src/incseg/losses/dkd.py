@@ -9,10 +9,13 @@ from torch import Tensor, nn
 
 from incseg._checks import check_logits, check_num_old_classes
 from incseg.functional._common import resize_to
+from incseg.functional.attention import pixel_weights
 from incseg.functional.dkd import auxiliary_bce_loss, multilabel_bce_loss, sigmoid_kd_loss
 from incseg.losses.caf import LossOutput
 
 __all__ = ["DKDLoss"]
+
+_NEW_PIXELS = ("distil", "free", "negative")
 
 
 def _weight(value: Any, name: str, *, positive: bool = False) -> float:
@@ -53,10 +56,16 @@ class DKDLoss(nn.Module):
         scale: factor of the whole loss (1: the release's loss; for SGD, scaling the loss scales the learning
             rate, see :class:`~incseg.methods.DKDMethod`'s ``loss_scale``).
         ignore_index: label left out of ``L_mbce`` (``None``: the release, every pixel counts).
+        new_pixels: what the distillation does at pixels labelled with a new class: ``"distil"`` (the release)
+            distils them as any pixel; ``"free"`` leaves them out of ``L_kd`` and, by the share of such pixels
+            under each feature position, of ``L_dkd^±``; ``"negative"`` makes every old class a negative there in
+            ``L_kd`` (target 0) and leaves them out of ``L_dkd^±``. The old model never saw a new class: in the
+            disjoint setting it calls most of its pixels an old class, and distilling that works against the
+            label (docs/protocol.md, "DKD").
 
     Raises:
         TypeError: a weight that is not a number.
-        ValueError: a negative or infinite weight, a positive weight ``<= 0``.
+        ValueError: a negative or infinite weight, a positive weight ``<= 0``, an unknown ``new_pixels``.
 
     Example:
         >>> loss = DKDLoss()
@@ -79,6 +88,7 @@ class DKDLoss(nn.Module):
         base_pos_weight: float = 2.0,
         scale: float = 1.0,
         ignore_index: int | None = None,
+        new_pixels: str = "distil",
     ) -> None:
         super().__init__()
         self.mbce_weight = _weight(mbce_weight, "mbce_weight")
@@ -92,6 +102,9 @@ class DKDLoss(nn.Module):
         if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
             raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
         self.ignore_index = ignore_index
+        if new_pixels not in _NEW_PIXELS:
+            raise ValueError(f"new_pixels must be one of {_NEW_PIXELS}, got {new_pixels!r}")
+        self.new_pixels = new_pixels
 
     def forward(
         self,
@@ -148,10 +161,29 @@ class DKDLoss(nn.Module):
             for name, old in (("old_logits", old_logits), ("old_pos_logits", old_pos_logits)):
                 if old.ndim != 4 or old.shape[1] != n_old:
                     raise ValueError(f"{name} must have num_old_classes={n_old} channels, got {tuple(old.shape)}")
-            kd = sigmoid_kd_loss(resize_to(logits, size)[:, 1:n_old], resize_to(old_logits, size)[:, 1:])
+            keep = kd_w = tgt_w = feat_w = None
+            if self.new_pixels != "distil":
+                keep = (labels < n_old) | (labels >= num_classes)  # not labelled with a new class
+                if self.ignore_index is not None:
+                    keep = keep | (labels == self.ignore_index)
+                if self.new_pixels == "free":
+                    kd_w = keep.to(logits.dtype)
+                else:
+                    tgt_w = keep.to(logits.dtype)
+                feat_w = pixel_weights(keep, pos_logits.shape[-2:])
+            kd = sigmoid_kd_loss(
+                resize_to(logits, size)[:, 1:n_old],
+                resize_to(old_logits, size)[:, 1:],
+                weight=kd_w,
+                target_weight=tgt_w,
+            )
             terms["kd"] = self.kd_weight * kd
-            terms["dkd_pos"] = self.dkd_pos_weight * sigmoid_kd_loss(pos_logits[:, 1:n_old], old_pos_logits[:, 1:])
-            terms["dkd_neg"] = self.dkd_neg_weight * sigmoid_kd_loss(neg_logits[:, 1:n_old], old_neg_logits[:, 1:])
+            terms["dkd_pos"] = self.dkd_pos_weight * sigmoid_kd_loss(
+                pos_logits[:, 1:n_old], old_pos_logits[:, 1:], weight=feat_w
+            )
+            terms["dkd_neg"] = self.dkd_neg_weight * sigmoid_kd_loss(
+                neg_logits[:, 1:n_old], old_neg_logits[:, 1:], weight=feat_w
+            )
         terms = {k: self.scale * v for k, v in terms.items()} if self.scale != 1.0 else terms
         total = torch.stack(list(terms.values())).sum()
         out = {k: v.detach() for k, v in terms.items()}
@@ -162,5 +194,5 @@ class DKDLoss(nn.Module):
         return (
             f"mbce_weight={self.mbce_weight}, kd_weight={self.kd_weight}, dkd_pos_weight={self.dkd_pos_weight}, "
             f"dkd_neg_weight={self.dkd_neg_weight}, ac_weight={self.ac_weight}, pos_weight={self.pos_weight}, "
-            f"base_pos_weight={self.base_pos_weight}, scale={self.scale}"
+            f"base_pos_weight={self.base_pos_weight}, scale={self.scale}, new_pixels={self.new_pixels!r}"
         )

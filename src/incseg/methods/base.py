@@ -83,6 +83,39 @@ class LearnerView(Protocol):
     def teacher_forward(self, images: Tensor) -> dict[str, Any] | None: ...
 
 
+PARAM_PARTS = ("encoder", "refiner", "old_classifier", "new_classifier", "fusion", "criterion")
+"""The parts of a model :meth:`Method.param_group_factors` may give their own learning-rate and weight-decay
+factors."""
+
+
+def check_param_group_factors(factors: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
+    """``factors`` of :meth:`Method.param_group_factors` as a dict of float pairs.
+
+    Raises:
+        TypeError: not a mapping of pairs of numbers.
+        ValueError: an unknown part or a negative or non-finite factor.
+
+    Example:
+        >>> check_param_group_factors({"encoder": (0.1, 1)})
+        {'encoder': (0.1, 1.0)}
+    """
+    if not isinstance(factors, Mapping):
+        raise TypeError(f"param_group_factors must return a mapping, got {type(factors).__name__}")
+    out: dict[str, tuple[float, float]] = {}
+    for part, pair in factors.items():
+        if part not in PARAM_PARTS:
+            raise ValueError(f"unknown part {part!r} in param_group_factors; parts: {PARAM_PARTS}")
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"param_group_factors[{part!r}] must be (lr_factor, weight_decay_factor), got {pair!r}")
+        for what, value in zip(("lr", "weight decay"), pair):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"the {what} factor of {part!r} must be a number, got {value!r}")
+            if not 0 <= value < math.inf:
+                raise ValueError(f"the {what} factor of {part!r} must be finite and >= 0, got {value}")
+        out[part] = (float(pair[0]), float(pair[1]))
+    return out
+
+
 class Method:
     """Base class of a method family: one subclass per method, registered with
     :func:`~incseg.methods.register_method`, configured by a :class:`~incseg.methods.MethodConfig` whose
@@ -97,6 +130,8 @@ class Method:
       (saved in checkpoints, in the ``"criterion"`` parameter group); the default has none;
     - :meth:`has_fusion` / :meth:`new_fusion`: a module the learner inserts between encoder and refiner (its
       parameters form the optimizer group :attr:`fusion_group`);
+    - :meth:`param_group_factors`: learning-rate and weight-decay factors of parts of the model (encoder, refiner,
+      old and new classifier, ...) that :meth:`~incseg.learner.IncrementalLearner.param_groups` applies;
     - :meth:`prepare_model`: the state of the student or the frozen teacher that weights do not hold (after
       the teacher snapshot and after loading a checkpoint);
     - :meth:`on_begin_step` (after the teacher snapshot and the classifier growth) and :meth:`on_end_step`;
@@ -171,6 +206,20 @@ class Method:
         snapshot of :meth:`~incseg.learner.IncrementalLearner.begin_step` and on the student and the teacher
         after a checkpoint is loaded (default: nothing)."""
 
+    def param_group_factors(self, step: int) -> Mapping[str, tuple[float, float]]:
+        """Learning-rate and weight-decay factors of parts of the model at ``step`` (default: none).
+
+        :meth:`IncrementalLearner.param_groups <incseg.learner.IncrementalLearner.param_groups>` gives each part
+        named here a parameter group of its own, named after the part, with ``lr * factors[0]`` (``head_lr`` for
+        the classifier parts) and ``weight_decay * factors[1]``. Parts: ``"encoder"``, ``"refiner"``,
+        ``"old_classifier"`` (the heads of earlier steps), ``"new_classifier"`` (the head of ``step``),
+        ``"fusion"`` and ``"criterion"`` (:data:`PARAM_PARTS`).
+
+        Returns:
+            ``{part: (lr_factor, weight_decay_factor)}``, factors finite and ``>= 0``.
+        """
+        return {}
+
     # ------------------------------------------------------------------ lifecycle
     def on_begin_step(self, learner: LearnerView, step: int) -> None:
         """Called by :meth:`IncrementalLearner.begin_step` after the teacher snapshot and classifier growth."""
@@ -206,11 +255,6 @@ class Method:
     def consolidate(self, learner: LearnerView, batches: Any) -> None:
         """Optional pass over ``(images, labels)`` batches of the step's training data after training (the mirror
         of :meth:`calibrate`; STAR computes its class prototypes here)."""
-
-    def lr_scales(self, step: int) -> Mapping[str, float]:
-        """Factors on the learning rates of :meth:`~incseg.learner.IncrementalLearner.param_groups`' groups
-        (``"backbone"``, ``"head"``, :attr:`fusion_group`, ``"criterion"``) at ``step`` (default: none)."""
-        return {}
 
     # ------------------------------------------------------------------ training
     def teacher_forward(self, teacher: IncrementalSegmenter, images: Tensor) -> dict[str, Any]:

@@ -209,6 +209,9 @@ class ComposedMethod(Method):
         for part in self.parts:
             part.prepare_model(model, teacher=teacher)
 
+    def param_group_factors(self, step: int) -> Mapping[str, tuple[float, float]]:
+        return self.base.param_group_factors(step)
+
     # ------------------------------------------------------------------ lifecycle
     def on_begin_step(self, learner: LearnerView, step: int) -> None:
         self.base.on_begin_step(_FamilyView(learner), step)
@@ -231,9 +234,6 @@ class ComposedMethod(Method):
 
     def consolidate(self, learner: LearnerView, batches: Any) -> None:
         self.base.consolidate(_FamilyView(learner), batches)
-
-    def lr_scales(self, step: int) -> Mapping[str, float]:
-        return self.base.lr_scales(step)
 
     def train_set(self, step: int, dataset: Any) -> Any:
         for part in self.parts:

@@ -33,7 +33,7 @@ __all__ = [
     "NormPolicy",
 ]
 
-InitMode = Literal["mib", "random", "aux"]
+InitMode = Literal["mib", "random", "aux", "prior"]
 NormPolicy = Literal["train", "frozen"]
 
 COMMON_FIELDS = ("name", "family", "components", "init", "bn", "dropout", "void_as_background")
@@ -101,7 +101,8 @@ class MethodConfig:
         ad: ``None``, ``"plain"``, ``"spatial"``, ``"channel"`` or ``"both"`` feature distillation.
         caf: insert :class:`~incseg.nn.caf.ContinualAttentiveFusion` at step 1 (kept in later steps).
         init: initialisation of new classifier rows, ``"mib"`` (PROTOCOL.md), ``"aux"`` (a copy of the
-            background row, DKD's auxiliary classifier) or ``"random"``.
+            background row, DKD's auxiliary classifier), ``"prior"`` (weights 0, biases ``logit(0.01)``: sigmoid
+            classifiers starting at probability 0.01) or ``"random"``.
         lambda_d: weight of ``L_D`` (paper: 10).
         lambda_ad: weight of ``L_AD`` (paper: 1000, with the mean reduction of PROTOCOL.md).
         class_reduction: ``"mean"`` (MiB normalisation, default) or ``"sum"`` (eq. 9 exactly) over old classes.

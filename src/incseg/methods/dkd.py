@@ -9,6 +9,7 @@ norm and dropout frozen at steps > 0, and a pixel is background when no class ha
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from incseg.functional.dkd import decompose_logits, threshold_background
 from incseg.losses import LossOutput
 from incseg.losses.dkd import DKDLoss
-from incseg.methods.base import Batch, Method
+from incseg.methods.base import Batch, LearnerView, Method
 from incseg.methods.config import MethodConfig
 from incseg.methods.registry import register_method, register_preset
 from incseg.models import IncrementalClassifier, IncrementalSegmenter
@@ -72,11 +73,17 @@ class DKDMethod(Method):
     - Prediction (:meth:`predict_logits`): the class of highest sigmoid score, background when none exceeds
       0.5.
 
-    Options (release defaults): ``mbce_weight`` (1.0), ``kd_weight`` (5.0), ``dkd_pos_weight`` (5.0),
-    ``dkd_neg_weight`` (5.0), ``ac_weight`` (1.0), ``pos_weight`` (1.0, steps > 0), ``base_pos_weight`` (2.0,
-    step 0), ``threshold`` (0.5, the test-time probability a class must exceed), ``loss_scale`` (1.0, a factor
-    of the whole loss: the release trains DKD at learning rates ten times below MiB's, 1e-3 / 1e-4 against
-    1e-2 / 1e-3 on VOC; for SGD, 0.1 at MiB's learning rate is the release's ratio, see docs/protocol.md).
+    Options (incseg's defaults; the release's where they differ in brackets): ``mbce_weight`` (1.0),
+    ``kd_weight`` (5.0), ``dkd_pos_weight`` (5.0), ``dkd_neg_weight`` (5.0), ``ac_weight`` (1.0), ``pos_weight``
+    (1.0, steps > 0), ``base_pos_weight`` (2.0, step 0), ``threshold`` (0.5, the test-time probability a class
+    must exceed), ``loss_scale`` (1.0, a factor of the whole loss), ``new_pixels`` (``"free"``; release
+    ``"distil"``: pixels labelled with a new class are distilled too, see :class:`~incseg.losses.DKDLoss`),
+    ``base_prior`` (0.01: the classifier's biases at step 0 start at ``logit(0.01)``, :meth:`on_begin_step`;
+    release: PyTorch's initialisation, ``0``), ``base_encoder_lr_factor`` (1.0 at step 0; release 0.1),
+    ``encoder_lr_factor`` (0.1 at steps > 0, the release's), ``refiner_lr_factor`` (0.1 at steps > 0; release
+    1.0) and ``release_weight_decay`` (``True``): the learning-rate and weight-decay factors of
+    :meth:`param_group_factors`. The preset's new classes start at probability 0.01 (``init="prior"``; the
+    release copies the auxiliary classifier, ``init="aux"``). Why incseg differs: docs/protocol.md ("DKD").
     """
 
     family = "dkd"
@@ -90,6 +97,12 @@ class DKDMethod(Method):
         "base_pos_weight": 2.0,
         "threshold": 0.5,
         "loss_scale": 1.0,
+        "new_pixels": "free",
+        "base_prior": 0.01,
+        "base_encoder_lr_factor": 1.0,
+        "encoder_lr_factor": 0.1,
+        "refiner_lr_factor": 0.1,
+        "release_weight_decay": True,
     }
 
     def __init__(self, config: MethodConfig, model: IncrementalSegmenter, scenario: Scenario) -> None:
@@ -107,6 +120,13 @@ class DKDMethod(Method):
                 raise ValueError(f"{key} must be > 0, got {out[key]}")
         if not 0 < out["threshold"] < 1:
             raise ValueError(f"threshold must be in (0, 1), got {out['threshold']}")
+        if out["new_pixels"] not in ("distil", "free", "negative"):
+            raise ValueError(f"new_pixels must be 'distil', 'free' or 'negative', got {out['new_pixels']!r}")
+        if not 0 <= out["base_prior"] < 1:
+            raise ValueError(f"base_prior must be in [0, 1) (0: keep the model's biases), got {out['base_prior']}")
+        for key in ("base_encoder_lr_factor", "encoder_lr_factor", "refiner_lr_factor"):
+            if not 0 < out[key] <= 1:
+                raise ValueError(f"{key} must be in (0, 1], got {out[key]}")
         return out
 
     @classmethod
@@ -128,7 +148,41 @@ class DKDMethod(Method):
             pos_weight=float(opts["pos_weight"]),
             base_pos_weight=float(opts["base_pos_weight"]),
             scale=float(opts["loss_scale"]),
+            new_pixels=str(opts["new_pixels"]),
         )
+
+    def param_group_factors(self, step: int) -> dict[str, tuple[float, float]]:
+        """Learning-rate and weight-decay factors of the model's parts.
+
+        - At steps > 0 the encoder at ``encoder_lr_factor`` (0.1) times the learning rate: the release's ratio of
+          its backbone to its ASPP and classifiers (``train_voc.py:127-143``); at step 0 at
+          ``base_encoder_lr_factor`` (1.0; the release's 0.1 keeps an ImageNet backbone, and slowed networks
+          trained from scratch, docs/protocol.md).
+        - At steps > 0 the refiner at ``refiner_lr_factor`` (0.1; the release trains its ASPP at the
+          classifiers' rate, 1.0): only the classifier learns at the full rate, the features that the
+          distillation holds move ten times slower (docs/protocol.md, "DKD").
+        - With ``release_weight_decay``, at steps > 0 no weight decay but on the new classifier (the release).
+        """
+        opts = self.config.options
+        enc = float(opts["encoder_lr_factor" if step > 0 else "base_encoder_lr_factor"])
+        ref = float(opts["refiner_lr_factor"])
+        wd = 0.0 if step > 0 and opts["release_weight_decay"] else 1.0
+        factors = {"encoder": (enc, wd), "refiner": (ref if step > 0 else 1.0, wd), "old_classifier": (1.0, wd)}
+        return {k: v for k, v in factors.items() if v != (1.0, 1.0)}
+
+    def on_begin_step(self, learner: LearnerView, step: int) -> None:
+        """At step 0 with ``base_prior > 0``: every bias of the classifier becomes ``logit(base_prior)``, so
+        that the sigmoid classifiers start at probability ``base_prior`` rather than about 0.5 (the weights are
+        kept). From 0.5, the first iterations of ``L_mbce`` are spent pushing every class down on the pixels of
+        every other class (docs/protocol.md, "DKD")."""
+        prior = float(self.config.options["base_prior"])
+        if step == 0 and prior > 0:
+            clf = _classifier(learner.model)
+            with torch.no_grad():
+                for i in range(clf.num_steps):
+                    bias = clf.head(i).bias
+                    if bias is not None:
+                        bias.fill_(math.log(prior / (1 - prior)))
 
     def teacher_forward(self, teacher: IncrementalSegmenter, images: Tensor) -> dict[str, Any]:
         """The teacher's ``forward_features`` plus its decomposed logits (:func:`dkd_outputs`)."""
@@ -188,4 +242,4 @@ class DKDMethod(Method):
 
 # CAF's fields take their "off" values (incseg.methods.config.CAF_FIELDS): DKD does not read them. The release
 # freezes batch norm (``--freeze_bn``: evaluation mode, affine weights trained) and dropout at steps > 0.
-register_preset(MethodConfig(name="dkd", family="dkd", init="aux", bn="frozen", dropout="frozen"))
+register_preset(MethodConfig(name="dkd", family="dkd", init="prior", bn="frozen", dropout="frozen"))

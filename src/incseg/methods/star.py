@@ -4,7 +4,7 @@ Equations and choices: docs/concepts.md ("STAR"); where incseg follows the autho
 (github.com/jinpeng0528/STAR) rather than the paper: docs/protocol.md ("STAR"). The release's weights: positive
 weight 4 of the binary cross-entropy, OCFM 5, SAD 0.05; random initialisation of new classes, batch norm frozen
 (statistics and affine weights) and dropout off at steps > 0, the old classifier unchanged, and the release's
-learning-rate ratios (:meth:`STARMethod.lr_scales`).
+learning-rate ratios (:meth:`STARMethod.param_group_factors`).
 
 The per-class state (prototypes, spreads, norm statistics, pixel counts) lives in the buffers of
 :class:`STARLoss`, the method's criterion, so that checkpoints keep it. It is computed by
@@ -134,7 +134,7 @@ class STARMethod(Method):
     ``replay`` (True), ``background_reweight`` (True), ``pseudo_threshold`` (0.5, a logit), ``freeze_bn_affine``
     (True: the affine weights of batch norm do not train at steps > 0, as the release's ``--freeze_bn``),
     ``backbone_lr_scale`` (0.1) and ``head_lr_scale`` (10.0, steps > 0 only): factors on the learning rates of
-    the encoder and refiner and of the new head (:meth:`lr_scales`).
+    the encoder and refiner and of the new head (:meth:`param_group_factors`).
     """
 
     family = "star"
@@ -162,16 +162,17 @@ class STARMethod(Method):
                 raise ValueError(f"{key} must be > 0, got {out[key]}")
         return out
 
-    def lr_scales(self, step: int) -> Mapping[str, float]:
+    def param_group_factors(self, step: int) -> Mapping[str, tuple[float, float]]:
         """The release's learning rates relative to those of cross-entropy methods (MiB's, incseg's defaults):
         its backbone trains at a tenth of them at every step (``--lr`` 1e-3 then 1e-4 against MiB's 1e-2 and
         1e-3) while its classifier keeps them at step 0 and its new classifier trains at 10x at steps > 0
-        (``train_voc.py:123-142``, ``scripts/voc/*``): ``backbone_lr_scale`` on the encoder and refiner,
-        ``head_lr_scale`` on the new head at steps > 0."""
-        scales = {"backbone": float(self.config.options["backbone_lr_scale"])}
+        (``train_voc.py:123-142``, ``scripts/voc/*``): ``backbone_lr_scale`` on the encoder and the refiner,
+        ``head_lr_scale`` on the new head at steps > 0 (weight decay unchanged)."""
+        backbone = float(self.config.options["backbone_lr_scale"])
+        factors = {"encoder": (backbone, 1.0), "refiner": (backbone, 1.0)}
         if step > 0:
-            scales["head"] = float(self.config.options["head_lr_scale"])
-        return scales
+            factors["new_classifier"] = (float(self.config.options["head_lr_scale"]), 1.0)
+        return factors
 
     def build_criterion(self, model: IncrementalSegmenter) -> STARLoss:
         return STARLoss(self.scenario.num_classes_at(self.scenario.num_steps - 1), model.h_channels)

@@ -139,19 +139,25 @@ class IncrementalClassifier(nn.Module):
             )
         return logits
 
-    def add_classes(self, n: int, *, init: Literal["mib", "random", "aux"] = "mib") -> list[nn.Parameter]:
+    def add_classes(
+        self, n: int, *, init: Literal["mib", "random", "aux", "prior"] = "mib", prior: float = 0.01
+    ) -> list[nn.Parameter]:
         """Append a head for ``n`` new classes (a new learning step).
 
         With ``init="mib"`` (default) the new weights copy the background row ``w_bg`` and the new biases and
         the background bias are set to ``b_bg - log(n + 1)`` (MiB initialisation, PROTOCOL.md); with
         ``init="aux"`` every new row copies the background row's weight and bias unchanged (DKD's
         initialisation from its auxiliary classifier, the background row of sigmoid classifiers); with
-        ``init="random"`` the head keeps PyTorch's default convolution initialisation. The new head is
-        created on the device and dtype of the existing heads.
+        ``init="prior"`` the new weights are 0 and the biases ``log(prior / (1 - prior))``, so that a sigmoid
+        classifier starts at probability ``prior`` everywhere and sends no gradient to the features at its first
+        update (the prior initialisation of sigmoid detectors); with ``init="random"`` the head keeps
+        PyTorch's default convolution initialisation. The new head is created on the device and dtype of the
+        existing heads.
 
         Args:
             n: number of new classes ``|U_l|``.
-            init: ``"mib"``, ``"aux"`` or ``"random"``.
+            init: ``"mib"``, ``"aux"``, ``"prior"`` or ``"random"``.
+            prior: the probability of ``init="prior"``, in ``(0, 1)``.
 
         Returns:
             The new parameters (weight, bias), to be given to the optimizer. The optimizer must be rebuilt
@@ -159,11 +165,13 @@ class IncrementalClassifier(nn.Module):
 
         Raises:
             TypeError: ``n`` is not an int.
-            ValueError: ``n < 1`` or unknown ``init``.
+            ValueError: ``n < 1``, unknown ``init`` or ``prior`` outside ``(0, 1)``.
         """
         n = check_int(n, "n")
-        if init not in ("mib", "random", "aux"):
-            raise ValueError(f"init must be 'mib', 'aux' or 'random', got {init!r}")
+        if init not in ("mib", "random", "aux", "prior"):
+            raise ValueError(f"init must be 'mib', 'aux', 'prior' or 'random', got {init!r}")
+        if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not 0 < prior < 1:
+            raise ValueError(f"prior must be a probability in (0, 1), got {prior!r}")
         bg = self.head(0)
         head = self._new_head(n).to(device=bg.weight.device, dtype=bg.weight.dtype)
         if init == "mib":
@@ -178,6 +186,11 @@ class IncrementalClassifier(nn.Module):
             with torch.no_grad():
                 head.weight.copy_(bg.weight[0:1].expand_as(head.weight))
                 head.bias.copy_(bg.bias[0:1].expand_as(head.bias))
+        elif init == "prior":
+            assert head.bias is not None
+            with torch.no_grad():
+                head.weight.zero_()
+                head.bias.fill_(math.log(prior / (1 - prior)))
         self.heads.append(head)
         return list(head.parameters())
 
