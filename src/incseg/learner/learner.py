@@ -12,10 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from incseg._checks import NonFiniteError, check_feature_map, check_number
+from incseg._checks import NonFiniteError, check_feature_map
 from incseg._wrappers import unwrap_module
 from incseg.learner._devices import device_of, images_for
 from incseg.learner._freeze import freeze
+from incseg.learner._groups import parameter_groups
+from incseg.learner._steps import check_classifier, check_next_step
 from incseg.learner.checkpoint import (
     learner_state,
     load_learner_state,
@@ -28,7 +30,6 @@ from incseg.learner.guard import DivergenceGuard
 from incseg.learner.module import TrainingModule
 from incseg.losses import LossOutput
 from incseg.methods import Method, MethodConfig, build_method
-from incseg.methods.base import check_param_group_factors
 from incseg.models import IncrementalSegmenter
 from incseg.scenarios import Scenario
 
@@ -211,39 +212,10 @@ class IncrementalLearner:
             RuntimeError: the previous step was not ended with :meth:`end_step`, or the model's classifier
                 no longer matches the scenario (changed outside the learner).
         """
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise TypeError(f"step must be an int, got {type(step).__name__}")
-        num_steps = self._scenario.num_steps
-        if not 0 <= step < num_steps:
-            raise ValueError(f"step must be in [0, {num_steps}) for this scenario, got {step}")
-        if step != self._step + 1:
-            where = "before the first step" if self._step < 0 else f"at step {self._step}"
-            raise ValueError(
-                f"steps must be begun in order: the learner is {where}, so the next is begin_step({self._step + 1}), "
-                f"got begin_step({step}) (use load() to resume from a checkpoint)"
-            )
-        if self._step >= 0 and not self._step_finished:
-            raise RuntimeError(f"step {self._step} is not finished: call end_step() before begin_step({step})")
+        check_next_step(step, self._step, self._step_finished, self._scenario.num_steps)
         model = self.model
-        expected = list(self._scenario.classes_per_step[:step])
-        got = model.classifier.classes_per_step
-        if step == 0:
-            k0 = self._scenario.num_classes_at(0)
-            if got != [k0]:
-                raise ValueError(
-                    f"at step 0 the model's classifier must have scenario.num_classes_at(0)={k0} outputs in one "
-                    f"head, got classes_per_step={got}; build the model for {k0} classes (background included)"
-                )
-            if model.fusion is not None:
-                raise ValueError(
-                    "the model already has a fusion module at step 0; the learner inserts the method's itself"
-                )
-        else:
-            if got != expected:
-                raise RuntimeError(
-                    f"the model's classifier has classes_per_step={got} but step {step - 1} of the scenario "
-                    f"needs {expected}: it was changed outside the learner"
-                )
+        check_classifier(model, self._scenario, step)
+        if step > 0:
             teacher = freeze(copy.deepcopy(model))
             self._method.prepare_model(teacher, teacher=True)
             model.classifier.add_classes(len(self._scenario.classes_at(step)), init=self._config.init)
@@ -460,44 +432,7 @@ class IncrementalLearner:
             >>> [g["name"] for g in learner.param_groups(0.01)]
             ['backbone', 'head']
         """
-        lr = check_number(lr, "lr")
-        weight_decay = check_number(weight_decay, "weight_decay", allow_zero=True)
-        head = lr if head_lr is None else check_number(head_lr, "head_lr")
-        fusion = self._method.fusion_group
-        factors = check_param_group_factors(self._method.param_group_factors(max(self._step, 0)))
-        groups: dict[str, list[nn.Parameter]] = {name: [] for name in ("backbone", "head", fusion, "criterion")}
-        base_lr = {"head": head}
-        for name, param in self._module.named_parameters():  # named_parameters yields shared ones once
-            if not param.requires_grad:
-                continue
-            if name.startswith("model.classifier."):
-                group, part = "head", self._classifier_part(name)
-            elif name.startswith("model.fusion."):
-                group, part = fusion, "fusion"
-            elif name.startswith("criterion."):
-                group, part = "criterion", "criterion"
-            else:
-                group = "backbone"
-                part = next((p for p in ("encoder", "refiner") if name.startswith(f"model.{p}.")), "backbone")
-            if part in factors:
-                base_lr.setdefault(part, base_lr.get(group, lr))
-                group = part
-            groups.setdefault(group, []).append(param)
-        out = []
-        for name, params in groups.items():
-            if not params:
-                continue
-            lr_factor, wd_factor = factors.get(name, (1.0, 1.0))
-            group_lr = base_lr.get(name, lr) * lr_factor
-            out.append({"name": name, "params": params, "lr": group_lr, "weight_decay": weight_decay * wd_factor})
-        return out
-
-    def _classifier_part(self, name: str) -> str:
-        """``"new_classifier"`` for a parameter of the current step's head, else ``"old_classifier"``."""
-        parts = name.split(".")
-        if len(parts) > 3 and parts[2] == "heads" and parts[3].isdigit():
-            return "new_classifier" if int(parts[3]) == max(self._step, 0) else "old_classifier"
-        return "old_classifier"
+        return parameter_groups(self._module, self._method, max(self._step, 0), lr, weight_decay, head_lr)
 
     # ------------------------------------------------------------------ inference
     def predict(self, images: Tensor, *, strategy: str | None = None) -> Tensor:
