@@ -169,8 +169,7 @@ class AttentiveDistillationLoss(nn.Module):
         zero = h.new_zeros(())
         if isinstance(self.channels_z, Mapping):
             new, old = _by_level(z, "z", self.channels_z), _by_level(z_old, "z_old", self.channels_z)
-            if "z" not in self.maps:
-                new = old = {}
+            levels = list(self.channels_z) if "z" in self.maps else []
             se = self.se_z if isinstance(self.se_z, nn.ModuleDict) else None
             loss_z = sum(
                 (
@@ -182,7 +181,7 @@ class AttentiveDistillationLoss(nn.Module):
                         reduction=self.reduction,
                         weight=weight(new[key]),
                     )
-                    for key in new
+                    for key in levels
                 ),
                 start=zero,
             )
