@@ -426,9 +426,10 @@ def make_figures(demos: Sequence[Path], results: Path, out: Path) -> list[Path]:
         written.append(robustness(results, out))
     else:
         print(f"skipped the robustness figure: no {results}/robustness*.json (run benchmarks/robustness.py)")
-    if _robustness_files(results, "plain-check*.json"):  # issue 20's matrix: new and old classes
+    matrix = "plain-check-matrix*.json"  # issue 20's matrix (not the perturbed or variant runs): new and old classes
+    if _robustness_files(results, matrix):
         for key in ("new", "old"):
-            written.append(robustness(results, out, pattern="plain-check*.json", name=f"ad-matrix-{key}.svg", key=key))
+            written.append(robustness(results, out, pattern=matrix, name=f"ad-matrix-{key}.svg", key=key))
     figure = speed(results, out)
     if figure is None:
         print(f"skipped the speed figure: no {results}/bench_step.json or bench_losses.json")

@@ -71,6 +71,8 @@ def test_unknown_field_lists_valid_ones() -> None:
         ("test_strategy", "pad", r"test_strategy must be one of \['skip', 'zero_pad', 'concat'\]"),
         ("lambda_d", -1.0, r"lambda_d must be a finite number >= 0"),
         ("lambda_ad", float("nan"), r"lambda_ad must be a finite number >= 0"),
+        ("ad_maps", (), r"ad_maps must name some of \['z', 'h'\]"),
+        ("ad_maps", "z+y", r"ad_maps must name each of"),
     ],
 )
 def test_invalid_values(field: str, value: object, match: str) -> None:
@@ -118,6 +120,7 @@ configs = st.builds(
     class_reduction=st.sampled_from(["mean", "sum"]),
     test_strategy=st.sampled_from(["skip", "zero_pad", "concat"]),
     void_as_background=st.booleans(),
+    ad_maps=st.sampled_from(["z", "h", "z+h", ("h", "z"), ["z"]]),
 )
 
 
@@ -128,3 +131,16 @@ def test_dict_round_trip_is_plain(cfg: MethodConfig) -> None:
     assert all(isinstance(v, (str, bool, float, type(None))) for v in data.values())
     data["components"] = list(cfg.components)
     assert MethodConfig.from_dict(data) == cfg
+
+
+def test_ad_maps_is_a_tuple_and_a_string_in_to_dict() -> None:
+    cfg = MethodConfig.preset("caf", ad_maps="h+z")
+    assert cfg.ad_maps == ("z", "h") and cfg.to_dict()["ad_maps"] == "z+h"
+    assert MethodConfig.preset("caf", ad_maps=["z"]).ad_maps == ("z",)
+    legacy = METHODS["caf"].to_dict()
+    del legacy["ad_maps"]  # a configuration saved before the field existed distils both maps
+    assert MethodConfig.from_dict(legacy).ad_maps == ("z", "h")
+    assert METHODS["caf-paper"].ad_maps == ("z", "h")
+    with pytest.raises(ValueError, match="ad_maps"):  # PLOP alone has no attentive distillation
+        MethodConfig.preset("plop", ad_maps="z")
+    assert MethodConfig.preset("plop+caf", ad_maps="z").ad_maps == ("z",)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from incseg.functional import attentive_distillation_loss
 from incseg.losses import AttentiveDistillationLoss
@@ -94,3 +96,56 @@ def test_several_levels_sum_one_term_per_level(attention: str) -> None:
         criterion({1: z[1]}, z_old, h, h_old)
     with pytest.raises(TypeError, match="dict level"):
         criterion(z[1], z_old, h, h_old)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    attention=st.sampled_from(ATTENTIONS),
+    multi_level=st.booleans(),
+    masked=st.booleans(),
+)
+def test_ad_maps_split_the_two_terms_float64(seed: int, attention: str, multi_level: bool, masked: bool) -> None:
+    """``maps=("z",)`` and ``maps=("h",)`` give the two terms of the full loss (same SE blocks), each alone:
+    their sum is the paper's L_AD, and the term of a map left out is a constant 0 with no gradient."""
+    g = torch.Generator().manual_seed(seed)
+    channels_z = {"1": 8, "3": 16} if multi_level else 16
+    full = AttentiveDistillationLoss(channels_z, 4, attention=attention, se_reduction=4).double()
+    parts = [
+        AttentiveDistillationLoss(channels_z, 4, attention=attention, se_reduction=4, maps=m).double()
+        for m in (("z",), ("h",))
+    ]
+    for part in parts:
+        part.load_state_dict(full.state_dict(), strict=False)
+    assert sum(len(list(p.parameters())) for p in parts) == len(list(full.parameters()))
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    if multi_level:
+        z: object = {"1": rand(2, 8, 6, 6).requires_grad_(True), "3": rand(2, 16, 3, 3).requires_grad_(True)}
+        z_old: object = {k: rand(*t.shape) for k, t in z.items()}  # type: ignore[attr-defined]
+    else:
+        z, z_old = rand(2, 16, 5, 5).requires_grad_(True), rand(2, 16, 5, 5)
+    h, h_old = rand(2, 4, 6, 6).requires_grad_(True), rand(2, 4, 6, 6)
+    keep = torch.rand(2, 12, 12, generator=g) > 0.3 if masked else None
+    want = full.terms(z, z_old, h, h_old, keep=keep)
+    z_only = parts[0].terms(z, z_old, h, h_old, keep=keep)
+    h_only = parts[1].terms(z, z_old, h, h_old, keep=keep)
+    torch.testing.assert_close(z_only[0], want[0], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(h_only[1], want[1], rtol=1e-12, atol=1e-15)
+    assert z_only[1].item() == 0.0 and not z_only[1].requires_grad
+    assert h_only[0].item() == 0.0 and not h_only[0].requires_grad
+    torch.testing.assert_close(
+        parts[0](z, z_old, h, h_old, keep=keep) + parts[1](z, z_old, h, h_old, keep=keep),
+        full(z, z_old, h, h_old, keep=keep),
+        rtol=1e-12,
+        atol=1e-15,
+    )
+
+
+def test_ad_maps_is_checked_and_shown() -> None:
+    assert AttentiveDistillationLoss(8, 4).maps == ("z", "h")
+    assert "maps=('h',)" in repr(AttentiveDistillationLoss(8, 4, maps="h"))
+    with pytest.raises(ValueError, match="ad_maps"):
+        AttentiveDistillationLoss(8, 4, maps=())

@@ -437,3 +437,27 @@ def test_ad_on_new_false_gives_no_feature_gradient_where_every_pixel_is_new() ->
 def test_ad_on_new_must_be_bool() -> None:
     with pytest.raises(ValueError, match="ad_on_new"):
         CAFLoss(CZ, CH, ad_on_new=0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("maps", [("z",), ("h",)])
+@pytest.mark.parametrize("ad_on_new", [True, False])
+def test_ad_maps_distils_one_map_float64(maps: tuple[str, ...], ad_on_new: bool) -> None:
+    """``ad_maps`` names the maps of eq. 8 that enter L_AD; float64 reference of the one kept."""
+    torch.manual_seed(5)
+    criterion = CAFLoss(CZ, CH, kd=None, se_reduction=4, lambda_ad=3.0, ad_maps=maps, ad_on_new=ad_on_new).double()
+    logits, labels, _, features, old_features = _batch(size=(6, 6), dtype=torch.float64)
+    out = criterion(logits, labels, num_old_classes=N_OLD, features=features, old_features=old_features)
+    (key,) = maps
+    assert criterion.ad_loss is not None
+    se = criterion.ad_loss.se_z if key == "z" else criterion.ad_loss.se_h
+    assert se is not None
+    keep = torch.ones(labels.shape, dtype=torch.float64) if ad_on_new else ((labels < N_OLD) | (labels == 255)).double()
+    ads = []
+    for m in (features[key], old_features[key]):
+        energy = (m**2).sum(dim=1, keepdim=True)
+        spatial = energy / energy.pow(2).sum(dim=(2, 3), keepdim=True).sqrt()
+        ads.append((_se_ref(se, m) * spatial + 1) * m)
+    sq = ((ads[0] - ads[1]) ** 2).sum(dim=1)  # (B, 3, 3): each position covers a 2x2 block of labels
+    weight = keep.view(2, 3, 2, 3, 2).mean(dim=(2, 4))
+    expected = 3.0 * (weight * sq).sum() / sq.numel() / features[key].shape[1]
+    torch.testing.assert_close(out.terms["ad"], expected, rtol=1e-10, atol=1e-14)

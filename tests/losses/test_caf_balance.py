@@ -253,3 +253,45 @@ def test_ad_opposition_never_exceeds_kappa(seed: int, kappa: float) -> None:
     out, _, _ = _run(CAFLoss(CZ, CH, ad_balance=kappa).double(), net, z, z_old, h_old, labels, old_logits)
     for key in ("ad_opposition_z", "ad_opposition_h"):
         assert 0.0 <= out.stats[key].item() <= kappa * (1 + 1e-9)
+
+
+@pytest.mark.parametrize(("maps", "kappa"), [(("z",), 0.1), (("h",), 0.1), (("z",), 1e6)])
+def test_ad_maps_distils_only_the_named_maps_float64(maps: tuple[str, ...], kappa: float) -> None:
+    """With ``ad_maps`` naming one map, the loss is the task plus that map's balanced term; the other map's
+    AD gradient is zero and its weight is not reported."""
+    net, z, z_old, h_old, labels, old_logits = _setup(4)
+    criterion = CAFLoss(CZ, CH, ad_balance=kappa, lambda_ad=1000.0, ad_maps=maps).double()
+    both = CAFLoss(CZ, CH, ad_balance=kappa, lambda_ad=1000.0).double()
+    both.load_state_dict(criterion.state_dict(), strict=False)  # the SE block of the distilled map
+    assert criterion.ad_maps == maps
+    assert (criterion.ad_loss.se_z is None) == ("z" not in maps)
+    assert (criterion.ad_loss.se_h is None) == ("h" not in maps)
+    out, h, _ = _run(criterion, net, z, z_old, h_old, labels, old_logits)
+    lam_z, lam_h, task, loss_z, loss_h = _reference_weights(both, net, z, z_old, h_old, labels, old_logits, kappa, 1e3)
+    lam, loss = (lam_z, loss_z) if maps == ("z",) else (lam_h, loss_h)
+    torch.testing.assert_close(out.loss, task + lam * loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.stats["lambda_ad"].item(), lam, rtol=1e-10, atol=0)
+    assert set(k for k in out.stats if k.startswith("ad_opposition")) == {f"ad_opposition_{maps[0]}"}
+    # the AD term of a map left out pulls nothing: d(loss - task)/dh through h alone is that of the kept term
+    h_leaf = h.detach().requires_grad_(True)
+    logits = net.classifier(h_leaf)
+    kw = {"num_old_classes": N_OLD, "old_logits": old_logits}
+    ad_only = CAFLoss(CZ, CH, kd="unbiased", lambda_ad=1.0, ad_maps=maps).double()
+    ad_only.load_state_dict(criterion.state_dict())
+    full = ad_only(logits, labels, features={"z": z, "h": h_leaf}, old_features={"z": z_old, "h": h_old}, **kw).loss
+    plain = CAFLoss(CZ, CH, kd="unbiased", ad=None).double()(logits, labels, **kw).loss
+    (g_h,) = torch.autograd.grad(full - plain, h_leaf)
+    assert (g_h.abs().max() == 0) == ("h" not in maps)
+
+
+@pytest.mark.parametrize("bad", [(), ("x",), ("z", "z"), "z+x", 3, None])
+def test_bad_ad_maps(bad: object) -> None:
+    with pytest.raises(ValueError, match="ad_maps"):
+        CAFLoss(CZ, CH, ad_maps=bad)  # type: ignore[arg-type]
+
+
+def test_ad_maps_accepts_a_string_and_the_default_is_both() -> None:
+    assert CAFLoss(CZ, CH).ad_maps == ("z", "h")
+    assert CAFLoss(CZ, CH, ad_maps="h+z").ad_maps == ("z", "h")
+    assert CAFLoss(CZ, CH, ad_maps="z").ad_maps == ("z",)
+    assert "ad_maps=('z',)" in repr(CAFLoss(CZ, CH, ad_maps="z"))

@@ -85,10 +85,11 @@ def test_composed_presets_round_trip_and_keep_component_options() -> None:
     assert dropped.options == {} and MethodConfig.from_dict(dropped.to_dict()) == METHODS["mib"].replace(name="mib-m")
     plop_caf = METHODS["plop+caf"]
     recipe = METHODS["caf"]
-    assert (plop_caf.ad, plop_caf.ad_balance, plop_caf.ad_on_new, plop_caf.fusion_dropout) == (
+    assert (plop_caf.ad, plop_caf.ad_balance, plop_caf.ad_on_new, plop_caf.ad_maps, plop_caf.fusion_dropout) == (
         recipe.ad,
         recipe.ad_balance,
         recipe.ad_on_new,
+        recipe.ad_maps,
         recipe.fusion_dropout,
     )
     assert plop_caf.options["pod_factor"] == METHODS["plop"].options["pod_factor"]
@@ -125,10 +126,12 @@ class _CEOnly(Method):
 register_method(_CEOnly)
 
 
-@pytest.mark.parametrize("ad_balance", [None, 0.1])
-def test_attentive_distillation_component_equals_the_built_in_ad_in_float64(ad_balance: float | None) -> None:
+@pytest.mark.parametrize(("ad_balance", "ad_maps"), [(None, "z+h"), (0.1, "z+h"), (None, "z"), (0.1, "z"), (0.1, "h")])
+def test_attentive_distillation_component_equals_the_built_in_ad_in_float64(
+    ad_balance: float | None, ad_maps: str
+) -> None:
     scenario = Scenario([[1, 2], [3]])
-    built_in = MethodConfig.preset("baseline+ad").replace(name="ad-built-in", ad_balance=ad_balance)
+    built_in = MethodConfig.preset("baseline+ad").replace(name="ad-built-in", ad_balance=ad_balance, ad_maps=ad_maps)
     composed = MethodConfig(
         name="ad-composed",
         family="test-ce-only",
@@ -136,6 +139,7 @@ def test_attentive_distillation_component_equals_the_built_in_ad_in_float64(ad_b
         ad="both",
         ad_balance=ad_balance,
         ad_on_new=built_in.ad_on_new,
+        ad_maps=built_in.ad_maps,
         lambda_ad=built_in.lambda_ad,
         init=built_in.init,
         dropout=built_in.dropout,
@@ -146,6 +150,7 @@ def test_attentive_distillation_component_equals_the_built_in_ad_in_float64(ad_b
     ad_built_in = learners[0].criterion.ad_loss  # type: ignore[union-attr]
     ad_composed = learners[1].criterion.components["attentive-distillation"]  # type: ignore[index]
     assert isinstance(ad_built_in, AttentiveDistillationLoss) and isinstance(ad_composed, AttentiveDistillationLoss)
+    assert ad_built_in.maps == ad_composed.maps == built_in.ad_maps
     ad_composed.load_state_dict(ad_built_in.state_dict())  # the same SE blocks
     outs = [_run(learner, 2) for learner in learners]
     assert sorted(outs[0].terms) == sorted(outs[1].terms) == ["ad", "seg", "total"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -13,7 +13,38 @@ from incseg.functional._common import Reduction, check_choice
 from incseg.functional.attention import _ATTENTIONS, Attention, attentive_distillation_loss, pixel_weights
 from incseg.nn.squeeze_excitation import SqueezeExcitation
 
-__all__ = ["AttentiveDistillationLoss", "balanced_ad_weights", "not_new_pixels"]
+__all__ = [
+    "AD_MAPS",
+    "AttentiveDistillationLoss",
+    "balanced_ad_weights",
+    "check_ad_maps",
+    "mean_weight",
+    "not_new_pixels",
+]
+
+AD_MAPS = ("z", "h")
+"""The feature maps attentive distillation can act on: ``"z"`` (the encoder features ``z̄``) and ``"h"`` (the
+refined features, the classifier's input)."""
+
+
+def check_ad_maps(maps: object) -> tuple[str, ...]:
+    """``maps`` as a tuple of the names in :data:`AD_MAPS`, in that order: a sequence of names or a string
+    ``"z"``, ``"h"``, ``"z+h"``.
+
+    Raises:
+        ValueError: an empty selection, an unknown or repeated name.
+
+    Example:
+        >>> check_ad_maps("h+z"), check_ad_maps(["z"])
+        (('z', 'h'), ('z',))
+    """
+    names = maps.split("+") if isinstance(maps, str) else maps
+    if not isinstance(names, Sequence) or not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"ad_maps must name some of {list(AD_MAPS)} (e.g. ('z', 'h') or 'z'), got {maps!r}")
+    unknown = [n for n in names if n not in AD_MAPS]
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(f"ad_maps must name each of {list(AD_MAPS)} at most once, got {maps!r}")
+    return tuple(n for n in AD_MAPS if n in names)
 
 
 class AttentiveDistillationLoss(nn.Module):
@@ -38,6 +69,8 @@ class AttentiveDistillationLoss(nn.Module):
         reduction: ``"mean"`` over the elements of each map (PROTOCOL default), ``"sum"`` (squared Frobenius
             norms, eq. 8 exactly); the two maps' terms are added either way.
         se_reduction: channel reduction of the SE blocks.
+        maps: the maps to distil, ``("z", "h")`` (default, eq. 8), ``("z",)`` or ``("h",)`` (see
+            :func:`check_ad_maps`); the term of a map left out is 0 and has no SE block.
 
     Shape:
         - z, z_old: :math:`(B, C_z, H_z, W_z)`; h, h_old: :math:`(B, C_h, H_h, W_h)`.
@@ -66,8 +99,10 @@ class AttentiveDistillationLoss(nn.Module):
         attention: Attention = "both",
         reduction: Reduction = "mean",
         se_reduction: int = 16,
+        maps: Sequence[str] | str = AD_MAPS,
     ) -> None:
         super().__init__()
+        self.maps = check_ad_maps(maps)
         levels = dict(channels_z) if isinstance(channels_z, Mapping) else None
         if levels is not None and not levels:
             raise ValueError("channels_z must map at least one level to its channels")
@@ -81,16 +116,16 @@ class AttentiveDistillationLoss(nn.Module):
         self.channels_h = channels_h
         self.attention: Attention = attention
         self.reduction: Reduction = reduction
-        if attention in ("both", "channel"):
+        self.se_z = None
+        self.se_h = None
+        if attention in ("both", "channel") and "z" in self.maps:
             self.se_z = (
                 SqueezeExcitation(channels_z, reduction=se_reduction)  # type: ignore[arg-type]
                 if levels is None
                 else nn.ModuleDict({str(k): SqueezeExcitation(v, reduction=se_reduction) for k, v in levels.items()})
             )
+        if attention in ("both", "channel") and "h" in self.maps:
             self.se_h = SqueezeExcitation(channels_h, reduction=se_reduction)
-        else:
-            self.se_z = None
-            self.se_h = None
 
     def forward(
         self,
@@ -121,7 +156,8 @@ class AttentiveDistillationLoss(nn.Module):
         keep: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Return the two terms of ``L_AD`` (eq. 8), ``(||AD(z̄) - AD(z̄_old)||², ||AD(h) - AD(h_old)||²)``; the
-        first sums over the levels of a multi-scale ``z``. ``keep``: as in :meth:`forward`."""
+        first sums over the levels of a multi-scale ``z``; the term of a map not in :attr:`maps` is a constant 0.
+        ``keep``: as in :meth:`forward`."""
         for name, x, channels in (("h", h, self.channels_h), ("h_old", h_old, self.channels_h)):
             check_feature_map(x, name, channels=channels)
         if keep is not None and (keep.dim() != 3 or keep.shape[0] != h.shape[0]):
@@ -130,8 +166,10 @@ class AttentiveDistillationLoss(nn.Module):
         def weight(x: Tensor) -> Tensor | None:
             return None if keep is None else pixel_weights(keep, x.shape[-2:]).to(x.device)
 
+        zero = h.new_zeros(())
         if isinstance(self.channels_z, Mapping):
             new, old = _by_level(z, "z", self.channels_z), _by_level(z_old, "z_old", self.channels_z)
+            levels = list(self.channels_z) if "z" in self.maps else []
             se = self.se_z if isinstance(self.se_z, nn.ModuleDict) else None
             loss_z = sum(
                 (
@@ -143,27 +181,35 @@ class AttentiveDistillationLoss(nn.Module):
                         reduction=self.reduction,
                         weight=weight(new[key]),
                     )
-                    for key in self.channels_z
+                    for key in levels
                 ),
-                start=h.new_zeros(()),
+                start=zero,
             )
         else:
             check_feature_map(z, "z", channels=self.channels_z)
             check_feature_map(z_old, "z_old", channels=self.channels_z)
             assert isinstance(z, Tensor) and isinstance(z_old, Tensor)
             se_z = self.se_z if isinstance(self.se_z, SqueezeExcitation) else None
-            loss_z = attentive_distillation_loss(
-                z, z_old, se_z, attention=self.attention, reduction=self.reduction, weight=weight(z)
+            loss_z = (
+                attentive_distillation_loss(
+                    z, z_old, se_z, attention=self.attention, reduction=self.reduction, weight=weight(z)
+                )
+                if "z" in self.maps
+                else zero
             )
-        loss_h = attentive_distillation_loss(
-            h, h_old, self.se_h, attention=self.attention, reduction=self.reduction, weight=weight(h)
+        loss_h = (
+            attentive_distillation_loss(
+                h, h_old, self.se_h, attention=self.attention, reduction=self.reduction, weight=weight(h)
+            )
+            if "h" in self.maps
+            else zero
         )
         return loss_z, loss_h
 
     def extra_repr(self) -> str:
         return (
             f"channels_z={self.channels_z}, channels_h={self.channels_h}, attention={self.attention!r}, "
-            f"reduction={self.reduction!r}"
+            f"reduction={self.reduction!r}, maps={self.maps}"
         )
 
 
@@ -188,7 +234,8 @@ def balanced_ad_weights(
 ) -> tuple[tuple[Tensor, Tensor], dict[str, Tensor]]:
     """The gradient-balanced weights of the two attentive distillation terms (``ad_balance`` of
     :class:`~incseg.losses.CAFLoss`): ``λ_m = min(λ_AD, κ ||∂task/∂m|| / ||∂L_AD(m)/∂m||)`` per feature map
-    ``m`` in ``maps`` (``(z̄, h)``; detached; ``λ_AD`` where a gradient is unavailable, e.g. without autograd).
+    ``m`` in ``maps`` (``(z̄, h)``; detached; ``λ_AD`` where a gradient is unavailable, e.g. without autograd or
+    for the constant 0 term of a map left out of the distillation).
     A multi-scale ``z̄`` (dict of levels) counts as one map: the norms run over all its levels.
 
     Args:
@@ -238,6 +285,12 @@ def balanced_ad_weights(
         share = (-weight * inner / norm_task.square()).clamp(min=0.0)
         opposition[f"ad_opposition_{name}"] = torch.nan_to_num(share, nan=0.0, posinf=0.0).detach()
     return (weights[0], weights[1]), opposition
+
+
+def mean_weight(maps: tuple[str, ...], lam_z: Tensor, lam_h: Tensor) -> Tensor:
+    """The mean weight of the distilled maps' terms (``stats["lambda_ad"]``), detached."""
+    used = [lam for name, lam in zip(AD_MAPS, (lam_z, lam_h)) if name in maps]
+    return (sum(used[1:], start=used[0]) / len(used)).detach()
 
 
 def not_new_pixels(labels: Tensor, num_old_classes: int, ignore_index: int | None = 255) -> Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Literal, NamedTuple, get_args
 
@@ -23,7 +23,14 @@ from incseg.functional.attention import Attention
 from incseg.functional.background import _ClassGroups, _gamma_balance
 from incseg.functional.cross_entropy import _label_index, _nll, _nll_index_start, _nll_unions
 from incseg.functional.distillation import _combine, _kd_parts, _kd_unions, _old_probs
-from incseg.losses.attentive import AttentiveDistillationLoss, balanced_ad_weights, not_new_pixels
+from incseg.losses.attentive import (
+    AD_MAPS,
+    AttentiveDistillationLoss,
+    balanced_ad_weights,
+    check_ad_maps,
+    mean_weight,
+    not_new_pixels,
+)
 
 __all__ = ["ADMode", "CAFLoss", "CEMode", "KDMode", "LossOutput"]
 
@@ -125,6 +132,9 @@ class CAFLoss(nn.Module):
             weighted by the fraction of its pixels that are not labelled new, see
             :func:`~incseg.functional.pixel_weights`): the old model knows nothing of a new class, and holding
             its features there works against the label (docs/protocol.md, "Attentive distillation").
+        ad_maps: the feature maps ``L_AD`` distils: ``("z", "h")`` (default, eq. 8), ``("z",)`` (the encoder
+            features ``z̄`` only: the classifier's input ``h`` is left to the output losses) or ``("h",)``; a
+            string ``"z"``, ``"h"`` or ``"z+h"`` is accepted too.
 
     Shape:
         - logits: :math:`(B, K, h, w)`; labels: :math:`(B, H, W)` int64.
@@ -167,6 +177,7 @@ class CAFLoss(nn.Module):
         gamma_max: float | None = None,
         gamma_on_new: bool = True,
         ad_on_new: bool = True,
+        ad_maps: Sequence[str] | str = AD_MAPS,
     ) -> None:
         super().__init__()
         check_choice(ce, "ce", _CE)
@@ -189,6 +200,7 @@ class CAFLoss(nn.Module):
         if not isinstance(ad_on_new, bool):
             raise ValueError(f"ad_on_new must be a bool, got {ad_on_new!r}")
         self.ad_on_new = ad_on_new
+        self.ad_maps = check_ad_maps(ad_maps)
         self.ce = ce
         self.kd = kd
         self.ad = ad
@@ -202,7 +214,7 @@ class CAFLoss(nn.Module):
             if z_channels is None or h_channels is None:
                 raise ValueError(f"ad={ad!r} needs z_channels and h_channels, got {z_channels!r} and {h_channels!r}")
             self.ad_loss = AttentiveDistillationLoss(
-                z_channels, h_channels, attention=ad, reduction="mean", se_reduction=se_reduction
+                z_channels, h_channels, attention=ad, reduction="mean", se_reduction=se_reduction, maps=self.ad_maps
             )
 
     def forward(
@@ -306,7 +318,7 @@ class CAFLoss(nn.Module):
                     total, (z, h), (loss_z, loss_h), lambda_ad=self.lambda_ad, kappa=self.ad_balance
                 )
                 ad_term = lam_z * loss_z + lam_h * loss_h
-                stats["lambda_ad"] = (0.5 * (lam_z + lam_h)).detach()
+                stats["lambda_ad"] = mean_weight(self.ad_maps, lam_z, lam_h)
                 stats.update(opposition)
             terms["ad"] = ad_term.detach()
             total = total + ad_term
@@ -335,5 +347,5 @@ class CAFLoss(nn.Module):
             f"ce={self.ce!r}, kd={self.kd!r}, ad={self.ad!r}, lambda_d={self.lambda_d}, lambda_ad={self.lambda_ad}, "
             f"class_reduction={self.class_reduction!r}, ignore_index={self.ignore_index}, "
             f"ad_balance={self.ad_balance}, gamma_max={self.gamma_max}, gamma_on_new={self.gamma_on_new}, "
-            f"ad_on_new={self.ad_on_new}"
+            f"ad_on_new={self.ad_on_new}, ad_maps={self.ad_maps}"
         )

@@ -126,6 +126,7 @@ class CAFMethod(Method):
             gamma_max=config.gamma_max,
             gamma_on_new=config.gamma_on_new,
             ad_on_new=config.ad_on_new,
+            ad_maps=config.ad_maps,
         )
 
     def __init__(self, config: MethodConfig, model: IncrementalSegmenter, scenario: Scenario) -> None:
@@ -192,6 +193,7 @@ class CAFMethod(Method):
 _NO_AD: dict[str, Any] = {
     "ad_balance": None,
     "ad_on_new": True,
+    "ad_maps": ("z", "h"),
     "bn": "train",
     "dropout": "train",
 }

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from incseg.losses import LossOutput
-from incseg.losses.attentive import AttentiveDistillationLoss, balanced_ad_weights, not_new_pixels
+from incseg.losses.attentive import AttentiveDistillationLoss, balanced_ad_weights, mean_weight, not_new_pixels
 from incseg.methods.base import Batch, LearnerView, Method, check_option_values
 from incseg.methods.registry import get_component, get_family, register_component
 from incseg.nn.caf import ContinualAttentiveFusion, FusionStrategy
@@ -423,12 +423,12 @@ class AttentiveDistillationComponent(Component):
     features ``h``, on any family: loss term ``"ad"``.
 
     Reads ``ad`` (the attention, ``"both"`` by default), ``lambda_ad``, ``ad_balance`` (the gradient balance
-    against the family's loss, :func:`~incseg.losses.attentive.balanced_ad_weights`) and ``ad_on_new``, with the
-    defaults of the ``caf`` recipe; the SE blocks of the channel attention live in its criterion.
+    against the family's loss, :func:`~incseg.losses.attentive.balanced_ad_weights`), ``ad_on_new`` and
+    ``ad_maps``, with the defaults of the ``caf`` recipe; the SE blocks of the channel attention live in its criterion.
     """
 
     name = "attentive-distillation"
-    fields = frozenset({"ad", "lambda_ad", "ad_balance", "ad_on_new"})
+    fields = frozenset({"ad", "lambda_ad", "ad_balance", "ad_on_new", "ad_maps"})
 
     def __init__(self, config: MethodConfig, model: IncrementalSegmenter, scenario: Scenario) -> None:
         super().__init__(config, model, scenario)
@@ -437,7 +437,9 @@ class AttentiveDistillationComponent(Component):
 
     def build_criterion(self, model: IncrementalSegmenter) -> AttentiveDistillationLoss:
         assert self.config.ad is not None
-        return AttentiveDistillationLoss(model.caf_channels, model.h_channels, attention=self.config.ad)
+        return AttentiveDistillationLoss(
+            model.caf_channels, model.h_channels, attention=self.config.ad, maps=self.config.ad_maps
+        )
 
     def loss_terms(
         self, criterion: nn.Module | None, out: Mapping[str, Any], batch: Batch, task: Tensor
@@ -463,7 +465,7 @@ class AttentiveDistillationComponent(Component):
                 task, (z, h), (loss_z, loss_h), lambda_ad=cfg.lambda_ad, kappa=cfg.ad_balance
             )
             term = lam_z * loss_z + lam_h * loss_h
-            stats["lambda_ad"] = (0.5 * (lam_z + lam_h)).detach()
+            stats["lambda_ad"] = mean_weight(criterion.maps, lam_z, lam_h)
         return {"ad": term}, stats
 
     def divergence_hints(self) -> dict[str, str]:

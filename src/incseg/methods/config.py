@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args
 from incseg._catalog import METHOD_DESCRIPTIONS
 from incseg._checks import check_number
 from incseg.functional._common import ClassReduction
+from incseg.losses.attentive import check_ad_maps
 from incseg.losses.caf import ADMode, CEMode, KDMode
 from incseg.methods.registry import PresetView, get_component, get_family
 from incseg.nn.caf import FusionStrategy
@@ -53,6 +54,7 @@ CAF_FIELDS: Mapping[str, Any] = {
     "gamma_max": None,
     "gamma_on_new": True,
     "ad_on_new": True,
+    "ad_maps": ("z", "h"),
     "fusion_dropout": 0.0,
 }
 """The fields only the CAF family (:class:`~incseg.methods.CAFMethod` and its subclasses) reads, with the value
@@ -125,6 +127,9 @@ class MethodConfig:
         ad_on_new: ``True`` (the paper) distils the features at every position; ``False`` leaves the positions
             of pixels labelled with a new class out of the attentive distillation, where the old model's features
             work against the label (see :class:`~incseg.losses.CAFLoss` and docs/protocol.md).
+        ad_maps: the feature maps the attentive distillation acts on: ``("z", "h")`` (eq. 8: the encoder
+            features ``z̄`` and the refined features ``h``), ``("z",)`` or ``("h",)``; a string ``"z"``, ``"h"``
+            or ``"z+h"`` is accepted (stored as the tuple; :meth:`to_dict` gives the string).
         bn: ``"train"`` (default) updates the student's batch-norm layers from each batch; ``"frozen"`` keeps
             them in evaluation mode (running statistics of step 0) at steps > 0, as the teacher's, while their
             affine weights still train (MiB's ``--fix_bn``; not the default, see "Large networks: stability" in
@@ -177,6 +182,7 @@ class MethodConfig:
     gamma_max: float | None = 1.0
     gamma_on_new: bool = False
     ad_on_new: bool = False
+    ad_maps: tuple[str, ...] = ("z", "h")
     bn: NormPolicy = "train"
     dropout: NormPolicy = "frozen"
     fusion_dropout: float = 0.5
@@ -224,6 +230,7 @@ class MethodConfig:
         for part in parts:
             checked.update(part.check_options({k: v for k, v in self.options.items() if owners[k] is part}))
         object.__setattr__(self, "options", checked)
+        object.__setattr__(self, "ad_maps", check_ad_maps(self.ad_maps))  # a list (from_dict) or "z+h": the tuple
         for field_name, off in CAF_FIELDS.items():
             if field_name in owned:
                 continue
@@ -322,6 +329,7 @@ class MethodConfig:
         :attr:`options` appear as entries of their own)."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
         data["components"] = list(self.components)
+        data["ad_maps"] = "+".join(self.ad_maps)  # a str, as every other value
         return {**data, **self.options}
 
     @classmethod
@@ -343,6 +351,7 @@ class MethodConfig:
             "gamma_max": None,
             "gamma_on_new": True,
             "ad_on_new": True,
+            "ad_maps": ("z", "h"),
             "bn": "train",
             "dropout": "train",
             "fusion_dropout": 0.0,
