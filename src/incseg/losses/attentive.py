@@ -18,8 +18,8 @@ __all__ = [
     "AttentiveDistillationLoss",
     "balanced_ad_weights",
     "check_ad_maps",
-    "mean_weight",
     "not_new_pixels",
+    "weighted_ad_term",
 ]
 
 AD_MAPS = ("z", "h")
@@ -287,10 +287,35 @@ def balanced_ad_weights(
     return (weights[0], weights[1]), opposition
 
 
-def mean_weight(maps: tuple[str, ...], lam_z: Tensor, lam_h: Tensor) -> Tensor:
-    """The mean weight of the distilled maps' terms (``stats["lambda_ad"]``), detached."""
+def weighted_ad_term(
+    task: Tensor,
+    features: tuple[Any, Tensor],
+    losses: tuple[Tensor, Tensor],
+    *,
+    lambda_ad: float,
+    kappa: float | None,
+    maps: tuple[str, ...] = AD_MAPS,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The weighted attentive distillation term ``λ_z L_z + λ_h L_h`` of one batch and its statistics: the fixed
+    ``λ_AD`` of eq. 13 when ``kappa`` is ``None``, else the gradient-balanced weights of
+    :func:`balanced_ad_weights` (``stats``: their mean over the distilled ``maps`` as ``"lambda_ad"``, and the
+    opposition shares). :class:`~incseg.losses.CAFLoss` and the attentive-distillation component both use it.
+
+    Args:
+        task: the output losses of the batch, with their graph (read only with ``kappa``).
+        features: the student's ``(z̄, h)``.
+        losses: the unweighted terms ``(L_z, L_h)`` (:meth:`AttentiveDistillationLoss.terms`).
+        lambda_ad: ``λ_AD`` (the cap with ``kappa``).
+        kappa: the balance ``κ``, or ``None``.
+        maps: the distilled maps (``AttentiveDistillationLoss.maps``).
+    """
+    loss_z, loss_h = losses
+    if kappa is None:
+        return lambda_ad * (loss_z + loss_h), {}
+    (lam_z, lam_h), stats = balanced_ad_weights(task, features, losses, lambda_ad=lambda_ad, kappa=kappa)
     used = [lam for name, lam in zip(AD_MAPS, (lam_z, lam_h)) if name in maps]
-    return (sum(used[1:], start=used[0]) / len(used)).detach()
+    stats["lambda_ad"] = (sum(used[1:], start=used[0]) / len(used)).detach()
+    return lam_z * loss_z + lam_h * loss_h, stats
 
 
 def not_new_pixels(labels: Tensor, num_old_classes: int, ignore_index: int | None = 255) -> Tensor:

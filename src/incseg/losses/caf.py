@@ -26,10 +26,9 @@ from incseg.functional.distillation import _combine, _kd_parts, _kd_unions, _old
 from incseg.losses.attentive import (
     AD_MAPS,
     AttentiveDistillationLoss,
-    balanced_ad_weights,
     check_ad_maps,
-    mean_weight,
     not_new_pixels,
+    weighted_ad_term,
 )
 
 __all__ = ["ADMode", "CAFLoss", "CEMode", "KDMode", "LossOutput"]
@@ -311,15 +310,10 @@ class CAFLoss(nn.Module):
                     check_finite(x, where)
             keep = None if self.ad_on_new else not_new_pixels(labels, n_old, self.ignore_index)
             loss_z, loss_h = ad_loss.terms(z, z_old, h, h_old, keep=keep)
-            if self.ad_balance is None:
-                ad_term = self.lambda_ad * (loss_z + loss_h)
-            else:
-                (lam_z, lam_h), opposition = balanced_ad_weights(
-                    total, (z, h), (loss_z, loss_h), lambda_ad=self.lambda_ad, kappa=self.ad_balance
-                )
-                ad_term = lam_z * loss_z + lam_h * loss_h
-                stats["lambda_ad"] = mean_weight(self.ad_maps, lam_z, lam_h)
-                stats.update(opposition)
+            ad_term, ad_stats = weighted_ad_term(
+                total, (z, h), (loss_z, loss_h), lambda_ad=self.lambda_ad, kappa=self.ad_balance, maps=self.ad_maps
+            )
+            stats.update(ad_stats)
             terms["ad"] = ad_term.detach()
             total = total + ad_term
 

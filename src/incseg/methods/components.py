@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from incseg.losses import LossOutput
-from incseg.losses.attentive import AttentiveDistillationLoss, balanced_ad_weights, mean_weight, not_new_pixels
+from incseg.losses.attentive import AttentiveDistillationLoss, not_new_pixels, weighted_ad_term
 from incseg.methods.base import Batch, LearnerView, Method, check_option_values
 from incseg.methods.registry import get_component, get_family, register_component
 from incseg.nn.caf import ContinualAttentiveFusion, FusionStrategy
@@ -457,15 +457,9 @@ class AttentiveDistillationComponent(Component):
         keep = None if cfg.ad_on_new else not_new_pixels(batch.labels, n_old, IGNORE_INDEX)
         z, h = out["z_bar"], out["h"]
         loss_z, loss_h = criterion.terms(z, teacher_out["z_bar"], h, teacher_out["h"], keep=keep)
-        stats: dict[str, Tensor] = {}
-        if cfg.ad_balance is None:
-            term = cfg.lambda_ad * (loss_z + loss_h)
-        else:
-            (lam_z, lam_h), stats = balanced_ad_weights(
-                task, (z, h), (loss_z, loss_h), lambda_ad=cfg.lambda_ad, kappa=cfg.ad_balance
-            )
-            term = lam_z * loss_z + lam_h * loss_h
-            stats["lambda_ad"] = mean_weight(criterion.maps, lam_z, lam_h)
+        term, stats = weighted_ad_term(
+            task, (z, h), (loss_z, loss_h), lambda_ad=cfg.lambda_ad, kappa=cfg.ad_balance, maps=criterion.maps
+        )
         return {"ad": term}, stats
 
     def divergence_hints(self) -> dict[str, str]:
