@@ -662,7 +662,7 @@ def run_train(args: argparse.Namespace) -> int:
     from incseg import distributed as D
     from incseg.engine import MetricsLog, TensorBoardLog, TrainConfig, train_scenario
     from incseg.learner import IncrementalLearner
-    from incseg.methods import MethodConfig, ReplayComponent
+    from incseg.methods import MethodConfig
     from incseg.scenarios import get_scenario
 
     resolve_train_args(args)
@@ -702,9 +702,6 @@ def run_train(args: argparse.Namespace) -> int:
         )
     learner = IncrementalLearner(model, scn, method_config, **overrides)
     out = args.out or _default_out(args)
-    for part in getattr(learner.method, "parts", ()):
-        if isinstance(part, ReplayComponent):
-            part.memory.cache_dir = out / "cache"  # the run's class-set cache
     config = TrainConfig(
         epochs=args.epochs,
         epochs_next=args.epochs_next,

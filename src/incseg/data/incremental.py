@@ -254,6 +254,8 @@ class IncrementalSegmentation(Dataset[tuple[Tensor, Tensor]]):
         else:
             self.label_map = scenario.test_label_map(step)
             keep = scenario.keep_test_image
+        self.cache_dir = cache_dir
+        """Where the class sets are cached (``None``: not cached); a replay memory reuses it."""
         sets = image_class_sets(source, cache_dir, cache_check=cache_check)
         self.indices: tuple[int, ...] = tuple(i for i, s in enumerate(sets) if keep(step, s))
         if not self.indices:

@@ -44,7 +44,8 @@ class ReplayMemory:
         budget: the number of images kept (e.g. 100 on VOC in SSUL-M).
         seed: seed of the random choice.
         cache_dir: where the per-image class sets are cached (see :func:`~incseg.data.image_class_sets`;
-            ``None``: the label files are scanned at every :meth:`update`).
+            ``None``: the training set's own ``cache_dir``, else the label files are scanned at every
+            :meth:`update`).
 
     Example:
         >>> memory = ReplayMemory(10)
@@ -79,7 +80,8 @@ class ReplayMemory:
                 f"ReplayMemory.update needs the step's IncrementalSegmentation training set, got {dataset!r}"
             )
         scenario, step = dataset.scenario, dataset.step
-        sets = image_class_sets(dataset.source, self.cache_dir)
+        cache_dir = self.cache_dir if self.cache_dir is not None else dataset.cache_dir  # the dataset's, if any
+        sets = image_class_sets(dataset.source, cache_dir)
         candidates = [(src, s) for src, s in self.entries if s < step]
         candidates += [(int(src), step) for src in dataset.indices]
         classes = [c for c in scenario.seen_at(step) if c != 0]
