@@ -38,9 +38,16 @@ def _timeit(fn: Callable[[], object], device: torch.device, iters: int, warmup: 
 
 
 def _timeit_pair(
-    fn: Callable[[], object], other: Callable[[], object] | None, device: torch.device, iters: int, warmup: int
+    fn: Callable[[], object],
+    other: Callable[[], object] | None,
+    device: torch.device,
+    iters: int,
+    warmup: int,
+    *,
+    mean: bool = False,
 ) -> tuple[float, float]:
-    """Median seconds of ``fn`` and ``other``, run alternately so that both see the same machine load."""
+    """Median (or ``mean``) seconds of ``fn`` and ``other``, run alternately so that both see the same machine
+    load."""
     fns = [fn] if other is None else [fn, other]
     times: list[list[float]] = [[] for _ in fns]
     for i in range(warmup + iters):
@@ -53,6 +60,9 @@ def _timeit_pair(
                 torch.cuda.synchronize()
             if i >= warmup:
                 record.append(time.perf_counter() - t0)
+    if mean:
+        means = [sum(t) / len(t) for t in times]
+        return means[0], means[-1]
     medians = [sorted(t)[len(t) // 2] for t in times]
     return medians[0], medians[-1]
 
@@ -95,9 +105,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
-    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--caf-inner", type=int, help="inner channels of CAF's projections (default C/2)")
+    parser.add_argument(
+        "--ad-balance-on", choices=["weights", "features"], default="weights", help="where AD's gradient balance acts"
+    )
+    parser.add_argument("--ad-balance-every", type=int, default=10, help="iterations between two refreshes")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -105,7 +119,14 @@ def main() -> None:
 
     scenario = get_scenario("voc", "15-5", mode="overlapped")
     build = (lambda k: small_segmenter(k)) if args.model == "small" else (lambda k: deeplabv3_resnet101(k))
-    learner = IncrementalLearner(build(16).to(device), scenario, "caf", caf_inner_channels=args.caf_inner)
+    learner = IncrementalLearner(
+        build(16).to(device),
+        scenario,
+        "caf",
+        caf_inner_channels=args.caf_inner,
+        ad_balance_on=args.ad_balance_on,
+        ad_balance_every=args.ad_balance_every,
+    )
     learner.begin_step(0)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     _calibrate_batchnorm(learner.model, x)  # an untrained network in eval mode overflows: give it real statistics
@@ -160,7 +181,9 @@ def main() -> None:
 
     learner.module.train()
     bare.train()
-    t_caf, t_bound = _timeit_pair(caf_step, bound_step, device, args.iters, args.warmup)
+    # (a) is a mean: the balance on the weights refreshes every ad_balance_every iterations, and a median would
+    # leave those iterations out
+    t_caf, t_bound = _timeit_pair(caf_step, bound_step, device, args.iters, args.warmup, mean=True)
     t_skip, t_bare = _timeit_pair(infer_skip, infer_bare, device, args.iters, args.warmup)
     m_caf, m_bound = _peak(caf_step, device), _peak(bound_step, device)
 
@@ -193,7 +216,10 @@ def main() -> None:
     rate_caf, rate_bare = flops_caf / t_caf_module, flops_bare / t_bare_step
 
     inner = args.caf_inner or "C/2"
-    print(f"device={device} model={args.model} batch={args.batch} size={args.size} amp={args.amp} caf_inner={inner}")
+    print(
+        f"device={device} model={args.model} batch={args.batch} size={args.size} amp={args.amp} caf_inner={inner} "
+        f"ad_balance_on={args.ad_balance_on} ad_balance_every={args.ad_balance_every}"
+    )
     print(f"(a) CAF training step        {1e3 * t_caf:9.1f} ms")
     print(
         f"    lower bound (T fwd + S fwd/bwd) {1e3 * t_bound:9.1f} ms   ratio {t_caf / t_bound:.3f}  (target <= 1.15)"
@@ -219,6 +245,8 @@ def main() -> None:
         "size": args.size,
         "amp": args.amp,
         "caf_inner": args.caf_inner,
+        "ad_balance_on": args.ad_balance_on,
+        "ad_balance_every": args.ad_balance_every if args.ad_balance_on == "weights" else None,
         "step_ratio": round(t_caf / t_bound, 3),
         "skip_ratio": round(t_skip / t_bare, 3),
         "step_ms": round(1e3 * t_caf, 2),
@@ -229,7 +257,11 @@ def main() -> None:
         "step_flop_ratio": round(flop_ratio_step, 3),
         "skip_flop_ratio": round(flop_ratio_skip, 3),
     }
-    save_rows("bench_step", [row], key=("device", "model", "batch", "size", "amp", "caf_inner"))
+    save_rows(
+        "bench_step",
+        [row],
+        key=("device", "model", "batch", "size", "amp", "caf_inner", "ad_balance_on", "ad_balance_every"),
+    )
     if args.json:
         from bench_losses import write_json
 

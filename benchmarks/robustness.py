@@ -49,7 +49,7 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
             overrides[key] = literal[value]
         else:
             try:
-                overrides[key] = int(value) if key == "caf_inner_channels" else float(value)
+                overrides[key] = int(value) if key in ("caf_inner_channels", "ad_balance_every") else float(value)
             except ValueError:
                 overrides[key] = value
     return method, overrides

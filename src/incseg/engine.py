@@ -437,8 +437,17 @@ def _step_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
         scheduler.step()
 
 
-def _opposition_note(means: dict[str, float]) -> str:
-    """The step's mean share of the output losses' pull that attentive distillation cancelled, in words."""
+def _distillation_note(means: dict[str, float]) -> str:
+    """How hard attentive distillation pulled against the labels over the step (means of its stats), in words:
+    ``ad_pull`` and ``ad_cancel`` of the balance on the weights (the default), or the ``ad_opposition_*`` shares
+    of the balance on the features. How to read them: docs/concepts.md, "Is distillation holding the new
+    classes back?"."""
+    if "ad_pull" in means:
+        text = (
+            f"attentive distillation steered the weights at {means['ad_pull']:.2f}x the new classes' labels "
+            f"and cancelled {means.get('ad_cancel', 0.0):.1%} of their descent (mean over the step"
+        )
+        return text + "; from about 1x it holds new classes back)"
     shares = {k.removeprefix("ad_opposition_"): v for k, v in means.items() if k.startswith("ad_opposition_")}
     if not shares:
         return ""
@@ -863,7 +872,7 @@ def _train_step(run: _Run, step: int, step_set: Dataset[Any], resume: _ResumePoi
     learner.end_step(data=consolidation)
     say(f"step {step} trained in {time.monotonic() - t0:.1f}s")
     if stat_count:
-        note = _opposition_note({k: float(v) / stat_count for k, v in stat_sums.items()})
+        note = _distillation_note({k: float(v) / stat_count for k, v in stat_sums.items()})
         if note:
             say(f"step {step}: {note}")
     learner.method.observe_train_set(step, step_set)  # data hooks: a replay component picks its exemplars

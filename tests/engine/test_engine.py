@@ -347,12 +347,14 @@ def test_stale_save_temporaries_are_removed_when_a_run_resumes(tmp_path: Path) -
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_opposition_note_names_the_maps() -> None:
-    from incseg.engine import _opposition_note
+def test_distillation_note_names_the_maps_or_the_pull_on_the_weights() -> None:
+    from incseg.engine import _distillation_note
 
-    assert _opposition_note({"lambda_ad": 3.0}) == ""
-    note = _opposition_note({"ad_opposition_z": 0.1, "ad_opposition_h": 0.012})
+    assert _distillation_note({"lambda_ad": 3.0}) == ""
+    note = _distillation_note({"ad_opposition_z": 0.1, "ad_opposition_h": 0.012})
     assert "10.0% on z" in note and "1.2% on h" in note
+    note = _distillation_note({"ad_pull": 0.1, "ad_cancel": 0.014, "lambda_ad": 0.2})
+    assert "0.10x the new classes' labels" in note and "1.4% of their descent" in note
 
 
 # ----------------------------------------------------------------------------- issue 23: the second red team

@@ -128,7 +128,7 @@ configs = st.builds(
 def test_dict_round_trip_is_plain(cfg: MethodConfig) -> None:
     data = cfg.to_dict()
     assert data.pop("components") == list(cfg.components)
-    assert all(isinstance(v, (str, bool, float, type(None))) for v in data.values())
+    assert all(isinstance(v, (str, bool, int, float, type(None))) for v in data.values())
     data["components"] = list(cfg.components)
     assert MethodConfig.from_dict(data) == cfg
 

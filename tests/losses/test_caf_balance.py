@@ -1,4 +1,5 @@
-"""Tests of CAFLoss's stabilisers: the gradient-balanced weight of L_AD (``ad_balance``) and the bound on γ."""
+"""Tests of CAFLoss's stabilisers: the gradient-balanced weight of L_AD (``ad_balance``; on the features here, on the
+weights in test_weight_balance.py) and the bound on γ."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def _reference_weights(criterion: CAFLoss, net, z, z_old, h_old, labels, old_log
 @pytest.mark.parametrize("kappa", [0.01, 0.5, 1.0, 1e6])
 def test_balanced_weights_match_float64_reference(kappa: float) -> None:
     net, z, z_old, h_old, labels, old_logits = _setup(0)
-    criterion = CAFLoss(CZ, CH, ad_balance=kappa, lambda_ad=1000.0).double()
+    criterion = CAFLoss(CZ, CH, ad_balance_on="features", ad_balance=kappa, lambda_ad=1000.0).double()
     out, _, _ = _run(criterion, net, z, z_old, h_old, labels, old_logits)
     lam_z, lam_h, task, loss_z, loss_h = _reference_weights(
         criterion, net, z, z_old, h_old, labels, old_logits, kappa, 1000.0
@@ -84,7 +85,7 @@ def test_balanced_weights_match_float64_reference(kappa: float) -> None:
 def test_balance_weights_are_constants_in_the_graph() -> None:
     """The weights are detached: the gradient of the loss is λ_m times the gradient of each AD term."""
     net, z, z_old, h_old, labels, old_logits = _setup(1)
-    criterion = CAFLoss(CZ, CH, ad_balance=0.3).double()
+    criterion = CAFLoss(CZ, CH, ad_balance_on="features", ad_balance=0.3).double()
     out, _, _ = _run(criterion, net, z, z_old, h_old, labels, old_logits)
     (grad,) = torch.autograd.grad(out.loss, z)
     lam_z, lam_h, task, loss_z, loss_h = _reference_weights(
@@ -103,7 +104,7 @@ def test_balance_weights_are_constants_in_the_graph() -> None:
 def test_balanced_pull_never_exceeds_kappa_times_the_task(seed: int, kappa: float, scale: float) -> None:
     """||λ_m ∂L_AD(m)/∂m|| <= κ ||∂L_task/∂m|| for both maps, whatever the feature scale."""
     net, z, z_old, h_old, labels, old_logits = _setup(seed, scale=scale)
-    criterion = CAFLoss(CZ, CH, ad_balance=kappa, lambda_ad=1e4).double()
+    criterion = CAFLoss(CZ, CH, ad_balance_on="features", ad_balance=kappa, lambda_ad=1e4).double()
     lam_z, _lam_h, task, loss_z, _loss_h = _reference_weights(
         criterion, net, z, z_old, h_old, labels, old_logits, kappa, 1e4
     )
@@ -117,7 +118,7 @@ def test_balanced_pull_never_exceeds_kappa_times_the_task(seed: int, kappa: floa
 def test_balance_falls_back_to_the_fixed_weight_without_a_graph() -> None:
     """Features that are not ancestors of the logits (a drop-in use) or no gradients: the fixed λ_AD."""
     _net, z, z_old, h_old, labels, old_logits = _setup(2)
-    criterion = CAFLoss(CZ, CH, ad_balance=0.5, lambda_ad=7.0).double()
+    criterion = CAFLoss(CZ, CH, ad_balance_on="features", ad_balance=0.5, lambda_ad=7.0).double()
     fixed = CAFLoss(CZ, CH, lambda_ad=7.0).double()
     fixed.load_state_dict(criterion.state_dict())
     logits = torch.randn(2, K, 5, 5, dtype=torch.float64)
@@ -132,7 +133,7 @@ def test_balance_falls_back_to_the_fixed_weight_without_a_graph() -> None:
 
 def test_identical_features_do_not_bind_the_cap() -> None:
     net, z, _, _, labels, old_logits = _setup(3)
-    criterion = CAFLoss(CZ, CH, ad_balance=1.0, ad="plain").double()
+    criterion = CAFLoss(CZ, CH, ad_balance_on="features", ad_balance=1.0, ad="plain").double()
     h, logits = net(z)
     out = criterion(
         logits, labels, num_old_classes=N_OLD, old_logits=old_logits,
@@ -146,7 +147,7 @@ def test_identical_features_do_not_bind_the_cap() -> None:
 @pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), True, "1"])
 def test_bad_ad_balance_and_gamma_max(bad: object) -> None:
     with pytest.raises(ValueError, match="ad_balance"):
-        CAFLoss(CZ, CH, ad_balance=bad)  # type: ignore[arg-type]
+        CAFLoss(CZ, CH, ad_balance_on="features", ad_balance=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="gamma_max"):
         CAFLoss(CZ, CH, gamma_max=bad)  # type: ignore[arg-type]
 
@@ -233,7 +234,7 @@ def test_gamma_max_none_is_the_paper() -> None:
 @pytest.mark.parametrize("kappa", [0.1, 1.0])
 def test_ad_opposition_is_the_cancelled_share_of_the_task_descent_float64(kappa: float) -> None:
     net, z, z_old, h_old, labels, old_logits = _setup(2)
-    criterion = CAFLoss(CZ, CH, ad_balance=kappa, lambda_ad=1000.0).double()
+    criterion = CAFLoss(CZ, CH, ad_balance_on="features", ad_balance=kappa, lambda_ad=1000.0).double()
     out, _, _ = _run(criterion, net, z, z_old, h_old, labels, old_logits)
     lam_z, *_ = _reference_weights(criterion, net, z, z_old, h_old, labels, old_logits, kappa, 1000.0)
     plain = CAFLoss(CZ, CH, ad=None, lambda_d=criterion.lambda_d).double()
@@ -250,7 +251,9 @@ def test_ad_opposition_is_the_cancelled_share_of_the_task_descent_float64(kappa:
 @settings(max_examples=25, deadline=None)
 def test_ad_opposition_never_exceeds_kappa(seed: int, kappa: float) -> None:
     net, z, z_old, h_old, labels, old_logits = _setup(seed)
-    out, _, _ = _run(CAFLoss(CZ, CH, ad_balance=kappa).double(), net, z, z_old, h_old, labels, old_logits)
+    out, _, _ = _run(
+        CAFLoss(CZ, CH, ad_balance_on="features", ad_balance=kappa).double(), net, z, z_old, h_old, labels, old_logits
+    )
     for key in ("ad_opposition_z", "ad_opposition_h"):
         assert 0.0 <= out.stats[key].item() <= kappa * (1 + 1e-9)
 
@@ -260,8 +263,8 @@ def test_ad_maps_distils_only_the_named_maps_float64(maps: tuple[str, ...], kapp
     """With ``ad_maps`` naming one map, the loss is the task plus that map's balanced term; the other map's
     AD gradient is zero and its weight is not reported."""
     net, z, z_old, h_old, labels, old_logits = _setup(4)
-    criterion = CAFLoss(CZ, CH, ad_balance=kappa, lambda_ad=1000.0, ad_maps=maps).double()
-    both = CAFLoss(CZ, CH, ad_balance=kappa, lambda_ad=1000.0).double()
+    criterion = CAFLoss(CZ, CH, ad_balance_on="features", ad_balance=kappa, lambda_ad=1000.0, ad_maps=maps).double()
+    both = CAFLoss(CZ, CH, ad_balance_on="features", ad_balance=kappa, lambda_ad=1000.0).double()
     both.load_state_dict(criterion.state_dict(), strict=False)  # the SE block of the distilled map
     assert criterion.ad_maps == maps
     assert (criterion.ad_loss.se_z is None) == ("z" not in maps)

@@ -3,8 +3,8 @@ recorded before methods became plugins (``golden_terms.json``, written by the pr
 
 A deliberate change of a preset's definition re-records that preset's values, and only those: the seven presets
 with the recipe's attentive distillation were re-recorded when its batch-norm policy became ``bn="train"``, and
-again when it became ``ad_balance=0.1, ad_on_new=False`` (issue 20); the other eleven are still the values written
-before the refactor."""
+again when it became ``ad_balance=0.1, ad_on_new=False`` and when that balance moved to the weights
+(``ad_balance_on="weights"``; issue 20); the other eleven are still the values written before the refactor."""
 
 from __future__ import annotations
 

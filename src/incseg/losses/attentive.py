@@ -9,22 +9,32 @@ import torch
 from torch import Tensor, nn
 
 from incseg._checks import check_feature_map, check_int
-from incseg.functional._common import Reduction, check_choice
+from incseg.functional._common import Reduction, check_choice, resize_to
 from incseg.functional.attention import _ATTENTIONS, Attention, attentive_distillation_loss, pixel_weights
 from incseg.nn.squeeze_excitation import SqueezeExcitation
 
 __all__ = [
+    "AD_BALANCE_ON",
     "AD_MAPS",
     "AttentiveDistillationLoss",
+    "WeightBalance",
     "balanced_ad_weights",
     "check_ad_maps",
+    "new_class_loss",
     "not_new_pixels",
+    "weight_balanced_ad_weight",
     "weighted_ad_term",
 ]
 
 AD_MAPS = ("z", "h")
 """The feature maps attentive distillation can act on: ``"z"`` (the encoder features ``z̄``) and ``"h"`` (the
 refined features, the classifier's input)."""
+
+
+AD_BALANCE_ON = ("weights", "features")
+"""Where the gradient balance of attentive distillation compares the pulls (``ad_balance_on``): ``"weights"``
+(the network's parameters, against the new-class pixels' segmentation loss; :func:`weight_balanced_ad_weight`)
+or ``"features"`` (each feature map, against all output losses; :func:`balanced_ad_weights`)."""
 
 
 def check_ad_maps(maps: object) -> tuple[str, ...]:
@@ -126,6 +136,7 @@ class AttentiveDistillationLoss(nn.Module):
             )
         if attention in ("both", "channel") and "h" in self.maps:
             self.se_h = SqueezeExcitation(channels_h, reduction=se_reduction)
+        self.balance = WeightBalance()  # the state of the balance on the weights (ad_balance_on="weights")
 
     def forward(
         self,
@@ -287,6 +298,181 @@ def balanced_ad_weights(
     return (weights[0], weights[1]), opposition
 
 
+_GRAD_SCALE = 1024.0
+
+
+def _trainable_leaves(loss: Tensor) -> dict[int, Tensor]:
+    """The tensors that ``loss.backward()`` would write a ``.grad`` into (the trainable leaves of its graph), by
+    identity, in the order they are reached."""
+    leaves: dict[int, Tensor] = {}
+    seen: set[Any] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: the leaf it writes into
+        if isinstance(variable, Tensor):
+            leaves.setdefault(id(variable), variable)
+        stack.extend(child for child, _ in node.next_functions)
+    return leaves
+
+
+@torch.compiler.disable  # autograd.grad inside a traced graph: run eagerly (a graph break under compile)
+def weight_balanced_ad_weight(
+    reference: Tensor, ad: Tensor, *, lambda_ad: float, kappa: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The weight of the attentive distillation term balanced on the network's weights (``ad_balance_on=
+    "weights"``, the default of :class:`~incseg.losses.CAFLoss`):
+    ``λ = min(λ_AD, κ ||∇_θ L_new|| / ||∇_θ L_AD||)`` over the parameters ``θ`` both losses train, where
+    ``L_new`` (``reference``) is the segmentation loss of the pixels labelled with a new class
+    (:func:`new_class_loss`). So the distillation never steers the weights more than ``κ`` times as hard as the
+    new classes' labels do, whatever the network: a batch without new-class pixels gets ``λ = 0``.
+
+    Why the weights and the new classes (docs/lab-notebook.md, "Attentive distillation that lets new classes
+    in"): distillation holds new classes back through the convolution weights every position shares, not at
+    the positions; a balance on each feature map against all output losses lets the pull on the weights vary
+    tenfold with the network.
+
+    Args:
+        reference: ``L_new`` with its graph.
+        ad: the unweighted attentive distillation loss (``L_z + L_h``) with its graph.
+        lambda_ad: the cap ``λ_AD``.
+        kappa: the balance ``κ``.
+
+    Returns:
+        ``(λ, stats)``, ``λ`` detached; ``stats`` (empty without autograd): ``"ad_pull"``,
+        ``λ ||∇_θ L_AD|| / ||∇_θ L_new||`` (at most ``κ``), and ``"ad_cancel"``, the share of the new classes'
+        descent on the weights that the weighted distillation cancels, ``max(0, -λ <∇_θ L_AD, ∇_θ L_new>) /
+        ||∇_θ L_new||²`` (at most ``κ``).
+    """
+    lam = reference.new_tensor(float(lambda_ad))
+    if not (torch.is_grad_enabled() and reference.requires_grad and ad.requires_grad):
+        return lam, {}
+    on_ad = _trainable_leaves(ad)
+    shared = [leaf for key, leaf in _trainable_leaves(reference).items() if key in on_ad]
+    if not shared:
+        return lam, {}
+    # Both gradients of the losses times 2^10 (exact in binary floating point; the ratios do not change): under
+    # float16 autocast the unscaled gradients of the activations would underflow, as GradScaler knows.
+    g_ref = torch.autograd.grad(reference * _GRAD_SCALE, shared, retain_graph=True, allow_unused=True)
+    g_ad = torch.autograd.grad(ad * _GRAD_SCALE, shared, retain_graph=True, allow_unused=True)
+    wide = torch.promote_types(reference.dtype, torch.float32)
+    zero = reference.new_zeros((), dtype=wide)
+    norm_ref = torch.stack([zero, *(torch.linalg.vector_norm(g, dtype=wide) for g in g_ref if g is not None)])
+    norm_ad = torch.stack([zero, *(torch.linalg.vector_norm(g, dtype=wide) for g in g_ad if g is not None)])
+    norm_ref, norm_ad = torch.linalg.vector_norm(norm_ref), torch.linalg.vector_norm(norm_ad)
+    inner = sum(
+        (
+            torch.dot(a.reshape(-1).to(wide), r.reshape(-1).to(wide))
+            for a, r in zip(g_ad, g_ref)
+            if a is not None and r is not None
+        ),
+        start=zero,
+    )
+    # No new-class pixel: λ = 0. A zero AD gradient (identical features): the cap does not bind.
+    weight = torch.nan_to_num(kappa * norm_ref / norm_ad, nan=float(lambda_ad), posinf=float(lambda_ad))
+    weight = weight.clamp(max=float(lambda_ad)).detach()
+    stats = {
+        "ad_pull": torch.nan_to_num(weight * norm_ad / norm_ref, nan=0.0, posinf=0.0).detach(),
+        "ad_cancel": torch.nan_to_num(
+            (-weight * inner / norm_ref.square()).clamp(min=0.0), nan=0.0, posinf=0.0
+        ).detach(),
+    }
+    return weight.to(reference.dtype), stats
+
+
+class WeightBalance(nn.Module):
+    """The weight of :func:`weight_balanced_ad_weight`, refreshed every ``every`` training iterations and held in
+    between (``every=1``: every iteration, exact; each refresh costs two backward passes of the student).
+
+    It refreshes at the first call, every ``every`` calls after it, and whenever ``num_old_classes`` changes (a
+    new step). Calls without autograd (evaluation) return ``λ_AD`` and do not count. The held weight, the call
+    count and the step's ``num_old_classes`` are its extra state, saved with the criterion, so that a run
+    resumed from a checkpoint refreshes at the same iterations as one that was not interrupted.
+    """
+
+    def __init__(self, every: int = 1) -> None:
+        super().__init__()
+        self.every = every
+        self._weight: Tensor | None = None
+        self._stats: dict[str, Tensor] = {}
+        self._calls = 0
+        self._num_old = -1
+
+    @property
+    def every(self) -> int:
+        """Iterations between two refreshes of the weight."""
+        return self._every
+
+    @every.setter
+    def every(self, value: int) -> None:
+        check_int(value, "ad_balance_every")
+        self._every = int(value)
+
+    def forward(
+        self, reference: Tensor, ad: Tensor, *, lambda_ad: float, kappa: float, num_old_classes: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(λ, stats)`` of :func:`weight_balanced_ad_weight`, computed now or held from the last refresh."""
+        if not (torch.is_grad_enabled() and reference.requires_grad and ad.requires_grad):
+            return reference.new_tensor(float(lambda_ad)), {}
+        refresh = self._weight is None or num_old_classes != self._num_old or self._calls % self._every == 0
+        if num_old_classes != self._num_old:
+            self._calls = 0
+        if refresh:
+            self._weight, self._stats = weight_balanced_ad_weight(reference, ad, lambda_ad=lambda_ad, kappa=kappa)
+            self._num_old = int(num_old_classes)
+        self._calls += 1
+        assert self._weight is not None
+        return self._weight.to(device=ad.device, dtype=reference.dtype), dict(self._stats)
+
+    def get_extra_state(self) -> Tensor:
+        """``[held (0 or 1), weight, calls, num_old_classes]`` as float64 (finite: checkpoints refuse NaN)."""
+        held = self._weight is not None
+        weight = float(self._weight) if self._weight is not None else 0.0
+        return torch.tensor([float(held), weight, float(self._calls), float(self._num_old)], dtype=torch.float64)
+
+    def set_extra_state(self, state: Any) -> None:
+        values = torch.as_tensor(state, dtype=torch.float64).reshape(-1).tolist()
+        if len(values) != 4:
+            raise ValueError(f"the weight balance's state must hold 4 numbers, got {len(values)}")
+        held, weight, calls, num_old = values
+        self._weight = torch.tensor(weight, dtype=torch.float64) if held else None
+        self._stats = {}
+        self._calls, self._num_old = int(calls), int(num_old)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        if prefix + "_extra_state" not in state_dict:  # a checkpoint of incseg <= 0.2: start afresh
+            self._weight, self._stats, self._calls, self._num_old = None, {}, 0, -1
+            return
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"every={self._every}"
+
+
+def new_class_loss(logits: Tensor, labels: Tensor, num_old_classes: int, ignore_index: int | None = 255) -> Tensor:
+    """``L_new``, the segmentation loss of the pixels labelled with a new class (labels ``>= num_old_classes``):
+    their cross-entropy, summed and divided by the number of labelled pixels, i.e. their share of the mean
+    cross-entropy (MiB's unbiased cross-entropy equals the plain one there). ``logits`` ``(B, K, h, w)`` are
+    resized to the labels' size as the losses do; 0 (with a graph) when no pixel is new.
+
+    Example:
+        >>> logits = torch.zeros(1, 3, 1, 2, requires_grad=True)
+        >>> round(new_class_loss(logits, torch.tensor([[[0, 2]]]), 2).item(), 4)  # log(3) / 2
+        0.5493
+    """
+    x = logits if logits.shape[-2:] == labels.shape[-2:] else resize_to(logits, labels.shape[-2:])
+    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    labels = labels.long()
+    new = labels >= num_old_classes
+    counted = torch.ones_like(new) if ignore_index is None else labels != ignore_index
+    new = new & counted
+    per_pixel = torch.nn.functional.cross_entropy(x, torch.where(new, labels, 0), reduction="none")
+    return torch.where(new, per_pixel, 0.0).sum() / counted.sum().clamp(min=1)
+
+
 def weighted_ad_term(
     task: Tensor,
     features: tuple[Any, Tensor],
@@ -295,9 +481,15 @@ def weighted_ad_term(
     lambda_ad: float,
     kappa: float | None,
     maps: tuple[str, ...] = AD_MAPS,
+    balance_on: str = "features",
+    reference: Tensor | None = None,
+    balance: WeightBalance | None = None,
+    num_old_classes: int = 0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The weighted attentive distillation term ``λ_z L_z + λ_h L_h`` of one batch and its statistics: the fixed
-    ``λ_AD`` of eq. 13 when ``kappa`` is ``None``, else the gradient-balanced weights of
+    ``λ_AD`` of eq. 13 when ``kappa`` is ``None``, else the gradient-balanced weight(s): with ``balance_on=
+    "weights"`` one weight ``λ`` for both terms from :func:`weight_balanced_ad_weight` (``stats``:
+    ``"lambda_ad"``, ``"ad_pull"``, ``"ad_cancel"``), with ``"features"`` one per map from
     :func:`balanced_ad_weights` (``stats``: their mean over the distilled ``maps`` as ``"lambda_ad"``, and the
     opposition shares). :class:`~incseg.losses.CAFLoss` and the attentive-distillation component both use it.
 
@@ -308,10 +500,28 @@ def weighted_ad_term(
         lambda_ad: ``λ_AD`` (the cap with ``kappa``).
         kappa: the balance ``κ``, or ``None``.
         maps: the distilled maps (``AttentiveDistillationLoss.maps``).
+        balance_on: ``"features"`` or ``"weights"`` (:data:`AD_BALANCE_ON`).
+        reference: ``L_new`` (:func:`new_class_loss`) with its graph, for ``balance_on="weights"``.
+        balance: the :class:`WeightBalance` that holds the weight between refreshes (``None``: computed now).
+        num_old_classes: the step's old classes, for ``balance`` (a change refreshes the weight).
+
+    Raises:
+        ValueError: an unknown ``balance_on``; ``"weights"`` without ``reference``.
     """
     loss_z, loss_h = losses
     if kappa is None:
         return lambda_ad * (loss_z + loss_h), {}
+    check_choice(balance_on, "ad_balance_on", AD_BALANCE_ON)
+    if balance_on == "weights":
+        if reference is None:
+            raise ValueError("ad_balance_on='weights' needs the new-class loss as reference (new_class_loss)")
+        ad = loss_z + loss_h
+        if balance is None:
+            weight, stats = weight_balanced_ad_weight(reference, ad, lambda_ad=lambda_ad, kappa=kappa)
+        else:
+            weight, stats = balance(reference, ad, lambda_ad=lambda_ad, kappa=kappa, num_old_classes=num_old_classes)
+        stats["lambda_ad"] = weight
+        return weight * ad, stats
     (lam_z, lam_h), stats = balanced_ad_weights(task, features, losses, lambda_ad=lambda_ad, kappa=kappa)
     used = [lam for name, lam in zip(AD_MAPS, (lam_z, lam_h)) if name in maps]
     stats["lambda_ad"] = (sum(used[1:], start=used[0]) / len(used)).detach()

@@ -9,7 +9,7 @@ from typing import Any, Literal, NamedTuple, get_args
 import torch
 from torch import Tensor, nn
 
-from incseg._checks import check_feature_map, check_finite, check_labels, check_logits
+from incseg._checks import check_feature_map, check_finite, check_int, check_labels, check_logits
 from incseg.functional._common import (
     ClassReduction,
     check_batch,
@@ -24,9 +24,11 @@ from incseg.functional.background import _ClassGroups, _gamma_balance
 from incseg.functional.cross_entropy import _label_index, _nll, _nll_index_start, _nll_unions
 from incseg.functional.distillation import _combine, _kd_parts, _kd_unions, _old_probs
 from incseg.losses.attentive import (
+    AD_BALANCE_ON,
     AD_MAPS,
     AttentiveDistillationLoss,
     check_ad_maps,
+    new_class_loss,
     not_new_pixels,
     weighted_ad_term,
 )
@@ -54,9 +56,11 @@ class LossOutput(NamedTuple):
         terms: detached scalars by name (for :class:`CAFLoss`: ``"seg"``, ``"kd"``, ``"ad"``, ``"total"``,
             only those active), each already multiplied by its weight so that they add up to ``"total"``.
         stats: other detached scalars worth logging that are not terms of the loss (for :class:`CAFLoss` with
-            ``ad_balance``: ``"lambda_ad"``, the mean weight the AD terms got, and ``"ad_opposition_z"`` /
-            ``"ad_opposition_h"``, the share of the output losses' descent on each feature map that the AD
-            gradient cancels); empty by default.
+            ``ad_balance``: ``"lambda_ad"``, the (mean) weight the AD terms got; with ``ad_balance_on="weights"``
+            ``"ad_pull"`` and ``"ad_cancel"``, how hard the distillation steers the weights against the new
+            classes' labels (:func:`~incseg.losses.attentive.weight_balanced_ad_weight`), with ``"features"``
+            ``"ad_opposition_z"`` / ``"ad_opposition_h"``, the share of the output losses' descent on each
+            feature map that the AD gradient cancels); empty by default.
     """
 
     loss: Tensor
@@ -120,7 +124,21 @@ class CAFLoss(nn.Module):
             the output losses, so that attentive distillation never pulls a feature map harder than ``κ`` times
             the output losses. It needs the features to be ancestors of the logits (as in
             :class:`~incseg.learner.TrainingModule`); where they are not, or without gradients, ``λ_AD`` is used.
-            ``stats["lambda_ad"]`` of the output reports the mean weight used.
+            ``stats["lambda_ad"]`` of the output reports the mean weight used. Where the pulls are compared is
+            ``ad_balance_on``.
+        ad_balance_on: with ``ad_balance``, ``"weights"`` (default) compares the pulls on the network's weights,
+            against the segmentation loss of the pixels labelled new only: one weight
+            ``λ = min(λ_AD, κ ||∇_θ L_new|| / ||∇_θ L_AD||)`` for both maps
+            (:func:`~incseg.losses.attentive.weight_balanced_ad_weight`; two more backward passes per batch),
+            so that the distillation never steers the weights more than ``κ`` times as hard as the new classes'
+            labels, on any network (``stats``: ``"lambda_ad"``, ``"ad_pull"``, ``"ad_cancel"``); ``"features"``
+            balances each feature map against all output losses as above (the 0.2 recipe; ``stats``:
+            ``"lambda_ad"``, ``"ad_opposition_z"``, ``"ad_opposition_h"``). See docs/protocol.md, "Attentive
+            distillation".
+        ad_balance_every: with ``ad_balance_on="weights"``, the training iterations between two refreshes of
+            ``λ`` (held in between, and refreshed at the first call and whenever ``num_old_classes`` changes;
+            :class:`~incseg.losses.attentive.WeightBalance`, saved with the criterion's state): 10 (default) costs
+            about as much as the balance on the features, 1 (exact) two more backward passes per iteration.
         gamma_max: ``None`` (default: the paper's γ) or an upper bound of the balance γ of eq. 11
             (``1.0``: γ only ever lowers the background term).
         gamma_on_new: ``True`` (default, the paper) weights the background term of every pixel by its image's
@@ -177,6 +195,8 @@ class CAFLoss(nn.Module):
         gamma_on_new: bool = True,
         ad_on_new: bool = True,
         ad_maps: Sequence[str] | str = AD_MAPS,
+        ad_balance_on: str = "weights",
+        ad_balance_every: int = 10,
     ) -> None:
         super().__init__()
         check_choice(ce, "ce", _CE)
@@ -192,6 +212,9 @@ class CAFLoss(nn.Module):
             ):
                 raise ValueError(f"{name} must be None or a finite number > 0, got {opt!r}")
         self.ad_balance = None if ad_balance is None else float(ad_balance)
+        check_choice(ad_balance_on, "ad_balance_on", AD_BALANCE_ON)
+        self.ad_balance_on = ad_balance_on
+        check_int(ad_balance_every, "ad_balance_every")
         self.gamma_max = None if gamma_max is None else float(gamma_max)
         if not isinstance(gamma_on_new, bool):
             raise ValueError(f"gamma_on_new must be a bool, got {gamma_on_new!r}")
@@ -215,6 +238,7 @@ class CAFLoss(nn.Module):
             self.ad_loss = AttentiveDistillationLoss(
                 z_channels, h_channels, attention=ad, reduction="mean", se_reduction=se_reduction, maps=self.ad_maps
             )
+            self.ad_loss.balance.every = ad_balance_every
 
     def forward(
         self,
@@ -310,8 +334,18 @@ class CAFLoss(nn.Module):
                     check_finite(x, where)
             keep = None if self.ad_on_new else not_new_pixels(labels, n_old, self.ignore_index)
             loss_z, loss_h = ad_loss.terms(z, z_old, h, h_old, keep=keep)
+            on_weights = self.ad_balance is not None and self.ad_balance_on == "weights"
             ad_term, ad_stats = weighted_ad_term(
-                total, (z, h), (loss_z, loss_h), lambda_ad=self.lambda_ad, kappa=self.ad_balance, maps=self.ad_maps
+                total,
+                (z, h),
+                (loss_z, loss_h),
+                lambda_ad=self.lambda_ad,
+                kappa=self.ad_balance,
+                maps=self.ad_maps,
+                balance_on=self.ad_balance_on,
+                reference=new_class_loss(logits, labels, n_old, self.ignore_index) if on_weights else None,
+                balance=ad_loss.balance,
+                num_old_classes=n_old,
             )
             stats.update(ad_stats)
             terms["ad"] = ad_term.detach()
@@ -341,5 +375,5 @@ class CAFLoss(nn.Module):
             f"ce={self.ce!r}, kd={self.kd!r}, ad={self.ad!r}, lambda_d={self.lambda_d}, lambda_ad={self.lambda_ad}, "
             f"class_reduction={self.class_reduction!r}, ignore_index={self.ignore_index}, "
             f"ad_balance={self.ad_balance}, gamma_max={self.gamma_max}, gamma_on_new={self.gamma_on_new}, "
-            f"ad_on_new={self.ad_on_new}, ad_maps={self.ad_maps}"
+            f"ad_on_new={self.ad_on_new}, ad_maps={self.ad_maps}, ad_balance_on={self.ad_balance_on!r}"
         )

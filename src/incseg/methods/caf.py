@@ -127,6 +127,8 @@ class CAFMethod(Method):
             gamma_on_new=config.gamma_on_new,
             ad_on_new=config.ad_on_new,
             ad_maps=config.ad_maps,
+            ad_balance_on=config.ad_balance_on,
+            ad_balance_every=config.ad_balance_every,
         )
 
     def __init__(self, config: MethodConfig, model: IncrementalSegmenter, scenario: Scenario) -> None:
@@ -192,6 +194,8 @@ class CAFMethod(Method):
 # defaults are the recipe; presets without a component get the paper's (neutral) value of its stabilisers.
 _NO_AD: dict[str, Any] = {
     "ad_balance": None,
+    "ad_balance_on": "weights",
+    "ad_balance_every": 10,
     "ad_on_new": True,
     "ad_maps": ("z", "h"),
     "bn": "train",

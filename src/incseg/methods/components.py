@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from incseg.losses import LossOutput
-from incseg.losses.attentive import AttentiveDistillationLoss, not_new_pixels, weighted_ad_term
+from incseg.losses.attentive import AttentiveDistillationLoss, new_class_loss, not_new_pixels, weighted_ad_term
 from incseg.methods.base import Batch, LearnerView, Method, check_option_values
 from incseg.methods.registry import get_component, get_family, register_component
 from incseg.nn.caf import ContinualAttentiveFusion, FusionStrategy
@@ -422,13 +422,15 @@ class AttentiveDistillationComponent(Component):
     """CAF's attentive feature distillation ``λ_AD L_AD`` (eq. 5-8) on the encoder features ``z̄`` and the refined
     features ``h``, on any family: loss term ``"ad"``.
 
-    Reads ``ad`` (the attention, ``"both"`` by default), ``lambda_ad``, ``ad_balance`` (the gradient balance
-    against the family's loss, :func:`~incseg.losses.attentive.balanced_ad_weights`), ``ad_on_new`` and
-    ``ad_maps``, with the defaults of the ``caf`` recipe; the SE blocks of the channel attention live in its criterion.
+    Reads ``ad`` (the attention, ``"both"`` by default), ``lambda_ad``, ``ad_balance``, ``ad_balance_on`` and
+    ``ad_balance_every`` (the gradient balance: on the weights against the new-class pixels' cross-entropy,
+    :func:`~incseg.losses.attentive.weight_balanced_ad_weight`, or on the features against the family's loss,
+    :func:`~incseg.losses.attentive.balanced_ad_weights`), ``ad_on_new`` and ``ad_maps``, with the defaults of
+    the ``caf`` recipe; the SE blocks of the channel attention and the balance's state live in its criterion.
     """
 
     name = "attentive-distillation"
-    fields = frozenset({"ad", "lambda_ad", "ad_balance", "ad_on_new", "ad_maps"})
+    fields = frozenset({"ad", "lambda_ad", "ad_balance", "ad_balance_on", "ad_balance_every", "ad_on_new", "ad_maps"})
 
     def __init__(self, config: MethodConfig, model: IncrementalSegmenter, scenario: Scenario) -> None:
         super().__init__(config, model, scenario)
@@ -437,9 +439,11 @@ class AttentiveDistillationComponent(Component):
 
     def build_criterion(self, model: IncrementalSegmenter) -> AttentiveDistillationLoss:
         assert self.config.ad is not None
-        return AttentiveDistillationLoss(
+        criterion = AttentiveDistillationLoss(
             model.caf_channels, model.h_channels, attention=self.config.ad, maps=self.config.ad_maps
         )
+        criterion.balance.every = self.config.ad_balance_every
+        return criterion
 
     def loss_terms(
         self, criterion: nn.Module | None, out: Mapping[str, Any], batch: Batch, task: Tensor
@@ -457,8 +461,18 @@ class AttentiveDistillationComponent(Component):
         keep = None if cfg.ad_on_new else not_new_pixels(batch.labels, n_old, IGNORE_INDEX)
         z, h = out["z_bar"], out["h"]
         loss_z, loss_h = criterion.terms(z, teacher_out["z_bar"], h, teacher_out["h"], keep=keep)
+        on_weights = cfg.ad_balance is not None and cfg.ad_balance_on == "weights"
         term, stats = weighted_ad_term(
-            task, (z, h), (loss_z, loss_h), lambda_ad=cfg.lambda_ad, kappa=cfg.ad_balance, maps=criterion.maps
+            task,
+            (z, h),
+            (loss_z, loss_h),
+            lambda_ad=cfg.lambda_ad,
+            kappa=cfg.ad_balance,
+            maps=criterion.maps,
+            balance_on=cfg.ad_balance_on,
+            reference=new_class_loss(out["logits"], batch.labels, n_old, IGNORE_INDEX) if on_weights else None,
+            balance=criterion.balance,
+            num_old_classes=n_old,
         )
         return {"ad": term}, stats
 

@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 from incseg._catalog import METHOD_DESCRIPTIONS
 from incseg._checks import check_number
 from incseg.functional._common import ClassReduction
-from incseg.losses.attentive import check_ad_maps
+from incseg.losses.attentive import AD_BALANCE_ON, check_ad_maps
 from incseg.losses.caf import ADMode, CEMode, KDMode
 from incseg.methods.registry import PresetView, get_component, get_family
 from incseg.nn.caf import FusionStrategy
@@ -55,6 +55,8 @@ CAF_FIELDS: Mapping[str, Any] = {
     "gamma_on_new": True,
     "ad_on_new": True,
     "ad_maps": ("z", "h"),
+    "ad_balance_on": "weights",
+    "ad_balance_every": 10,
     "fusion_dropout": 0.0,
 }
 """The fields only the CAF family (:class:`~incseg.methods.CAFMethod` and its subclasses) reads, with the value
@@ -73,6 +75,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "test_strategy": get_args(FusionStrategy),
     "bn": get_args(NormPolicy),
     "dropout": get_args(NormPolicy),
+    "ad_balance_on": AD_BALANCE_ON,
 }
 
 
@@ -113,11 +116,12 @@ class MethodConfig:
             datasets; in your own pipeline give it to :class:`~incseg.data.IncrementalSegmentation`).
         caf_inner_channels: inner channels of CAF's non-local projections (``None``: ``C / 2`` as the paper);
             fewer trade accuracy for speed (docs/lab-notebook.md, "Speed and memory").
-        ad_balance: cap ``κ`` of the attentive distillation's pull: at every iteration the weight of each
-            feature map's ``L_AD`` term is ``min(λ_AD, κ ||∂L_task/∂m|| / ||∂L_AD/∂m||)``, so that distillation
-            never pulls a feature map ``m`` harder than ``κ`` times the segmentation and output distillation
-            losses do (``None``: the fixed ``λ_AD`` of eq. 13, which diverges or freezes the features depending
-            on the network and learning rate; see docs/protocol.md).
+        ad_balance: cap ``κ`` of the attentive distillation's pull, recomputed at every iteration (``None``: the
+            fixed ``λ_AD`` of eq. 13, which diverges or freezes the features depending on the network and
+            learning rate; see docs/protocol.md). With ``ad_balance_on="weights"`` (default) ``L_AD`` gets the
+            weight ``min(λ_AD, κ ||∇_θ L_new|| / ||∇_θ L_AD||)``, ``L_new`` the cross-entropy of the pixels
+            labelled new; with ``"features"`` each feature map's term gets
+            ``min(λ_AD, κ ||∂L_task/∂m|| / ||∂L_AD/∂m||)``, ``L_task`` the output losses.
         gamma_max: upper bound of the balance ``γ`` of eq. 11 (``None``: the paper's unbounded ``γ``; ``1.0``:
             ``γ`` only ever down-weights the background term, the paper's stated intent).
         gamma_on_new: with ``kd="balanced"``: ``True`` (the paper) applies ``γ`` on every pixel; ``False``
@@ -130,6 +134,15 @@ class MethodConfig:
         ad_maps: the feature maps the attentive distillation acts on: ``("z", "h")`` (eq. 8: the encoder
             features ``z̄`` and the refined features ``h``), ``("z",)`` or ``("h",)``; a string ``"z"``, ``"h"``
             or ``"z+h"`` is accepted (stored as the tuple; :meth:`to_dict` gives the string).
+        ad_balance_on: where ``ad_balance`` compares the pulls: ``"weights"`` (default) on the network's
+            parameters, against the segmentation loss of the pixels labelled new only, one weight for both maps:
+            the distillation never steers the weights more than ``κ`` times as hard as the new classes' labels,
+            on any network (two more backward passes per batch at steps > 0); ``"features"`` on each feature
+            map, against all output losses (the 0.2 recipe, cheaper; it let the new classes' pull vary with the
+            network). See :class:`~incseg.losses.CAFLoss` and docs/protocol.md.
+        ad_balance_every: with ``ad_balance_on="weights"``, the iterations between two refreshes of the
+            balanced weight, held in between (10, default: the two backward passes of a refresh cost a tenth as
+            much; 1: every iteration; :class:`~incseg.losses.attentive.WeightBalance`).
         bn: ``"train"`` (default) updates the student's batch-norm layers from each batch; ``"frozen"`` keeps
             them in evaluation mode (running statistics of step 0) at steps > 0, as the teacher's, while their
             affine weights still train (MiB's ``--fix_bn``; not the default, see "Large networks: stability" in
@@ -183,6 +196,8 @@ class MethodConfig:
     gamma_on_new: bool = False
     ad_on_new: bool = False
     ad_maps: tuple[str, ...] = ("z", "h")
+    ad_balance_on: str = "weights"
+    ad_balance_every: int = 10
     bn: NormPolicy = "train"
     dropout: NormPolicy = "frozen"
     fusion_dropout: float = 0.5
@@ -249,6 +264,9 @@ class MethodConfig:
             value = getattr(self, field_name)
             if not isinstance(value, bool):
                 raise TypeError(f"{field_name} must be a bool, got {type(value).__name__}")
+        every = self.ad_balance_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"ad_balance_every must be a positive int, got {every!r}")
         inner = self.caf_inner_channels
         if inner is not None and (isinstance(inner, bool) or not isinstance(inner, int) or inner < 1):
             raise ValueError(f"caf_inner_channels must be None or a positive int, got {inner!r}")
@@ -352,6 +370,8 @@ class MethodConfig:
             "gamma_on_new": True,
             "ad_on_new": True,
             "ad_maps": ("z", "h"),
+            "ad_balance_on": "features",
+            "ad_balance_every": 1,
             "bn": "train",
             "dropout": "train",
             "fusion_dropout": 0.0,
