@@ -7,7 +7,8 @@ stride 8, a 2-block refiner, a 1x1 classifier, no skip connections) adapted with
 rectangles of a class colour with class-dependent stripes, unlike the built-in synthetic benchmark); the loop
 calls ``begin_step`` and ``end_step`` with the step's batches, ``param_groups``, ``training_step``, an SGD step
 and ``predict``. Step 0 is trained with the method itself (at step 0 every CAF-family method is cross-entropy),
-so every run of a seed starts step 1 from the same weights. Each run prints and appends to ``--out`` the mIoU (%)
+on the same random stream (the generator state is restored after the learner is built), so every run of a seed
+starts step 1 from the same weights. Each run prints and appends to ``--out`` the mIoU (%)
 after the last step: old = classes of step 0, new = the later ones, background excluded.
 
     python benchmarks/plain_check.py --methods mib caf --seeds 0 1                 # 15-5 disjoint
@@ -109,7 +110,11 @@ def run(args: argparse.Namespace, text: str, seed: int, perturb_seed: int | None
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(1 + args.perturb * torch.randn(p.shape, generator=g))
+    # The learner may draw random numbers (the SE blocks of attentive distillation): step 0 must see the same random
+    # stream (dropout) with every method, so that every run of a seed starts step 1 from the same weights.
+    state = torch.get_rng_state()
     learner = IncrementalLearner(model, scenario, method, **overrides)
+    torch.set_rng_state(state)
     t0 = time.monotonic()
     stats: dict[str, list[float]] = {}
     for step in range(scenario.num_steps):
