@@ -282,3 +282,21 @@ def test_bad_ad_balance_every(bad: object) -> None:
         CAFLoss(CZ, CH, ad_balance=0.1, ad_balance_every=bad)  # type: ignore[arg-type]
     with pytest.raises((ValueError, TypeError), match="ad_balance_every"):
         MethodConfig.preset("caf", ad_balance_every=bad)
+
+
+def test_a_reference_function_is_only_called_at_a_refresh() -> None:
+    """CAFLoss passes L_new as a function: the cross-entropy of the new pixels is computed 1 time in ``every``."""
+    balance = WeightBalance(every=4)
+    calls = []
+    weights = []
+    for s in range(6):
+        ref, ad = _losses(s)
+
+        def compute(ref: torch.Tensor = ref, s: int = s) -> torch.Tensor:
+            calls.append(s)
+            return ref
+
+        weights.append(balance(compute, ad, lambda_ad=1e3, kappa=0.1, num_old_classes=N_OLD)[0].item())
+    assert calls == [0, 4]
+    want = [weight_balanced_ad_weight(*_losses(s), lambda_ad=1e3, kappa=0.1)[0].item() for s in (0, 4)]
+    assert weights == [want[0]] * 4 + [want[1]] * 2

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -412,20 +412,35 @@ class WeightBalance(nn.Module):
         self._every = int(value)
 
     def forward(
-        self, reference: Tensor, ad: Tensor, *, lambda_ad: float, kappa: float, num_old_classes: int
+        self,
+        reference: Tensor | Callable[[], Tensor],
+        ad: Tensor,
+        *,
+        lambda_ad: float,
+        kappa: float,
+        num_old_classes: int,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """``(λ, stats)`` of :func:`weight_balanced_ad_weight`, computed now or held from the last refresh."""
-        if not (torch.is_grad_enabled() and reference.requires_grad and ad.requires_grad):
+        """``(λ, stats)`` of :func:`weight_balanced_ad_weight`, computed now or held from the last refresh.
+        ``reference`` may be a function that returns ``L_new``: it is then only called at a refresh."""
+        if callable(reference) and not isinstance(reference, Tensor):
+            if not (torch.is_grad_enabled() and ad.requires_grad):
+                return ad.new_tensor(float(lambda_ad)), {}
+        elif not (torch.is_grad_enabled() and reference.requires_grad and ad.requires_grad):
             return reference.new_tensor(float(lambda_ad)), {}
         refresh = self._weight is None or num_old_classes != self._num_old or self._calls % self._every == 0
-        if num_old_classes != self._num_old:
-            self._calls = 0
         if refresh:
-            self._weight, self._stats = weight_balanced_ad_weight(reference, ad, lambda_ad=lambda_ad, kappa=kappa)
+            ref = reference() if callable(reference) and not isinstance(reference, Tensor) else reference
+            if not ref.requires_grad:  # nothing to balance against (no graph): the fixed weight, not counted
+                return ref.new_tensor(float(lambda_ad)), {}
+            if num_old_classes != self._num_old:
+                self._calls = 0
+            self._weight, self._stats = weight_balanced_ad_weight(ref, ad, lambda_ad=lambda_ad, kappa=kappa)
             self._num_old = int(num_old_classes)
         self._calls += 1
         assert self._weight is not None
-        return self._weight.to(device=ad.device, dtype=reference.dtype), dict(self._stats)
+        # held in the dtype the losses are computed in (float32 under autocast), on their device: moved once
+        self._weight = self._weight.to(device=ad.device, dtype=torch.promote_types(ad.dtype, torch.float32))
+        return self._weight, dict(self._stats)
 
     def get_extra_state(self) -> Tensor:
         """``[held (0 or 1), weight, calls, num_old_classes]`` as float64 (finite: checkpoints refuse NaN)."""
@@ -456,7 +471,8 @@ def new_class_loss(logits: Tensor, labels: Tensor, num_old_classes: int, ignore_
     """``L_new``, the segmentation loss of the pixels labelled with a new class (labels ``>= num_old_classes``):
     their cross-entropy, summed and divided by the number of labelled pixels, i.e. their share of the mean
     cross-entropy (MiB's unbiased cross-entropy equals the plain one there). ``logits`` ``(B, K, h, w)`` are
-    resized to the labels' size as the losses do; 0 (with a graph) when no pixel is new.
+    resized to the size of ``labels`` ``(B, H, W)`` (int64, ``ignore_index`` ignored) as the losses do; returns a
+    scalar, 0 (with a graph) when no pixel is new.
 
     Example:
         >>> logits = torch.zeros(1, 3, 1, 2, requires_grad=True)
@@ -482,7 +498,7 @@ def weighted_ad_term(
     kappa: float | None,
     maps: tuple[str, ...] = AD_MAPS,
     balance_on: str = "features",
-    reference: Tensor | None = None,
+    reference: Tensor | Callable[[], Tensor] | None = None,
     balance: WeightBalance | None = None,
     num_old_classes: int = 0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -501,7 +517,8 @@ def weighted_ad_term(
         kappa: the balance ``κ``, or ``None``.
         maps: the distilled maps (``AttentiveDistillationLoss.maps``).
         balance_on: ``"features"`` or ``"weights"`` (:data:`AD_BALANCE_ON`).
-        reference: ``L_new`` (:func:`new_class_loss`) with its graph, for ``balance_on="weights"``.
+        reference: ``L_new`` (:func:`new_class_loss`) with its graph, or a function returning it (called only
+            when the weight is computed: ``balance`` holds it between refreshes), for ``balance_on="weights"``.
         balance: the :class:`WeightBalance` that holds the weight between refreshes (``None``: computed now).
         num_old_classes: the step's old classes, for ``balance`` (a change refreshes the weight).
 
@@ -517,7 +534,8 @@ def weighted_ad_term(
             raise ValueError("ad_balance_on='weights' needs the new-class loss as reference (new_class_loss)")
         ad = loss_z + loss_h
         if balance is None:
-            weight, stats = weight_balanced_ad_weight(reference, ad, lambda_ad=lambda_ad, kappa=kappa)
+            ref = reference() if callable(reference) and not isinstance(reference, Tensor) else reference
+            weight, stats = weight_balanced_ad_weight(ref, ad, lambda_ad=lambda_ad, kappa=kappa)
         else:
             weight, stats = balance(reference, ad, lambda_ad=lambda_ad, kappa=kappa, num_old_classes=num_old_classes)
         stats["lambda_ad"] = weight

@@ -334,7 +334,6 @@ class CAFLoss(nn.Module):
                     check_finite(x, where)
             keep = None if self.ad_on_new else not_new_pixels(labels, n_old, self.ignore_index)
             loss_z, loss_h = ad_loss.terms(z, z_old, h, h_old, keep=keep)
-            on_weights = self.ad_balance is not None and self.ad_balance_on == "weights"
             ad_term, ad_stats = weighted_ad_term(
                 total,
                 (z, h),
@@ -343,7 +342,7 @@ class CAFLoss(nn.Module):
                 kappa=self.ad_balance,
                 maps=self.ad_maps,
                 balance_on=self.ad_balance_on,
-                reference=new_class_loss(logits, labels, n_old, self.ignore_index) if on_weights else None,
+                reference=lambda: new_class_loss(logits, labels, n_old, self.ignore_index),
                 balance=ad_loss.balance,
                 num_old_classes=n_old,
             )

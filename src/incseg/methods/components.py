@@ -461,7 +461,6 @@ class AttentiveDistillationComponent(Component):
         keep = None if cfg.ad_on_new else not_new_pixels(batch.labels, n_old, IGNORE_INDEX)
         z, h = out["z_bar"], out["h"]
         loss_z, loss_h = criterion.terms(z, teacher_out["z_bar"], h, teacher_out["h"], keep=keep)
-        on_weights = cfg.ad_balance is not None and cfg.ad_balance_on == "weights"
         term, stats = weighted_ad_term(
             task,
             (z, h),
@@ -470,7 +469,7 @@ class AttentiveDistillationComponent(Component):
             kappa=cfg.ad_balance,
             maps=criterion.maps,
             balance_on=cfg.ad_balance_on,
-            reference=new_class_loss(out["logits"], batch.labels, n_old, IGNORE_INDEX) if on_weights else None,
+            reference=lambda: new_class_loss(out["logits"], batch.labels, n_old, IGNORE_INDEX),
             balance=criterion.balance,
             num_old_classes=n_old,
         )
